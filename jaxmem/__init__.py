@@ -1,0 +1,39 @@
+"""jaxmem: make JAX/Flax models fit and run in less memory.
+
+Param transforms (pytree -> pytree, composable with :func:`chain`), function
+transforms (fn -> fn), the quantized array type, memory accounting and
+checkpointing. See README.md for a tour.
+"""
+
+from jaxmem._src.base import Compressed as Compressed
+from jaxmem._src.base import EmptyState as EmptyState
+from jaxmem._src.base import ParamTransform as ParamTransform
+from jaxmem._src.base import chain as chain
+from jaxmem._src.base import is_compressed as is_compressed
+from jaxmem._src.base import leafwise as leafwise
+from jaxmem._src.base import leaves_with_paths as leaves_with_paths
+from jaxmem._src.base import map_with_path as map_with_path
+from jaxmem._src.base import masked as masked
+from jaxmem._src.base import partition as partition
+from jaxmem._src.base import select as select
+from jaxmem._src.base import transform as transform
+from jaxmem._src.memory import MemoryReport as MemoryReport
+from jaxmem._src.memory import memory_report as memory_report
+from jaxmem._src.memory import tree_bytes as tree_bytes
+from jaxmem._src.qarray import QArray as QArray
+from jaxmem._src.qarray import dequantize as dequantize
+from jaxmem._src.qarray import pack as pack
+from jaxmem._src.qarray import quantize as quantize
+from jaxmem._src.qarray import unpack as unpack
+from jaxmem._src.quantize import dequantize_params as dequantize_params
+from jaxmem._src.quantize import quantize_dynamic_int8 as quantize_dynamic_int8
+from jaxmem._src.quantize import quantize_int8 as quantize_int8
+from jaxmem._src.quantize import quantize_weights as quantize_weights
+
+# --- execution (issue 2): apply / quantized layers
+# --- pruning and sparse storage (issue 4)
+# --- function transforms: remat, data parallel, memory profile, planner (issue 5)
+# --- low-bit, QAT, distillation (issue 7)
+# --- checkpointing (issue 6)
+
+__version__ = "0.1.0"
