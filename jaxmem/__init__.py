@@ -33,6 +33,7 @@ from jaxmem._src.quantize import quantize_weights as quantize_weights
 # --- execution (issue 2): apply / quantized layers
 # --- pruning and sparse storage (issue 4)
 # --- function transforms: remat, data parallel, memory profile, planner (issue 5)
+# --- real model: smoothing / calibration (issue 3)
 # --- low-bit, QAT, distillation (issue 7)
 # --- checkpointing (issue 6)
 
