@@ -33,8 +33,34 @@ from jaxmem._src.quantize import quantize_weights as quantize_weights
 # --- execution (issue 2): apply / quantized layers
 # --- pruning and sparse storage (issue 4)
 # --- function transforms: remat, data parallel, memory profile, planner (issue 5)
+from jaxmem._src.remat import OFFLOAD_POLICIES as REMAT_OFFLOAD_POLICIES
+from jaxmem._src.remat import POLICIES as REMAT_POLICIES
+from jaxmem._src.remat import checkpoint_name as checkpoint_name
+from jaxmem._src.remat import offload_supported as offload_supported
+from jaxmem._src.remat import remat as remat
+from jaxmem._src.remat import remat_policy as remat_policy
+from jaxmem._src.remat import scan_layers as scan_layers
 # --- real model: smoothing / calibration (issue 3)
 # --- low-bit, QAT, distillation (issue 7)
+from jaxmem._src.distill import DistillState as DistillState
+from jaxmem._src.distill import distill_init as distill_init
+from jaxmem._src.distill import distill_train_step as distill_train_step
+from jaxmem._src.distill import feature_distill_loss as feature_distill_loss
+from jaxmem._src.distill import kd_loss as kd_loss
+from jaxmem._src.lowbit import quantize_grouped as quantize_grouped
+from jaxmem._src.lowbit import quantize_int4 as quantize_int4
+from jaxmem._src.qat import QATWeights as QATWeights
+from jaxmem._src.qat import fake_quant_activations as fake_quant_activations
+from jaxmem._src.qat import fake_quantize as fake_quantize
+from jaxmem._src.qat import fake_quantize_activations as fake_quantize_activations
+from jaxmem._src.qat import qat_weights as qat_weights
 # --- checkpointing (issue 6)
+from jaxmem._src.checkpoint import CheckpointCorruptError as CheckpointCorruptError
+from jaxmem._src.checkpoint import CheckpointFallbackWarning as CheckpointFallbackWarning
+from jaxmem._src.checkpoint import CheckpointManager as CheckpointManager
+from jaxmem._src.checkpoint import abstract_target as abstract_target
+from jaxmem._src.checkpoint import checkpoint_layout as checkpoint_layout
 
 __version__ = "0.1.0"
+
+from jaxmem import testing as testing  # noqa: E402  (chex assertions for users' tests)

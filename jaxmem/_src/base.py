@@ -328,7 +328,7 @@ def partition(
 
   def masks(params):
     lab = labels(params)
-    return [jax.tree.map(lambda l, i=i: l == i, lab) for i in range(len(compiled))]
+    return [jax.tree.map(lambda lab_i, i=i: lab_i == i, lab) for i in range(len(compiled))]
 
   def init(params):
     return tuple(

@@ -196,7 +196,7 @@ def quantize(
     )
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"quantize '{path}': dtype {x.dtype} is not float; only float leaves quantize.")
+    raise ValueError(f"quantize '{path}': dtype {x.dtype} is not float; only floats quantize.")
   if not isinstance(x, jax.core.Tracer):
     if not bool(jnp.isfinite(x).all()):
       raise ValueError(
@@ -204,7 +204,8 @@ def quantize(
           "leaf with `where`) before quantizing."
       )
   ndim = x.ndim
-  caxes = _norm_axes(channel_axes or (), ndim, f"quantize '{path}'")
+  # A scalar has one scale whatever channel_axes says.
+  caxes = _norm_axes(channel_axes or (), ndim, f"quantize '{path}'") if ndim else ()
   if group_size is not None:
     if ndim == 0:
       raise ValueError(f"quantize '{path}': group_size needs at least a 1-d array.")
@@ -228,9 +229,10 @@ def quantize(
     red = tuple(sorted(red + (group_axis + 1,)))
   qmax = 2 ** (bits - 1) - 1
   amax = jnp.max(jnp.abs(xg), axis=red, keepdims=True) if red else jnp.abs(xg)
-  scale = amax / qmax
-  safe = jnp.where(scale > 0, scale, 1.0)
-  q = jnp.clip(jnp.round(xg / safe), -qmax, qmax).astype(jnp.int8).reshape(x.shape)
+  # Floor at the smallest normal float32: all-zero slices get q = 0 (not NaN), and a scale
+  # never flushes to zero on backends without denormals.
+  scale = jnp.maximum(amax / qmax, jnp.finfo(jnp.float32).tiny)
+  q = jnp.clip(jnp.round(xg / scale), -qmax, qmax).astype(jnp.int8).reshape(x.shape)
   do_pack = bits <= 4 if pack_bits is None else pack_bits
   if do_pack and bits > 4:
     raise ValueError(f"quantize '{path}': packing needs bits <= 4 (got {bits}).")
