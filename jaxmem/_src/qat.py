@@ -1,0 +1,265 @@
+"""Quantization-aware training: fake quantization with a straight-through gradient.
+
+Fake quantization runs ``dequantize(quantize(x))`` in the forward pass, so the model
+trains with the rounding error it will see once quantized, and passes the gradient
+straight through the rounding (the straight-through estimator, STE: Bengio et al. 2013;
+QAT as in Jacob et al. 2018, "Quantization and Training of Neural Networks for Efficient
+Integer-Arithmetic-Only Inference").
+
+How QAT hooks into a model -- explicitly, with no patching of jax or flax:
+
+* **Weights** are fake-quantized at the *param* level, inside the loss::
+
+      qat = jaxmem.qat_weights(bits=4, group_size=64)
+      def loss_fn(params, batch):
+        logits = model.apply({'params': qat.fake_quant(params)}, batch['x'])
+        ...
+
+  This works for Linen (``apply`` over a params dict), NNX (fake-quantize the
+  ``nnx.State`` before ``nnx.merge``) and plain JAX alike. Gradients reach the float
+  params unchanged (STE), so any optax optimizer trains them. With pruning, apply the
+  mask first (``qat.fake_quant(mask * params)``): zeros quantize to exactly zero.
+* **Activations** (8 bits, dynamic per row/token like the W8A8 run-time path): call
+  :func:`fake_quantize_activations` where you want it, or run a Linen model under
+  :func:`fake_quant_activations`, a context manager built on
+  ``flax.linen.intercept_methods`` that fake-quantizes the inputs of chosen layers.
+* **Convert**: ``jaxmem.transform(qat.convert, params)`` turns the trained float params
+  into real :class:`jaxmem.QArray` params with the very same quantizer, so the converted
+  model (run by :func:`jaxmem.apply`) reproduces the fake-quant model's outputs up to
+  float rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxmem._src import base, lowbit
+from jaxmem._src.qarray import dequantize, quantize
+from jaxmem._src.quantize import default_quant_where
+
+PyTree = Any
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _straight_through(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+  return fn(x)
+
+
+@_straight_through.defjvp
+def _straight_through_jvp(fn, primals, tangents):
+  (x,), (t,) = primals, tangents
+  return fn(x), t
+
+
+def fake_quantize(
+    x: jax.Array,
+    bits: int,
+    *,
+    channel_axes: Sequence[int] | None = (-1,),
+    group_size: int | None = None,
+    group_axis: int = 0,
+) -> jax.Array:
+  """``dequantize(quantize(x))`` forward, identity gradient (straight-through estimator).
+
+  The forward value equals, bit for bit, the dequantized :class:`jaxmem.QArray` that
+  :func:`jaxmem.quantize` makes with the same arguments.
+
+  Args:
+    x: float array.
+    bits: 2..8.
+    channel_axes: axes with their own scale (``()`` for per-tensor).
+    group_size: group-wise scales along ``group_axis``, or None.
+    group_axis: the axis split into groups.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxmem
+    >>> x = jnp.array([[0.3, -1.0], [1.0, 0.1]])
+    >>> jaxmem.fake_quantize(x, 2, channel_axes=())
+    Array([[ 0., -1.],
+           [ 1.,  0.]], dtype=float32)
+    >>> jax.grad(lambda x: jaxmem.fake_quantize(x, 2).sum())(x)
+    Array([[1., 1.],
+           [1., 1.]], dtype=float32)
+  """
+  lowbit.check_bits(bits, "fake_quantize")
+
+  def qdq(v):
+    q = quantize(
+        v,
+        bits,
+        channel_axes=channel_axes,
+        group_size=group_size,
+        group_axis=group_axis,
+        pack_bits=False,
+    )
+    return dequantize(q)
+
+  return _straight_through(qdq, x)
+
+
+def fake_quantize_activations(x: jax.Array, bits: int = 8) -> jax.Array:
+  """Dynamic symmetric fake quantization of activations, one scale per row (last axis).
+
+  Matches the activation quantizer of the dynamic W8A8 path (one scale per token/row,
+  ``max|x| / 127``); the gradient passes straight through.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxmem
+    >>> jaxmem.fake_quantize_activations(jnp.array([[1.0, 0.5, -0.001]]))
+    Array([[1.      , 0.503937, 0.      ]], dtype=float32)
+  """
+  if bits != 8:
+    raise ValueError(f"fake_quantize_activations: bits={bits}; activations support 8 bits.")
+  if x.ndim == 0:
+    raise ValueError("fake_quantize_activations: needs an activation of shape [..., features].")
+  axes = tuple(range(x.ndim - 1))
+  return fake_quantize(x, bits, channel_axes=axes)
+
+
+class QATWeights(NamedTuple):
+  """Weight fake-quantization for QAT and its conversion to real quantized params.
+
+  Attributes:
+    fake_quant: ``params -> params``: selected float leaves replaced by their fake-quantized
+      values (straight-through gradient); call it inside the loss.
+    convert: a :class:`jaxmem.ParamTransform` turning the selected leaves into
+      :class:`jaxmem.QArray` with the same quantizer (packed when bits <= 4).
+  """
+
+  fake_quant: Callable[[PyTree], PyTree]
+  convert: base.ParamTransform
+
+
+def qat_weights(
+    bits: int = 4,
+    where: base.Where = None,
+    *,
+    group_size: int | None = None,
+    group_axis: int | None = None,
+    channel_axes: Sequence[int] | None = None,
+    per_tensor: bool = False,
+    act_bits: int | None = None,
+) -> QATWeights:
+  """Quantization-aware training of weights at ``bits`` (2..8), optionally group-wise.
+
+  Leaves, axes and groups are chosen exactly as by :func:`jaxmem.quantize_grouped`
+  (kernels grouped along the input axis, embeddings along features).
+
+  Args:
+    bits: weight bit width, 2..8.
+    where: leaves to quantize; default: ``kernel``/``embedding`` leaves with ndim >= 2.
+    group_size: group-wise scales (e.g. 64), or None for per-channel.
+    group_axis: override the per-leaf group axis.
+    channel_axes: override the per-leaf channel axes.
+    per_tensor: one scale per tensor (or per group).
+    act_bits: 8 to record in the converted QArrays that layers quantize their inputs at
+      run time (dynamic W8A8; train with :func:`fake_quantize_activations` to match).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, jaxmem
+    >>> params = {'kernel': jnp.linspace(-1., 1., 128).reshape(64, 2)}
+    >>> qat = jaxmem.qat_weights(bits=4, group_size=32)
+    >>> loss = lambda p: jnp.sum(qat.fake_quant(p)['kernel'] ** 2)
+    >>> grads = jax.grad(loss)(params)  # straight through the rounding
+    >>> q = jaxmem.transform(qat.convert, params)['kernel']
+    >>> bool((q.dequantize() == qat.fake_quant(params)['kernel']).all())
+    True
+  """
+  lowbit.check_bits(bits, "qat_weights")
+  if act_bits is not None and act_bits != 8:
+    raise ValueError(f"qat_weights: act_bits={act_bits}; activations support 8 bits (or None).")
+  name = f"qat_int{bits}"
+
+  def layout(path, x):
+    return lowbit.leaf_layout(
+        path,
+        x,
+        group_size=group_size,
+        group_axis=group_axis,
+        channel_axes=channel_axes,
+        per_tensor=per_tensor,
+    )
+
+  def fq_leaf(path, x):
+    if isinstance(x, base.Compressed):
+      raise ValueError(
+          f"{name}: leaf '{path}' is already a {type(x).__name__}; fake quantization trains "
+          "float params. Run QAT before converting/compressing the params."
+      )
+    return fake_quantize(x, bits, **layout(path, x))
+
+  fq_tx = base.leafwise(fq_leaf, where, default=default_quant_where, name=name)
+
+  def fake_quant(params):
+    return base.transform(fq_tx, params)
+
+  def convert_leaf(path, x):
+    if isinstance(x, base.Compressed):
+      raise ValueError(
+          f"{name}.convert: leaf '{path}' is already a {type(x).__name__}; convert the float "
+          "params that were trained with fake_quant."
+      )
+    return quantize(x, bits, act_bits=act_bits, path=path, **layout(path, x))
+
+  convert = base.leafwise(convert_leaf, where, default=default_quant_where, name=f"{name}.convert")
+  return QATWeights(fake_quant, convert)
+
+
+_DEFAULT_ACT_MODULES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
+
+
+@contextlib.contextmanager
+def fake_quant_activations(
+    bits: int = 8,
+    where: str | Sequence[str] | None = None,
+    *,
+    module_types: Sequence[type] = _DEFAULT_ACT_MODULES,
+) -> Iterator[None]:
+  """Within this context, Linen layers fake-quantize their input activations (8 bits).
+
+  Uses ``flax.linen.intercept_methods`` (no patching): each ``__call__`` of a module of
+  one of ``module_types`` whose path (``a/b/Dense_0``) fullmatches a pattern of
+  ``where`` (None: every such module) gets its first argument passed through
+  :func:`fake_quantize_activations`. Pair it with ``qat_weights(8, act_bits=8)`` to
+  train for dynamic W8A8. For NNX models call :func:`fake_quantize_activations` in
+  ``__call__``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxmem
+    >>> model = nn.Dense(2)
+    >>> x = jnp.array([[1.0, 0.001]])
+    >>> params = model.init(jax.random.key(0), x)
+    >>> with jaxmem.fake_quant_activations():
+    ...   y = model.apply(params, x)
+    >>> bool(jnp.allclose(y, model.apply(params, jnp.array([[1.0, 0.0]]))))
+    True
+  """
+  if bits != 8:
+    raise ValueError(f"fake_quant_activations: bits={bits}; activations support 8 bits.")
+  patterns = [where] if isinstance(where, str) else list(where or [])
+  compiled = [re.compile(p) for p in patterns]
+  types = tuple(module_types)
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, types) or not args:
+      return next_fun(*args, **kwargs)
+    if compiled:
+      path = "/".join(str(p) for p in module.path)
+      if not any(rx.fullmatch(path) for rx in compiled):
+        return next_fun(*args, **kwargs)
+    x = args[0]
+    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+      return next_fun(*args, **kwargs)
+    return next_fun(fake_quantize_activations(x, bits), *args[1:], **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    yield
