@@ -1,0 +1,426 @@
+"""Running Flax models with compressed params: :func:`apply`, the one documented call.
+
+Params transformed by jaxmem hold compressed leaves (:class:`jaxmem.QArray`, and any
+other :class:`jaxmem.Compressed`). Flax layers expect float arrays, so the model runs
+through ``jaxmem.apply(model, variables_or_state, *args, **kwargs)``:
+
+**Linen** (``model`` is a ``flax.linen.Module``, ``variables`` its ``{'params': ...}``):
+the model runs with ``model.apply`` under ``flax.linen.intercept_methods`` (an
+official, scoped Flax API; nothing global is patched). When a ``Dense``,
+``DenseGeneral``, ``Einsum``, ``Conv`` or ``Embed`` (or a subclass that keeps its
+``__call__``/``attend``) is called and its kernel/embedding is compressed, the layer is
+computed by :mod:`jaxmem`'s integer kernels (:func:`jaxmem.quantized_dot_general` and
+friends) with all its attributes honored (bias, dtype, precision, axis/batch_dims,
+einsum string, strides/padding/dilation/feature groups). Before the real run, one
+abstract trace (``jax.eval_shape``) finds which compressed leaves belong to such layers;
+every other compressed leaf (a custom module's param, a layer with a custom
+``dot_general``, a masked ``Conv``, ...) is materialized inside the traced function, so
+the model still runs, without the savings at run time for that leaf.
+
+**NNX** (``model`` is an ``nnx.Module`` or ``nnx.GraphDef``, ``state`` its compressed
+``nnx.state``, all of it or just the ``nnx.Param`` part): :func:`merge_compressed` builds
+a *private copy* of the module with ``nnx.merge`` and turns each ``Linear``,
+``LinearGeneral``, ``Einsum``, ``Conv`` and ``Embed`` holding a compressed weight into
+its quantized twin (a subclass whose ``__call__``/``attend`` run the integer kernels);
+other compressed leaves are materialized. The caller's module and state are never
+modified. ``apply`` then calls the copy (or ``method``) and returns its output; state
+updates made during the call (e.g. BatchNorm statistics) are discarded: it is an
+inference call. Use :func:`merge_compressed` directly for NNX-style stateful use.
+
+Both paths run under ``jax.jit`` and ``jax.eval_shape`` (close over the model, e.g.
+``jax.jit(functools.partial(jaxmem.apply, model))``). Kernels dequantize nothing up
+front: weight-only layers run on the integer values and scale the output; W8A8 layers
+(``QArray.act_bits == 8``) quantize activations per row and run an
+``int8 x int8 -> int32`` ``lax.dot_general``.
+
+Not supported (the leaf is materialized instead): Linen lifted transforms that slice
+params (``nn.scan``/``nn.vmap`` over a compressed kernel), ``ConvLocal``/
+``ConvTranspose``, layers with a custom ``dot_general``/``promote_dtype``/``einsum_op``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+from flax.linen import dtypes as linen_dtypes
+from flax.linen import module as linen_module
+
+from jaxmem._src.base import Compressed, is_compressed
+from jaxmem._src.qarray import QArray, dequantize
+from jaxmem._src.qdot import (
+    quantized_conv,
+    quantized_dot_general,
+    quantized_einsum,
+    quantized_take,
+)
+
+# ----------------------------------------------------------------------------- shared math
+
+
+def _promote(dtype, *xs, inexact: bool = True):
+  """Flax's promote_dtype rule, on dtypes (a compressed weight counts by its logical dtype)."""
+  if dtype is None:
+    dtype = jnp.result_type(*(x.dtype for x in xs if x is not None))
+  dtype = jnp.dtype(dtype)
+  if inexact and not jnp.issubdtype(dtype, jnp.inexact):
+    dtype = jnp.promote_types(jnp.float32, dtype)
+  return dtype
+
+
+def _canon_tuple(x) -> tuple:
+  return tuple(x) if isinstance(x, Sequence) else (x,)
+
+
+def _normalize_axes(axes: Sequence[int], ndim: int) -> tuple[int, ...]:
+  return tuple(sorted(ax if ax >= 0 else ndim + ax for ax in axes))
+
+
+def _dense(w, path, inputs, bias, dtype, precision):
+  dtype = _promote(dtype, inputs, w, bias)
+  y = quantized_dot_general(
+      inputs, w, (((inputs.ndim - 1,), (0,)), ((), ())), precision, dtype=dtype, path=path
+  )
+  if bias is not None:
+    y = y + jnp.reshape(bias.astype(dtype), (1,) * (y.ndim - 1) + (-1,))
+  return y
+
+
+def _dense_general(w, path, inputs, bias, dtype, precision, axis, batch_dims, n_features,
+                   preferred_element_type=None):
+  dtype = _promote(dtype, inputs, w, bias)
+  ndim = inputs.ndim
+  axis = _normalize_axes(axis, ndim)
+  batch_dims = _normalize_axes(batch_dims, ndim)
+  n_batch, n_axis = len(batch_dims), len(axis)
+  batch_ind = tuple(range(n_batch))
+  contract_ind = tuple(range(n_batch, n_axis + n_batch))
+  y = quantized_dot_general(
+      inputs, w, ((axis, contract_ind), (batch_dims, batch_ind)), precision,
+      preferred_element_type, dtype=dtype, path=path,
+  )
+  if bias is not None:
+    expanded = tuple(
+        inputs.shape[ax] if ax in batch_dims else 1 for ax in range(ndim) if ax not in axis
+    )
+    features = tuple(w.shape[-n_features:])
+    y = y + jnp.reshape(bias.astype(y.dtype), expanded + features)
+  return y
+
+
+def _einsum(w, path, inputs, bias, dtype, precision, einsum_str, preferred_element_type,
+            broadcast_bias_shape):
+  dtype = _promote(dtype, inputs, w, bias)
+  y = quantized_einsum(
+      einsum_str, inputs, w, precision=precision,
+      preferred_element_type=preferred_element_type, dtype=dtype, path=path,
+  )
+  if bias is not None:
+    y = y + jnp.reshape(bias.astype(y.dtype), broadcast_bias_shape)
+  return y
+
+
+def _conv(w, path, inputs, bias, *, dtype, precision, strides, padding, input_dilation,
+          kernel_dilation, feature_group_count, preferred_element_type=None):
+  """Flax Conv's ``__call__`` (shared weights) with a compressed kernel."""
+  kernel_size = tuple(w.shape[:-2])
+  rank = len(kernel_size)
+
+  def bcast(x):
+    if x is None:
+      x = 1
+    return (x,) * rank if isinstance(x, int) else tuple(x)
+
+  num_batch = inputs.ndim - (rank + 1)
+  if num_batch != 1:
+    batch_shape = inputs.shape[:num_batch]
+    inputs = jnp.reshape(inputs, (-1,) + inputs.shape[num_batch:])
+  strides, input_dilation, kernel_dilation = map(bcast, (strides, input_dilation, kernel_dilation))
+  pad = nn.linear.canonicalize_padding(padding, rank)
+  if pad in ("CIRCULAR", "REFLECT"):
+    dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation, strict=True)]
+    pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
+    inputs = jnp.pad(inputs, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[pad])
+    pad = "VALID"
+  elif pad == "CAUSAL":
+    if rank != 1:
+      raise ValueError("Causal padding is only implemented for 1D convolutions.")
+    inputs = jnp.pad(inputs, [(0, 0), (kernel_dilation[0] * (kernel_size[0] - 1), 0), (0, 0)])
+    pad = "VALID"
+  nd = inputs.ndim
+  lhs_spec = (0, nd - 1) + tuple(range(1, nd - 1))
+  rhs_spec = (nd - 1, nd - 2) + tuple(range(0, nd - 2))
+  dn = jax.lax.ConvDimensionNumbers(lhs_spec, rhs_spec, lhs_spec)
+  dtype = _promote(dtype, inputs, w, bias)
+  y = quantized_conv(
+      inputs, w, strides, pad, input_dilation, kernel_dilation, dn, feature_group_count,
+      precision, preferred_element_type, dtype=dtype, path=path,
+  )
+  if bias is not None:
+    y = y + bias.astype(y.dtype).reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+  if num_batch != 1:
+    y = jnp.reshape(y, batch_shape + y.shape[1:])
+  return y
+
+
+def _embed(w, path, inputs, dtype, num_embeddings, features):
+  if not jnp.issubdtype(inputs.dtype, jnp.integer):
+    raise ValueError("Input type must be an integer or unsigned integer.")
+  dtype = _promote(dtype, w, inexact=False)
+  if num_embeddings == 1:
+    table = w.materialize() if isinstance(w, Compressed) else w
+    return jnp.broadcast_to(table.astype(dtype), inputs.shape + (features,))
+  return quantized_take(w, inputs, dtype=dtype)
+
+
+def _attend(w, path, query, dtype):
+  dtype = _promote(dtype, query, w)
+  return quantized_dot_general(
+      query, w, (((query.ndim - 1,), (1,)), ((), ())), dtype=dtype, path=path
+  )
+
+
+# ----------------------------------------------------------------------------- Linen
+
+
+def _raw(method):
+  """The undecorated function behind a Flax-wrapped Linen method."""
+  return getattr(method, "__wrapped__", method)
+
+
+def _linen_param(module, name):
+  return module.scope.get_variable("params", name) if module.scope.has_variable(
+      "params", name) else None
+
+
+def _linen_default_promote(m) -> bool:
+  return m.promote_dtype is linen_dtypes.promote_dtype
+
+
+def _linen_dense(m, w, path, inputs):
+  bias = _linen_param(m, "bias") if m.use_bias else None
+  return _dense(w, path, inputs, bias, m.dtype, m.precision)
+
+
+def _linen_dense_general(m, w, path, inputs):
+  batch_dims = _canon_tuple(m.batch_dims)
+  if batch_dims and set(batch_dims) != set(range(max(batch_dims) + 1)):
+    raise ValueError(
+        f"batch_dims {batch_dims} must be consecutive leading dimensions starting from 0."
+    )
+  bias = _linen_param(m, "bias") if m.use_bias else None
+  return _dense_general(
+      w, path, inputs, bias, m.dtype, m.precision, _canon_tuple(m.axis), batch_dims,
+      len(_canon_tuple(m.features)),
+  )
+
+
+def _linen_einsum(m, w, path, inputs, einsum_str=None):
+  einsum_str = linen_module.merge_param("einsum_str", m.einsum_str, einsum_str)
+  einsum_str = einsum_str.replace(" ", "")
+  bias = _linen_param(m, "bias") if m.use_bias else None
+  shape = None
+  if bias is not None:
+    abstract = jax.ShapeDtypeStruct(tuple(w.shape), w.dtype)
+    _, shape = m._get_bias_shape(einsum_str, inputs, abstract)
+  return _einsum(
+      w, path, inputs, bias, m.dtype, m.precision, einsum_str, m.preferred_element_type, shape
+  )
+
+
+def _linen_conv(m, w, path, inputs):
+  bias = _linen_param(m, "bias") if m.use_bias else None
+  return _conv(
+      w, path, inputs, bias, dtype=m.dtype, precision=m.precision, strides=m.strides,
+      padding=m.padding, input_dilation=m.input_dilation, kernel_dilation=m.kernel_dilation,
+      feature_group_count=m.feature_group_count,
+  )
+
+
+def _linen_embed(m, w, path, inputs):
+  return _embed(w, path, inputs, m.dtype, m.num_embeddings, m.features)
+
+
+def _linen_attend(m, w, path, query):
+  return _attend(w, path, query, m.dtype)
+
+
+def _linen_supported(m) -> bool:
+  if not _linen_default_promote(m):
+    return False
+  if isinstance(m, (nn.Dense, nn.DenseGeneral)):
+    return m.dot_general is None and m.dot_general_cls is None
+  if isinstance(m, nn.Conv):
+    return (m.mask is None and m.conv_general_dilated is None
+            and m.conv_general_dilated_cls is None)
+  return isinstance(m, (nn.Einsum, nn.Embed))
+
+
+# (class, method name, raw function, param name, implementation)
+_LINEN_LAYERS = (
+    (nn.Dense, "__call__", _raw(nn.Dense.__call__), "kernel", _linen_dense),
+    (nn.DenseGeneral, "__call__", _raw(nn.DenseGeneral.__call__), "kernel", _linen_dense_general),
+    (nn.Einsum, "__call__", _raw(nn.Einsum.__call__), "kernel", _linen_einsum),
+    (nn.Conv, "__call__", _raw(nn.Conv.__call__), "kernel", _linen_conv),
+    (nn.Embed, "__call__", _raw(nn.Embed.__call__), "embedding", _linen_embed),
+    (nn.Embed, "attend", _raw(nn.Embed.attend), "embedding", _linen_attend),
+)
+
+
+def _linen_layer(context):
+  """``(param name, impl)`` if this call is a supported layer method, else None."""
+  module = context.module
+  func = getattr(context.orig_method, "func", None)
+  for cls, name, raw, pname, impl in _LINEN_LAYERS:
+    if (context.method_name == name and isinstance(module, cls) and func is raw
+        and _linen_supported(module)):
+      return pname, impl
+  return None
+
+
+def _key(k) -> str:
+  return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def _compressed_paths(tree) -> dict[tuple[str, ...], Any]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_compressed)
+  return {tuple(_key(k) for k in p): x for p, x in flat if is_compressed(x)}
+
+
+def _replace_compressed(tree, fn):
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: fn(tuple(_key(k) for k in p), x) if is_compressed(x) else x,
+      tree, is_leaf=is_compressed,
+  )
+
+
+def _find_handled_linen(model, variables, compressed, args, kwargs, apply_kwargs):
+  """Abstract trace: the compressed 'params' paths used only by supported layer methods."""
+  used, bad = set(), set()
+
+  def spy(next_fun, a, kw, context):
+    scope = getattr(context.module, "scope", None)
+    if scope is not None and context.method_name != "setup":
+      base = ("params",) + tuple(scope.path)
+      own = {p for p in compressed if p[:-1] == base}
+      if own:
+        layer = _linen_layer(context)
+        if layer is not None and base + (layer[0],) in own:
+          used.add(base + (layer[0],))
+          bad.update(own - {base + (layer[0],)})
+        else:
+          bad.update(own)
+    return next_fun(*a, **kw)
+
+  def run():
+    dense = _replace_compressed(variables, lambda p, x: jnp.zeros(x.shape, x.dtype))
+    with nn.intercept_methods(spy):
+      return model.apply(dense, *args, **apply_kwargs, **kwargs)
+
+  jax.eval_shape(run)
+  return used - bad
+
+
+def _apply_linen(model, variables, args, kwargs, apply_kwargs):
+  compressed = _compressed_paths(variables)
+  if not compressed:
+    return model.apply(variables, *args, **apply_kwargs, **kwargs)
+  handled = _find_handled_linen(model, variables, compressed, args, kwargs, apply_kwargs)
+
+  def stand_in(p, x):
+    if p in handled:  # Flax's param shape check sees the logical shape; we never read it.
+      return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
+    return x.materialize()
+
+  def run_layer(next_fun, a, kw, context):
+    layer = _linen_layer(context)
+    if layer is not None:
+      p = ("params",) + tuple(context.module.scope.path) + (layer[0],)
+      if p in handled:
+        return layer[1](context.module, compressed[p], "/".join(p[1:]), *a, **kw)
+    return next_fun(*a, **kw)
+
+  with nn.intercept_methods(run_layer):
+    return model.apply(_replace_compressed(variables, stand_in), *args, **apply_kwargs, **kwargs)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def apply(
+    model,
+    variables,
+    *args,
+    method: str | Callable | None = None,
+    mutable: Any = False,
+    rngs: Any = None,
+    **kwargs,
+):
+  """Runs a Flax model (Linen or NNX) whose params hold compressed leaves.
+
+  Args:
+    model: a ``flax.linen.Module``, an ``nnx.Module`` or an ``nnx.GraphDef``.
+    variables: Linen: the variables dict (``{'params': qparams, ...}``); NNX: the
+      (compressed) ``nnx.State``, the full state or just its ``nnx.Param`` part.
+    *args: positional inputs of the model call.
+    method: Linen: passed to ``model.apply``; NNX: name of the method to call
+      (default ``__call__``).
+    mutable: Linen only: passed to ``model.apply`` (then ``(out, updates)`` returns).
+    rngs: Linen only: passed to ``model.apply``.
+    **kwargs: keyword inputs of the model call.
+
+  Returns:
+    The model's output (Linen with ``mutable``: ``(output, mutated variables)``).
+
+  Raises:
+    TypeError: ``model`` is neither a Linen nor an NNX model.
+    ValueError: a W8A8 weight whose scale varies along a contracted axis (the message
+      names the param path and the fix).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxmem
+    >>> model = nn.Dense(4)
+    >>> params = model.init(jax.random.key(0), jnp.ones((2, 8)))['params']
+    >>> qparams = jaxmem.transform(jaxmem.quantize_dynamic_int8(), params)
+    >>> y = jaxmem.apply(model, {'params': qparams}, jnp.ones((2, 8)))
+    >>> y.shape
+    (2, 4)
+  """
+  if isinstance(model, nn.Module):
+    apply_kwargs = {"mutable": mutable}
+    if method is not None:
+      apply_kwargs["method"] = method
+    if rngs is not None:
+      apply_kwargs["rngs"] = rngs
+    return _apply_linen(model, variables, args, kwargs, apply_kwargs)
+  if isinstance(model, (nnx.Module, nnx.GraphDef)):
+    if mutable is not False or rngs is not None:
+      raise ValueError(
+          "jaxmem.apply: `mutable` and `rngs` are Linen arguments; for NNX, put RNG streams "
+          "in the module (nnx.Rngs) and use jaxmem.merge_compressed for stateful calls."
+      )
+    module = merge_compressed(model, variables)
+    fn = getattr(module, method or "__call__") if not callable(method) else (
+        functools.partial(method, module))
+    return fn(*args, **kwargs)
+  raise TypeError(
+      f"jaxmem.apply: model is a {type(model).__name__}; pass a flax.linen.Module (with its "
+      "variables dict) or an nnx.Module / nnx.GraphDef (with its nnx.State)."
+  )
+
+
+def merge_compressed(model, state):
+  """NNX: a private copy of ``model`` carrying ``state``, with quantized layer twins.
+
+  Placeholder: implemented below.
+  """
+  raise NotImplementedError
+
+
+_ = (np, dequantize, QArray)

@@ -1,0 +1,432 @@
+"""Quantized matmul, einsum, convolution and gather kernels. Pure array math, no Flax.
+
+Each kernel takes a float activation and a weight that is a :class:`jaxmem.QArray`
+(any other :class:`jaxmem.Compressed` is materialized, a plain array runs the float op):
+
+* **weight-only** (``w.act_bits is None``): the op runs from the integer values. When
+  the weight's scale is 1 on every contracted axis (per-channel or per-tensor), the
+  scale factors out of the sum, so the op runs on ``qvalue.astype(float)`` and the
+  result is multiplied by the scale, never materializing ``qvalue * scale``
+  (measured here: 0.95-0.96x fp32 speed against ~0.93x for dequantize-then-dot). Group-wise
+  scales along a contracted axis fall back to dequantizing inside the traced function.
+* **dynamic W8A8** (``w.act_bits == 8``): activations are quantized per row (per token:
+  one scale per position of the non-contracted axes, symmetric, round to nearest), the
+  op is an ``int8 x int8 -> int32`` ``lax.dot_general`` / convolution, and the int32
+  result is rescaled by ``act_scale * weight_scale``. The weight's scale must be 1 on
+  the contracted axes (quantize with ``channel_axes`` on the output axes). Convolutions
+  use one activation scale per example.
+
+All kernels are jit-, vmap- and eval_shape-compatible; nothing here stores a float
+copy of a weight.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxmem._src.base import Compressed
+from jaxmem._src.qarray import QArray, _values_per_byte, grouped_shape, int_values, unpack
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def quantize_activations(
+    x: jax.Array, axes: Sequence[int], bits: int = 8
+) -> tuple[jax.Array, jax.Array]:
+  """Symmetric dynamic quantization with one scale per position of the axes not in ``axes``.
+
+  Args:
+    x: float activations.
+    axes: the axes that share a scale (the contracted axes of the following matmul).
+    bits: bit width of the int8 result (2..8).
+
+  Returns:
+    ``(xq, scale)``: int8 values and float32 scales of ``x``'s rank with 1 on ``axes``,
+    such that ``xq * scale ~= x``. All-zero rows give zeros and a zero scale.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> xq, s = quantize_activations(jnp.array([[1.0, -2.0], [0.0, 0.0]]), axes=(1,))
+    >>> xq.tolist(), s.shape
+    ([[64, -127], [0, 0]], (2, 1))
+  """
+  qmax = 2 ** (bits - 1) - 1
+  xf = x.astype(jnp.float32)
+  axes = tuple(a % x.ndim for a in axes)
+  amax = jnp.max(jnp.abs(xf), axis=axes, keepdims=True) if axes else jnp.abs(xf)
+  scale = amax / qmax
+  safe = jnp.where(scale > 0, scale, 1.0)
+  xq = jnp.clip(jnp.round(xf / safe), -qmax, qmax).astype(jnp.int8)
+  return xq, scale
+
+
+def _factored_scale(w: QArray, contracted: Sequence[int]) -> jax.Array | None:
+  """``w.scale`` in the logical rank if it is 1 on every contracted axis, else None."""
+  s = w.scale
+  if w.group_size is not None:
+    ga = w.group_axis
+    if ga in contracted:
+      return None
+    # Grouped shape (.., n/g, 1, ..) -> (.., n, ..): the scale repeats within each group.
+    s = jnp.repeat(s, w.group_size, axis=ga + 1)
+    s = s.reshape(s.shape[:ga] + (w.shape[ga],) + s.shape[ga + 2 :])
+  if any(s.shape[a] != 1 for a in contracted):
+    return None
+  return s
+
+
+def _to_layout(s: jax.Array, src: Sequence[str], dst: Sequence[str]) -> jax.Array:
+  """Moves a broadcastable array labelled ``src`` (one label per axis) to labels ``dst``.
+
+  Axes whose label is not in ``dst`` must have size 1; labels of ``dst`` absent from
+  ``src`` become size-1 axes. The result has rank ``len(dst)`` (no rank promotion).
+  """
+  keep = [i for i, lab in enumerate(src) if lab in dst]
+  for i, lab in enumerate(src):
+    if lab not in dst and s.shape[i] != 1:
+      raise AssertionError(f"axis {lab} of size {s.shape[i]} does not reach the output")
+  labels = [src[i] for i in keep]
+  s = s.reshape([s.shape[i] for i in keep])
+  order = sorted(range(len(labels)), key=lambda i: list(dst).index(labels[i]))
+  s = jnp.transpose(s, order)
+  labels = [labels[i] for i in order]
+  shape = [s.shape[labels.index(lab)] if lab in labels else 1 for lab in dst]
+  return s.reshape(shape)
+
+
+def _result_dtype(x, w, dtype):
+  if dtype is not None:
+    return jnp.dtype(dtype)
+  return jnp.result_type(x.dtype, w.dtype)
+
+
+def _contracted_error(kind: str, path: str, w: QArray, axes) -> ValueError:
+  return ValueError(
+      f"{kind} '{path}': dynamic W8A8 needs the weight scale to be 1 on the contracted axes "
+      f"{tuple(axes)}, but the QArray has channel_axes={w.channel_axes}, "
+      f"group_size={w.group_size} (scale shape {tuple(w.scale.shape)}). Quantize this leaf with "
+      "channel_axes on the output axes only (the default of quantize_dynamic_int8 for Dense "
+      "kernels), without group_size, or use weight-only quantization (act_bits=None)."
+  )
+
+
+def _check_act_bits(w: QArray, kind: str, path: str) -> None:
+  if w.act_bits is not None and w.act_bits != 8:
+    raise ValueError(f"{kind} '{path}': act_bits={w.act_bits} is not supported; use 8 or None.")
+
+
+# ----------------------------------------------------------------------------- dot_general
+
+
+def quantized_dot_general(
+    lhs: jax.Array,
+    rhs,
+    dimension_numbers,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    dtype=None,
+    path: str = "kernel",
+) -> jax.Array:
+  """``lax.dot_general(lhs, rhs, ...)`` where ``rhs`` may be a quantized weight.
+
+  Args:
+    lhs: float activations.
+    rhs: a :class:`jaxmem.QArray` (weight-only or W8A8, see the module docstring),
+      another :class:`jaxmem.Compressed` (materialized), or a plain array.
+    dimension_numbers: ``((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))``.
+    precision: passed to the float dot.
+    preferred_element_type: dtype of the result (like ``lax.dot_general``).
+    dtype: computation dtype (default: the promoted type of ``lhs`` and ``rhs.dtype``).
+    path: the weight's path, for error messages.
+
+  Returns:
+    The product in ``lax.dot_general``'s layout: batch, lhs free, rhs free axes.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxmem
+    >>> w = jax.random.normal(jax.random.key(0), (16, 8))
+    >>> x = jax.random.normal(jax.random.key(1), (4, 16))
+    >>> dn = (((1,), (0,)), ((), ()))
+    >>> y = quantized_dot_general(x, jaxmem.quantize(w, act_bits=8), dn)
+    >>> bool(jnp.allclose(y, x @ w, atol=0.2))
+    True
+  """
+  out_dtype = _result_dtype(lhs, rhs, preferred_element_type or dtype)
+  if not isinstance(rhs, QArray):
+    if isinstance(rhs, Compressed):
+      rhs = rhs.materialize()
+    cdt = dtype or jnp.result_type(lhs.dtype, rhs.dtype)
+    return lax.dot_general(
+        lhs.astype(cdt), rhs.astype(cdt), dimension_numbers, precision=precision
+    ).astype(out_dtype)
+  _check_act_bits(rhs, "dot_general", path)
+  (lc, rc), (lb, rb) = dimension_numbers
+  lc, rc, lb, rb = (tuple(a % n for a in ax) for ax, n in
+                    ((lc, lhs.ndim), (rc, rhs.ndim), (lb, lhs.ndim), (rb, rhs.ndim)))
+  dn = ((lc, rc), (lb, rb))
+  # Label every axis: contracted/batch axes share the lhs label.
+  lhs_labels = [f"l{i}" for i in range(lhs.ndim)]
+  rhs_labels = [f"r{i}" for i in range(rhs.ndim)]
+  for a, b in zip(lc + lb, rc + rb, strict=True):
+    rhs_labels[b] = lhs_labels[a]
+  out_labels = (
+      [lhs_labels[a] for a in lb]
+      + [lhs_labels[a] for a in range(lhs.ndim) if a not in lc + lb]
+      + [rhs_labels[b] for b in range(rhs.ndim) if b not in rc + rb]
+  )
+  ws = _factored_scale(rhs, rc)
+  cdt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(lhs.dtype, rhs.dtype)
+  if rhs.act_bits is not None:
+    if ws is None:
+      raise _contracted_error("dot_general", path, rhs, rc)
+    xq, xs = quantize_activations(lhs, lc, rhs.act_bits)
+    acc = lax.dot_general(xq, int_values(rhs), dn, preferred_element_type=jnp.int32)
+    scale = _to_layout(xs, lhs_labels, out_labels) * _to_layout(ws, rhs_labels, out_labels)
+    return (acc.astype(jnp.float32) * scale).astype(out_dtype)
+  if ws is None:
+    w = rhs.dequantize().astype(cdt)
+    return lax.dot_general(lhs.astype(cdt), w, dn, precision=precision).astype(out_dtype)
+  out = lax.dot_general(
+      lhs.astype(cdt), int_values(rhs).astype(cdt), dn, precision=precision
+  )
+  return (out * _to_layout(ws, rhs_labels, out_labels).astype(cdt)).astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------- einsum
+
+
+def _expand_einsum(subscripts: str, lhs_ndim: int, rhs_ndim: int) -> tuple[str, str, str]:
+  """Parses ``'ab,bc->ac'`` (with optional ``...``) into explicit per-axis label strings."""
+  eq = subscripts.replace(" ", "")
+  if "->" not in eq or eq.count(",") != 1:
+    raise ValueError(
+        f"einsum {subscripts!r}: need an explicit equation with two operands, e.g. 'bi,io->bo'."
+    )
+  ins, out = eq.split("->")
+  a, b = ins.split(",")
+  free = [c for c in string.ascii_letters if c not in eq]
+  n_ell = max(
+      lhs_ndim - (len(a) - 3) if "..." in a else 0, rhs_ndim - (len(b) - 3) if "..." in b else 0
+  )
+  ell = "".join(free[:n_ell])
+
+  def fill(spec, ndim):
+    if "..." not in spec:
+      return spec
+    k = ndim - (len(spec) - 3)
+    return spec.replace("...", ell[n_ell - k :])
+
+  a, b, out = fill(a, lhs_ndim), fill(b, rhs_ndim), out.replace("...", ell)
+  if len(a) != lhs_ndim or len(b) != rhs_ndim:
+    raise ValueError(
+        f"einsum {subscripts!r}: operand ranks {lhs_ndim} and {rhs_ndim} do not match the "
+        "equation."
+    )
+  return a, b, out
+
+
+def quantized_einsum(
+    subscripts: str,
+    lhs: jax.Array,
+    rhs,
+    *,
+    precision=None,
+    preferred_element_type=None,
+    dtype=None,
+    path: str = "kernel",
+) -> jax.Array:
+  """``jnp.einsum(subscripts, lhs, rhs)`` where ``rhs`` may be a quantized weight.
+
+  The weight's contracted axes are its labels absent from the output. Weight-only
+  weights run on their integer values with the scale applied to the output; W8A8
+  weights run an ``int8 x int8 -> int32`` einsum with per-row activation scales (one
+  per output position of ``lhs``'s kept labels).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxmem
+    >>> w = jax.random.normal(jax.random.key(0), (8, 3, 5))
+    >>> x = jax.random.normal(jax.random.key(1), (2, 4, 8))
+    >>> q = jaxmem.quantize(w, channel_axes=(1, 2))
+    >>> y = quantized_einsum('abc,cde->abde', x, q)
+    >>> bool(jnp.allclose(y, jnp.einsum('abc,cde->abde', x, w), atol=0.05))
+    True
+  """
+  out_dtype = _result_dtype(lhs, rhs, preferred_element_type or dtype)
+  if not isinstance(rhs, QArray):
+    if isinstance(rhs, Compressed):
+      rhs = rhs.materialize()
+    cdt = dtype or jnp.result_type(lhs.dtype, rhs.dtype)
+    return jnp.einsum(
+        subscripts, lhs.astype(cdt), rhs.astype(cdt), precision=precision
+    ).astype(out_dtype)
+  _check_act_bits(rhs, "einsum", path)
+  a, b, out = _expand_einsum(subscripts, lhs.ndim, rhs.ndim)
+  eq = f"{a},{b}->{out}"
+  cdt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(lhs.dtype, rhs.dtype)
+  rc = tuple(i for i, c in enumerate(b) if c not in out)
+  lc = tuple(i for i, c in enumerate(a) if c not in out)
+  repeated = len(set(a)) != len(a) or len(set(b)) != len(b)
+  ws = None if repeated else _factored_scale(rhs, rc)
+  if rhs.act_bits is not None:
+    if ws is None:
+      raise _contracted_error("einsum", path, rhs, rc)
+    xq, xs = quantize_activations(lhs, lc, rhs.act_bits)
+    acc = jnp.einsum(eq, xq, int_values(rhs), preferred_element_type=jnp.int32)
+    scale = _to_layout(xs, a, out) * _to_layout(ws, b, out)
+    return (acc.astype(jnp.float32) * scale).astype(out_dtype)
+  if ws is None:
+    w = rhs.dequantize().astype(cdt)
+    return jnp.einsum(eq, lhs.astype(cdt), w, precision=precision).astype(out_dtype)
+  y = jnp.einsum(eq, lhs.astype(cdt), int_values(rhs).astype(cdt), precision=precision)
+  return (y * _to_layout(ws, b, out).astype(cdt)).astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------- convolution
+
+
+def quantized_conv(
+    lhs: jax.Array,
+    rhs,
+    window_strides: Sequence[int],
+    padding,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    dtype=None,
+    path: str = "kernel",
+) -> jax.Array:
+  """``lax.conv_general_dilated`` where ``rhs`` (the kernel) may be a quantized weight.
+
+  The kernel's scale must be 1 on its input-feature and spatial axes to factor out
+  (per output channel, the default for ``HWIO`` kernels, or per tensor); otherwise a
+  weight-only kernel is dequantized inside the traced function. W8A8 kernels run an
+  ``int8`` convolution accumulating in ``int32``, with one activation scale per example.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxmem
+    >>> w = jax.random.normal(jax.random.key(0), (3, 3, 4, 8))
+    >>> x = jax.random.normal(jax.random.key(1), (2, 6, 6, 4))
+    >>> dn = ('NHWC', 'HWIO', 'NHWC')
+    >>> y = quantized_conv(x, jaxmem.quantize(w), (1, 1), 'SAME', dimension_numbers=dn)
+    >>> ref = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=dn)
+    >>> bool(jnp.allclose(y, ref, atol=0.1))
+    True
+  """
+  out_dtype = _result_dtype(lhs, rhs, preferred_element_type or dtype)
+  kw = dict(
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+  )
+  if not isinstance(rhs, QArray):
+    if isinstance(rhs, Compressed):
+      rhs = rhs.materialize()
+    cdt = dtype or jnp.result_type(lhs.dtype, rhs.dtype)
+    return lax.conv_general_dilated(
+        lhs.astype(cdt), rhs.astype(cdt), window_strides, padding, precision=precision, **kw
+    ).astype(out_dtype)
+  _check_act_bits(rhs, "conv", path)
+  lhs_spec, rhs_spec, out_spec = lax.conv_dimension_numbers(
+      lhs.shape, rhs.shape, dimension_numbers
+  )
+  nsp = len(lhs_spec) - 2
+  lhs_labels = [""] * lhs.ndim
+  rhs_labels = [""] * rhs.ndim
+  out_labels = [""] * lhs.ndim
+  lhs_labels[lhs_spec[0]], lhs_labels[lhs_spec[1]] = "batch", "in"
+  rhs_labels[rhs_spec[0]], rhs_labels[rhs_spec[1]] = "out", "in"
+  out_labels[out_spec[0]], out_labels[out_spec[1]] = "batch", "out"
+  for k in range(nsp):
+    lhs_labels[lhs_spec[2 + k]] = f"x{k}"
+    rhs_labels[rhs_spec[2 + k]] = f"k{k}"
+    out_labels[out_spec[2 + k]] = f"y{k}"
+  rc = tuple(rhs_spec[1:])
+  cdt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(lhs.dtype, rhs.dtype)
+  ws = _factored_scale(rhs, rc)
+  if rhs.act_bits is not None:
+    if ws is None:
+      raise _contracted_error("conv", path, rhs, rc)
+    per_example = tuple(a for a in range(lhs.ndim) if a != lhs_spec[0])
+    xq, xs = quantize_activations(lhs, per_example, rhs.act_bits)
+    acc = lax.conv_general_dilated(
+        xq, int_values(rhs), window_strides, padding, preferred_element_type=jnp.int32, **kw
+    )
+    scale = _to_layout(xs, lhs_labels, out_labels) * _to_layout(ws, rhs_labels, out_labels)
+    return (acc.astype(jnp.float32) * scale).astype(out_dtype)
+  if ws is None:
+    w = rhs.dequantize().astype(cdt)
+    return lax.conv_general_dilated(
+        lhs.astype(cdt), w, window_strides, padding, precision=precision, **kw
+    ).astype(out_dtype)
+  y = lax.conv_general_dilated(
+      lhs.astype(cdt), int_values(rhs).astype(cdt), window_strides, padding,
+      precision=precision, **kw,
+  )
+  return (y * _to_layout(ws, rhs_labels, out_labels).astype(cdt)).astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------- gather
+
+
+def quantized_take(table, indices: jax.Array, *, dtype=None) -> jax.Array:
+  """``jnp.take(table, indices, axis=0)`` (an embedding lookup) from a quantized table.
+
+  Gathers only the integer rows (and, for per-row scales, the rows' scales) and
+  rescales them: the float table is never built. Packed tables gather packed bytes
+  when each row fills whole bytes.
+
+  Args:
+    table: a :class:`jaxmem.QArray` of shape ``(num_embeddings, ...)``, another
+      :class:`jaxmem.Compressed` (materialized), or a plain array.
+    indices: integer array.
+    dtype: result dtype (default: the table's logical dtype).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxmem
+    >>> table = jax.random.normal(jax.random.key(0), (10, 4))
+    >>> q = jaxmem.quantize(table, channel_axes=(0,))
+    >>> ids = jnp.array([[1, 9], [0, 0]])
+    >>> bool(jnp.allclose(quantized_take(q, ids), table[ids], atol=0.02))
+    True
+  """
+  if not isinstance(table, QArray):
+    if isinstance(table, Compressed):
+      table = table.materialize()
+    return jnp.take(table, indices, axis=0).astype(dtype or table.dtype)
+  dtype = dtype or table.dtype
+  n, row = table.shape[0], tuple(table.shape[1:])
+  rowlen = 1
+  for d in row:
+    rowlen *= d
+  per = _values_per_byte(table.bits) if table.packed else 1
+  if table.packed and rowlen % per == 0:
+    # Each row is rowlen // per whole bytes: gather bytes, unpack only those rows.
+    rows = jnp.take(table.qvalue.reshape(n, rowlen // per), indices, axis=0)
+    vals = unpack(rows.reshape(-1), table.bits, tuple(indices.shape) + row)
+  else:
+    vals = jnp.take(int_values(table), indices, axis=0)
+  s = table.scale
+  lead = tuple(indices.shape)
+  if table.group_size is not None and table.group_axis == 0:
+    # Scales (n/g, 1, *row_scale): row i uses group i // g.
+    srows = jnp.take(s.reshape((s.shape[0],) + s.shape[2:]), indices // table.group_size, axis=0)
+    out = vals.astype(jnp.float32) * srows
+  else:
+    gshape = grouped_shape(table.shape, table.group_size, table.group_axis)[1:]
+    if s.shape[0] == n and n != 1:
+      srows = jnp.take(s, indices, axis=0)
+    else:
+      srows = s.reshape((1,) * len(lead) + s.shape[1:])
+    out = (vals.reshape(lead + gshape).astype(jnp.float32) * srows).reshape(lead + row)
+  return out.astype(dtype)
