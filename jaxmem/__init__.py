@@ -31,6 +31,12 @@ from jaxmem._src.quantize import quantize_int8 as quantize_int8
 from jaxmem._src.quantize import quantize_weights as quantize_weights
 
 # --- execution (issue 2): apply / quantized layers
+from jaxmem._src.execution import apply as apply
+from jaxmem._src.qdot import quantize_activations as quantize_activations
+from jaxmem._src.qdot import quantized_conv as quantized_conv
+from jaxmem._src.qdot import quantized_dot_general as quantized_dot_general
+from jaxmem._src.qdot import quantized_einsum as quantized_einsum
+from jaxmem._src.qdot import quantized_take as quantized_take
 # --- pruning and sparse storage (issue 4)
 # --- function transforms: remat, data parallel, memory profile, planner (issue 5)
 from jaxmem._src.remat import OFFLOAD_POLICIES as REMAT_OFFLOAD_POLICIES
