@@ -1,0 +1,330 @@
+"""Checkpoint round-trips of every compressed type, resharding, no silent casts, corruption."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxmem
+
+
+def _params(seed=0, n_in=32, n_hidden=64, n_out=16):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  return {
+      "Dense_0": {
+          "kernel": jax.random.normal(k1, (n_in, n_hidden)),
+          "bias": jax.random.normal(k2, (n_hidden,)),
+      },
+      "Dense_1": {"kernel": jax.random.normal(k3, (n_hidden, n_out)), "bias": jnp.zeros(n_out)},
+  }
+
+
+def _assert_same(a, b):
+  """Same tree structure (compressed types and static metadata included) and exact values."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(x, y)
+
+
+def _roundtrip(tmp_path, tree, **restore_kw):
+  with jaxmem.CheckpointManager(tmp_path / "ckpt") as mgr:
+    assert mgr.save(0, tree)
+    mgr.wait_until_finished()
+    return mgr.restore(**restore_kw)
+
+
+def _stored_dtypes(directory, step):
+  """dtype of every array Orbax wrote (read from Orbax's own metadata, not from jaxmem)."""
+  import orbax.checkpoint as ocp
+
+  meta = ocp.StandardCheckpointer().metadata(pathlib.Path(directory) / str(step) / "state")
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in p): np.dtype(m.dtype) for p, m in flat}
+
+
+# ----------------------------------------------------------------------------- round-trips
+
+
+def test_int8_roundtrip_stays_int8_on_disk(tmp_path):
+  q = jaxmem.transform(jaxmem.quantize_int8(), _params())
+  restored = _roundtrip(tmp_path, {"params": q})
+  _assert_same(restored, {"params": q})
+  kernel = restored["params"]["Dense_0"]["kernel"]
+  assert isinstance(kernel, jaxmem.QArray) and kernel.bits == 8 and kernel.shape == (32, 64)
+  dtypes = _stored_dtypes(tmp_path / "ckpt", 0)
+  assert dtypes["params/Dense_0/kernel/qvalue"] == np.int8
+  assert dtypes["params/Dense_0/kernel/scale"] == np.float32
+  # No float copy of a quantized kernel on disk: exactly qvalue + scale per kernel, + biases.
+  assert sorted(dtypes) == sorted(
+      f"params/Dense_{i}/{leaf}"
+      for i in range(2)
+      for leaf in ("bias", "kernel/qvalue", "kernel/scale")
+  )
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, None), (4, 16), (2, None), (3, 8)])
+def test_packed_lowbit_roundtrip(tmp_path, bits, group_size):
+  tx = jaxmem.quantize_weights(bits, group_size=group_size)
+  q = jaxmem.transform(tx, _params())
+  restored = _roundtrip(tmp_path, q)
+  _assert_same(restored, q)
+  k = restored["Dense_1"]["kernel"]
+  assert k.packed and k.qvalue.dtype == jnp.uint8 and k.group_size == group_size
+  np.testing.assert_array_equal(jaxmem.dequantize(k), jaxmem.dequantize(q["Dense_1"]["kernel"]))
+  assert _stored_dtypes(tmp_path / "ckpt", 0)["Dense_1/kernel/qvalue"] == np.uint8
+
+
+def test_dynamic_int8_metadata_roundtrip(tmp_path):
+  q = jaxmem.transform(jaxmem.quantize_dynamic_int8(), _params())
+  restored = _roundtrip(tmp_path, q)
+  assert restored["Dense_0"]["kernel"].act_bits == 8
+  _assert_same(restored, q)
+
+
+def test_optimizer_and_transform_state_roundtrip(tmp_path):
+  params = _params()
+  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+  opt_state = opt.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  _, opt_state = opt.update(grads, opt_state, params)
+  tx = jaxmem.chain(jaxmem.quantize_int8())
+  tx_state = tx.init(params)
+  state = {"params": params, "opt_state": opt_state, "tx_state": tx_state, "step": 7, "none": None}
+  restored = _roundtrip(tmp_path, state)
+  assert restored["step"] == 7 and isinstance(restored["step"], int)
+  assert type(restored["opt_state"][1][0]) is type(opt_state[1][0])  # ScaleByAdamState
+  _assert_same(restored, state)
+  # The restored optimizer state keeps working.
+  opt.update(grads, restored["opt_state"], restored["params"])
+
+
+def test_nnx_pure_dict_roundtrip(tmp_path):
+  from flax import nnx
+
+  model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+  pure = nnx.to_pure_dict(nnx.state(model))
+  restored = _roundtrip(tmp_path, pure)
+  other = nnx.Linear(8, 4, rngs=nnx.Rngs(1))
+  state = nnx.state(other)
+  nnx.replace_by_pure_dict(state, restored)
+  nnx.update(other, state)
+  np.testing.assert_array_equal(other.kernel[...], model.kernel[...])
+
+
+def test_abstract_state_and_layout_read_no_arrays(tmp_path):
+  q = jaxmem.transform(jaxmem.quantize_int8(), _params())
+  with jaxmem.CheckpointManager(tmp_path) as mgr:
+    mgr.save(3, q)
+    mgr.wait_until_finished()
+    abstract = mgr.abstract_state()
+  assert isinstance(abstract["Dense_0"]["kernel"], jaxmem.QArray)
+  assert abstract["Dense_0"]["kernel"].qvalue == jax.ShapeDtypeStruct((32, 64), jnp.int8)
+  assert jaxmem.tree_bytes(abstract) == jaxmem.tree_bytes(q)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def test_target_derived_from_transform(tmp_path):
+  params = _params()
+  tx = jaxmem.quantize_int8()
+  q = jaxmem.transform(tx, params)
+  abstract_float = jax.eval_shape(lambda: params)
+  target = jaxmem.abstract_target(tx, abstract_float)
+  restored = _roundtrip(tmp_path, q, target=target)
+  _assert_same(restored, q)
+
+
+def test_float_checkpoint_into_quantized_target_raises_with_fix(tmp_path):
+  params = _params()
+  target = jaxmem.abstract_target(jaxmem.quantize_int8(), params)
+  with jaxmem.CheckpointManager(tmp_path) as mgr:
+    mgr.save(0, params)
+    mgr.wait_until_finished()
+    with pytest.raises(ValueError, match=r"Dense_0/kernel.*quantize_int8"):
+      mgr.restore(target=target)
+    # The explicit path: restore the floats, then quantize.
+    q = jaxmem.transform(jaxmem.quantize_int8(), mgr.restore())
+  _assert_same(q, jaxmem.transform(jaxmem.quantize_int8(), params))
+
+
+def test_target_mismatches_raise(tmp_path):
+  params = _params()
+  q = jaxmem.transform(jaxmem.quantize_int8(), params)
+  with jaxmem.CheckpointManager(tmp_path) as mgr:
+    mgr.save(0, params)
+    mgr.save(1, q)
+    mgr.wait_until_finished()
+    as_int8 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.int8), params)
+    with pytest.raises(ValueError, match="Dense_0/bias.*stored as float32.*int8"):
+      mgr.restore(0, target=as_int8)
+    with pytest.raises(ValueError, match="Dense_0/kernel.*QArray in the checkpoint"):
+      mgr.restore(1, target=params)
+    int4 = jaxmem.abstract_target(jaxmem.quantize_weights(4), params)
+    with pytest.raises(ValueError, match="Dense_0/kernel.*bit width"):
+      mgr.restore(1, target=int4)
+    with pytest.raises(ValueError, match="only in the checkpoint: \\['Dense_1'\\]"):
+      mgr.restore(0, target={"Dense_0": params["Dense_0"]})
+
+
+def test_unsupported_node_is_a_type_error(tmp_path):
+  with jaxmem.CheckpointManager(tmp_path) as mgr:
+    with pytest.raises(TypeError, match="'a/b'.*object"):
+      mgr.save(0, {"a": {"b": object()}})
+    with pytest.raises(TypeError, match="contains '/'"):
+      mgr.save(0, {"a/b": jnp.ones(2)})
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def test_restore_onto_other_sharding_and_device_count(tmp_path):
+  devices = jax.devices()
+  assert len(devices) == 4
+  mesh4 = Mesh(np.array(devices), ("data",))
+  params = _params()
+  q = jaxmem.transform(jaxmem.quantize_int8(), params)
+  # Save from 4 devices: kernels' output axis sharded 4 ways.
+  sharded = jax.tree.map(
+      lambda x: jax.device_put(x, NamedSharding(mesh4, P(*([None] * (x.ndim - 1)), "data"))), q
+  )
+  assert len(sharded["Dense_0"]["kernel"].qvalue.sharding.device_set) == 4
+  with jaxmem.CheckpointManager(tmp_path) as mgr:
+    mgr.save(0, sharded)
+    mgr.wait_until_finished()
+    # Default: one device.
+    one = mgr.restore()
+    assert one["Dense_0"]["kernel"].qvalue.sharding.device_set == {jax.local_devices()[0]}
+    _assert_same(one, q)
+    # Two devices, replicated.
+    mesh2 = Mesh(np.array(devices[:2]), ("data",))
+    rep = mgr.restore(sharding=NamedSharding(mesh2, P()))
+    assert len(rep["Dense_1"]["kernel"].scale.sharding.device_set) == 2
+    _assert_same(rep, q)
+
+    # Two devices, kernels' int8 values sharded along the output axis, everything else replicated.
+    def per_leaf(path, sds):
+      if path.endswith("kernel/qvalue"):
+        return NamedSharding(mesh2, P(None, "data"))
+      return NamedSharding(mesh2, P())
+
+    split = mgr.restore(sharding=per_leaf)
+    qv = split["Dense_0"]["kernel"].qvalue
+    assert qv.sharding.spec == P(None, "data")
+    assert {s.data.shape for s in qv.addressable_shards} == {(32, 32)}
+    _assert_same(split, q)
+
+
+def test_restore_in_a_one_device_process(tmp_path):
+  q = jaxmem.transform(jaxmem.quantize_int8(), _params())
+  mesh4 = Mesh(np.array(jax.devices()), ("data",))
+  q = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh4, P())), q)
+  with jaxmem.CheckpointManager(tmp_path / "c") as mgr:
+    mgr.save(0, q)
+  expected = float(jnp.sum(jaxmem.dequantize(q["Dense_1"]["kernel"])))
+  script = textwrap.dedent(
+      f"""
+      import jax, jax.numpy as jnp, jaxmem
+      assert jax.device_count() == 1, jax.devices()
+      with jaxmem.CheckpointManager({str(tmp_path / "c")!r}) as mgr:
+        q = mgr.restore()
+      print(float(jnp.sum(jaxmem.dequantize(q['Dense_1']['kernel']))))
+      """
+  )
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(expected, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- corruption
+
+
+def _data_files(step_dir):
+  files = pathlib.Path(step_dir, "state").rglob("*")
+  return [p for p in files if p.is_file() and p.parent.name == "d"]
+
+
+def _three_steps(tmp_path):
+  mgr = jaxmem.CheckpointManager(tmp_path, max_to_keep=5)
+  trees = [jaxmem.transform(jaxmem.quantize_int8(), _params(seed=s)) for s in range(3)]
+  for s, t in enumerate(trees):
+    mgr.save(s, t)
+  mgr.wait_until_finished()
+  return mgr, trees
+
+
+def test_truncated_latest_step_falls_back_with_warning(tmp_path):
+  mgr, trees = _three_steps(tmp_path)
+  files = _data_files(tmp_path / "2")
+  assert files
+  for f in files:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  with pytest.raises(jaxmem.CheckpointCorruptError, match="step 2"):
+    mgr.restore(2)
+  with pytest.warns(jaxmem.CheckpointFallbackWarning, match="restored step 1.*step 2"):
+    restored = mgr.restore()
+  _assert_same(restored, trees[1])
+  # Training resumes from step 1 and writes step 2 again: the bad step is replaced.
+  mgr.save(2, trees[0])
+  mgr.wait_until_finished()
+  _assert_same(mgr.restore(), trees[0])
+  mgr.close()
+
+
+def test_wrong_bytes_are_caught_by_fingerprint(tmp_path):
+  mgr, trees = _three_steps(tmp_path)
+  mgr.close()
+  # Step 2's data replaced by step 1's: Orbax reads it without complaint, values are wrong.
+  shutil.rmtree(tmp_path / "2" / "state")
+  shutil.copytree(tmp_path / "1" / "state", tmp_path / "2" / "state")
+  with jaxmem.CheckpointManager(tmp_path, max_to_keep=5) as mgr:
+    with pytest.raises(jaxmem.CheckpointCorruptError, match="fingerprint"):
+      mgr.restore(2)
+    with pytest.warns(jaxmem.CheckpointFallbackWarning):
+      _assert_same(mgr.restore(), trees[1])
+
+
+def test_every_step_corrupt_raises(tmp_path):
+  mgr, _ = _three_steps(tmp_path)
+  for s in range(3):
+    (tmp_path / str(s) / "layout" / "metadata").write_text("{not json")
+  with pytest.raises(jaxmem.CheckpointCorruptError, match="no readable checkpoint step"):
+    mgr.restore()
+  mgr.close()
+
+
+def test_max_to_keep_and_existing_step(tmp_path):
+  with jaxmem.CheckpointManager(tmp_path, max_to_keep=2) as mgr:
+    for s in range(4):
+      mgr.save(s, {"w": jnp.full((3,), float(s))})
+    mgr.wait_until_finished()
+    assert mgr.all_steps() == [2, 3]
+    with pytest.raises(ValueError, match="step 3 already exists"):
+      mgr.save(3, {"w": jnp.zeros(3)})
+    np.testing.assert_array_equal(mgr.restore()["w"], np.full(3, 3.0))
+
+
+def test_checkpoint_layout_document():
+  q = jaxmem.transform(jaxmem.quantize_weights(4), _params())
+  layout = jaxmem.checkpoint_layout({"params": q})
+  assert layout["format"] == "jaxmem.checkpoint/1"
+  node = dict(dict(layout["tree"]["items"])["params"]["items"])["Dense_0"]
+  kernel = dict(node["items"])["kernel"]
+  assert kernel["class"] == "jaxmem._src.qarray:QArray"
+  assert kernel["static"]["bits"] == 4 and kernel["static"]["packed"] is True
+  assert dict(kernel["items"])["qvalue"]["dtype"] == "uint8"
