@@ -46,14 +46,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 from flax import nnx
 from flax.linen import dtypes as linen_dtypes
 from flax.linen import module as linen_module
+from flax.nnx.nn import dtypes as nnx_dtypes
 
 from jaxmem._src.base import Compressed, is_compressed
-from jaxmem._src.qarray import QArray, dequantize
 from jaxmem._src.qdot import (
     quantized_conv,
     quantized_dot_general,
@@ -350,6 +349,195 @@ def _apply_linen(model, variables, args, kwargs, apply_kwargs):
     return model.apply(_replace_compressed(variables, stand_in), *args, **apply_kwargs, **kwargs)
 
 
+# ----------------------------------------------------------------------------- NNX
+
+
+def _value(var):
+  """A Variable's value (None stays None); a compressed bias or the like is materialized."""
+  if var is None:
+    return None
+  x = var.get_value()
+  return x.materialize() if is_compressed(x) else x
+
+
+def _no_out_sharding(out_sharding, layer):
+  if out_sharding is not None:
+    raise ValueError(
+        f"jaxmem: {layer} with a compressed weight does not take out_sharding; shard the "
+        "inputs instead (the output follows), or run this layer with float weights."
+    )
+
+
+def _nnx_weight(module, name):
+  return getattr(module, name).get_value()
+
+
+def _nnx_linear_call(self, inputs, out_sharding=None):
+  _no_out_sharding(out_sharding, "nnx.Linear")
+  return _dense_general(
+      _nnx_weight(self, "kernel"), _nnx_path(self, "kernel"), inputs, _value(self.bias),
+      self.dtype, self.precision, (-1,), (), 1, self.preferred_element_type,
+  )
+
+
+def _nnx_linear_general_call(self, inputs, out_sharding=None):
+  _no_out_sharding(out_sharding, "nnx.LinearGeneral")
+  return _dense_general(
+      _nnx_weight(self, "kernel"), _nnx_path(self, "kernel"), inputs, _value(self.bias),
+      self.dtype, self.precision, self.axis, tuple(self.batch_axis.keys()),
+      len(self.out_features), self.preferred_element_type,
+  )
+
+
+def _nnx_einsum_call(self, inputs, einsum_str=None, out_sharding=None):
+  _no_out_sharding(out_sharding, "nnx.Einsum")
+  einsum_str = einsum_str if einsum_str is not None else self.einsum_str
+  if einsum_str is None:
+    raise ValueError("No `einsum_str` argument was provided to Einsum.")
+  einsum_str = einsum_str.replace(" ", "")
+  self._einsum_str_check(einsum_str)
+  w = _nnx_weight(self, "kernel")
+  bias = _value(self.bias)
+  shape = None
+  if bias is not None:
+    abstract = jax.ShapeDtypeStruct(tuple(w.shape), w.dtype)
+    shape = self._infer_broadcasted_bias_shape(einsum_str, inputs, abstract)
+  return _einsum(
+      w, _nnx_path(self, "kernel"), inputs, bias, self.dtype, self.precision, einsum_str,
+      self.preferred_element_type, shape,
+  )
+
+
+def _nnx_conv_call(self, inputs, out_sharding=None):
+  _no_out_sharding(out_sharding, "nnx.Conv")
+  return _conv(
+      _nnx_weight(self, "kernel"), _nnx_path(self, "kernel"), inputs, _value(self.bias),
+      dtype=self.dtype, precision=self.precision, strides=self.strides, padding=self.padding,
+      input_dilation=self.input_dilation, kernel_dilation=self.kernel_dilation,
+      feature_group_count=self.feature_group_count,
+      preferred_element_type=self.preferred_element_type,
+  )
+
+
+def _nnx_embed_call(self, inputs, out_sharding=None):
+  _no_out_sharding(out_sharding, "nnx.Embed")
+  return _embed(
+      _nnx_weight(self, "embedding"), _nnx_path(self, "embedding"), inputs, self.dtype,
+      self.num_embeddings, self.features,
+  )
+
+
+def _nnx_attend(self, query, out_sharding=None):
+  _no_out_sharding(out_sharding, "nnx.Embed.attend")
+  return _attend(_nnx_weight(self, "embedding"), _nnx_path(self, "embedding"), query, self.dtype)
+
+
+def _nnx_path(module, name) -> str:
+  return "/".join(map(str, getattr(module, "_jaxmem_path", ()) + (name,)))
+
+
+def _nnx_supported(m) -> bool:
+  if m.__dict__.get("promote_dtype", nnx_dtypes.promote_dtype) is not nnx_dtypes.promote_dtype:
+    return False
+  if isinstance(m, nnx.Linear):
+    return m.dot_general is jax.lax.dot_general
+  if isinstance(m, nnx.LinearGeneral):
+    return m.dot_general is None and m.dot_general_cls is None
+  if isinstance(m, nnx.Einsum):
+    return m.einsum_op is jnp.einsum
+  if isinstance(m, nnx.Conv):
+    return m.mask is None and m.conv_general_dilated is jax.lax.conv_general_dilated
+  return isinstance(m, nnx.Embed)
+
+
+# base class -> (weight attribute, {method name: quantized implementation})
+_NNX_LAYERS = {
+    nnx.Linear: ("kernel", {"__call__": _nnx_linear_call}),
+    nnx.LinearGeneral: ("kernel", {"__call__": _nnx_linear_general_call}),
+    nnx.Einsum: ("kernel", {"__call__": _nnx_einsum_call}),
+    nnx.Conv: ("kernel", {"__call__": _nnx_conv_call}),
+    nnx.Embed: ("embedding", {"__call__": _nnx_embed_call, "attend": _nnx_attend}),
+}
+
+
+@functools.cache
+def _nnx_twin(cls):
+  """The quantized twin of an NNX layer class (None if ``cls`` overrides a layer method)."""
+  for base, (_, methods) in _NNX_LAYERS.items():
+    if issubclass(cls, base):
+      if any(getattr(cls, name) is not getattr(base, name) for name in methods):
+        return None  # the subclass changes the layer's math: run it on materialized weights
+      return type(f"Quantized{cls.__name__}", (cls,), dict(methods, __module__=__name__))
+  return None
+
+
+def _nnx_weight_name(cls) -> str | None:
+  for base, (name, _) in _NNX_LAYERS.items():
+    if issubclass(cls, base):
+      return name
+  return None
+
+
+def merge_compressed(model, state):
+  """NNX: a private module tree carrying compressed ``state``, with quantized layer twins.
+
+  Builds a new module with ``nnx.merge`` (``model`` and its variables are not
+  modified), then turns each ``Linear``, ``LinearGeneral``, ``Einsum``, ``Conv`` and
+  ``Embed`` whose kernel/embedding holds a compressed weight into its quantized twin
+  class (a subclass whose ``__call__``/``attend`` run jaxmem's integer kernels).
+  Compressed values anywhere else are materialized. The result is an ordinary NNX
+  module: call it, split it, or jit it like any other.
+
+  Args:
+    model: an ``nnx.Module`` (its graph and any variables ``state`` lacks are used) or
+      an ``nnx.GraphDef`` (then ``state`` must be the full state).
+    state: ``nnx.State`` with compressed leaves, e.g. from
+      ``jaxmem.transform(jaxmem.quantize_int8(), nnx.state(model, nnx.Param))``.
+
+  Returns:
+    The new module.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxmem
+    >>> from flax import nnx
+    >>> model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    >>> qstate = jaxmem.transform(jaxmem.quantize_int8(), nnx.state(model, nnx.Param))
+    >>> qmodel = jaxmem.merge_compressed(model, qstate)
+    >>> type(qmodel).__name__, qmodel(jnp.ones((2, 8))).shape
+    ('QuantizedLinear', (2, 4))
+  """
+  if isinstance(model, nnx.GraphDef):
+    module = nnx.merge(model, state, copy=True)
+  elif isinstance(model, nnx.Module):
+    graphdef, full = nnx.split(model)
+    module = nnx.merge(graphdef, full, copy=True)
+    nnx.update(module, state)
+  else:
+    raise TypeError(
+        f"merge_compressed: model is a {type(model).__name__}; pass an nnx.Module or GraphDef."
+    )
+  handled = set()
+  for path, node in nnx.iter_graph(module):
+    if not isinstance(node, nnx.Module):
+      continue
+    name = _nnx_weight_name(type(node))
+    if name is None or not is_compressed(getattr(node, name).get_value()):
+      continue
+    twin = _nnx_twin(type(node))
+    if twin is None or not _nnx_supported(node):
+      continue
+    node.__class__ = twin
+    object.__setattr__(node, "_jaxmem_path", tuple(path))
+    handled.add(id(getattr(node, name)))
+  for _, node in nnx.iter_graph(module):
+    if isinstance(node, nnx.Variable) and id(node) not in handled:
+      x = node.get_value()
+      if is_compressed(x):
+        node.set_value(x.materialize())
+  return module
+
+
+
 # ----------------------------------------------------------------------------- public
 
 
@@ -413,14 +601,3 @@ def apply(
       f"jaxmem.apply: model is a {type(model).__name__}; pass a flax.linen.Module (with its "
       "variables dict) or an nnx.Module / nnx.GraphDef (with its nnx.State)."
   )
-
-
-def merge_compressed(model, state):
-  """NNX: a private copy of ``model`` carrying ``state``, with quantized layer twins.
-
-  Placeholder: implemented below.
-  """
-  raise NotImplementedError
-
-
-_ = (np, dequantize, QArray)
