@@ -328,3 +328,41 @@ def test_checkpoint_layout_document():
   assert kernel["class"] == "jaxmem._src.qarray:QArray"
   assert kernel["static"]["bits"] == 4 and kernel["static"]["packed"] is True
   assert dict(kernel["items"])["qvalue"]["dtype"] == "uint8"
+
+
+# ----------------------------------------------------------------------------- sparse / masks
+
+
+@pytest.mark.parametrize("bits,encoding", [(None, "bitmask"), (8, "rice"), (4, "auto")])
+def test_sparse_array_roundtrip(tmp_path, bits, encoding):
+  tx = jaxmem.chain(jaxmem.magnitude_prune(0.9), jaxmem.sparsify(bits=bits, encoding=encoding))
+  s = jaxmem.transform(tx, _params())
+  assert isinstance(s["Dense_0"]["kernel"], jaxmem.SparseArray)
+  restored = _roundtrip(tmp_path, {"params": s})
+  _assert_same(restored, {"params": s})
+  k, k0 = restored["params"]["Dense_0"]["kernel"], s["Dense_0"]["kernel"]
+  assert (k.nnz, k.encoding, k.bits) == (k0.nnz, k0.encoding, k0.bits)
+  np.testing.assert_array_equal(k.materialize(), k0.materialize())
+  dtypes = _stored_dtypes(tmp_path / "ckpt", 0)
+  assert dtypes["params/Dense_0/kernel/index"] == np.uint8
+  if bits == 8:
+    assert dtypes["params/Dense_0/kernel/values"] == np.int8
+
+
+def test_gradual_prune_optimizer_state_with_masks_roundtrip(tmp_path):
+  params = _params()
+  opt = optax.chain(optax.adam(1e-2), jaxmem.gradual_prune(0.5, 0, 2, update_every=1))
+  state = opt.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for _ in range(3):
+    updates, state = opt.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  restored = _roundtrip(tmp_path, {"params": params, "opt_state": state})
+  _assert_same(restored, {"params": params, "opt_state": state})
+  masks = restored["opt_state"][1].masks
+  assert isinstance(restored["opt_state"][1], jaxmem.GradualPruneState)
+  assert masks["Dense_0"]["kernel"].dtype == jnp.bool_ and masks["Dense_0"]["bias"] is None
+  # Training continues identically from the restored state.
+  a, _ = opt.update(grads, state, params)
+  b, _ = opt.update(grads, restored["opt_state"], restored["params"])
+  _assert_same(a, b)
