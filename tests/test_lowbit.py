@@ -2,11 +2,13 @@
 
 import math
 
+import flax.linen as nn
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -162,3 +164,52 @@ def test_quantize_int4_under_jit_and_eval_shape():
   assert abstract["kernel"].qvalue.shape == (512,)
   q = jax.jit(lambda p: jaxmem.transform(tx, p))(params)
   np.testing.assert_allclose(q["kernel"].dequantize(), params["kernel"])
+
+
+def _cosine(a, b):
+  a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
+  return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+class _LinenLM(nn.Module):
+  @nn.compact
+  def __call__(self, ids):
+    h = nn.Embed(16, 64)(ids)
+    h = nn.gelu(nn.Dense(64)(h))
+    return nn.Dense(8)(h)
+
+
+class _NnxMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(128, 64, rngs=rngs)
+    self.l2 = nnx.Linear(64, 8, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(nnx.gelu(self.l1(x)))
+
+
+def test_int4_params_run_in_linen_model():
+  ids = jnp.arange(12, dtype=jnp.int32).reshape(3, 4)
+  model = _LinenLM()
+  params = model.init(jax.random.key(0), ids)["params"]
+  q = jaxmem.transform(jaxmem.quantize_int4(group_size=32), params)
+  assert q["Embed_0"]["embedding"].packed and q["Dense_0"]["kernel"].packed
+  got = jax.jit(lambda p: jaxmem.apply(model, {"params": p}, ids))(q)
+  want = model.apply({"params": jaxmem.transform(jaxmem.dequantize_params(), q)}, ids)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  fp32 = model.apply({"params": params}, ids)
+  assert _cosine(got, fp32) > 0.97  # and stays close to the float model
+
+
+def test_int4_params_run_in_nnx_model():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 128)), jnp.float32)
+  model = _NnxMLP(nnx.Rngs(0))
+  graphdef, state = nnx.split(model, nnx.Param)
+  q = jaxmem.transform(jaxmem.quantize_int4(group_size=64), state)
+  report = jaxmem.memory_report(q).as_dict()
+  assert report["l1/kernel"] == 128 * 64 // 2 + 4 * 2 * 64
+  got = jax.jit(lambda s: jaxmem.apply(graphdef, s, x))(q)
+  want = nnx.merge(graphdef, jaxmem.transform(jaxmem.dequantize_params(), q))(x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  fp32 = model(x)
+  assert _cosine(got, fp32) > 0.97  # and stays close to the float model
