@@ -1,0 +1,376 @@
+"""Data parallelism for pmap-style per-replica steps, with the memory knobs of a train step.
+
+Two pieces that compose:
+
+* :func:`train_step` builds a per-replica step ``(state, batch) -> (state, metrics)``
+  from a loss and an optax optimizer: gradients only for trainable float leaves
+  (quantized ``QArray`` leaves and int/bool leaves stay frozen), gradient accumulation
+  over microbatches, an optional low-precision compute dtype with float32 master params,
+  and ``lax.pmean`` of gradients and metrics over ``axis_name``.
+* :func:`data_parallel` runs any per-replica step written in pmap style (an axis name,
+  ``lax.pmean`` where replicas must agree) on several devices, with ``jax.shard_map`` over
+  a ``Mesh`` (default) or ``jax.pmap``, donating the state buffers.
+
+Under ``shard_map`` the step runs with ``check_vma=False``: each replica then sees its
+own (unsummed) gradients exactly as under ``pmap``, so ``lax.pmean(grads, axis)`` is the
+full-batch gradient. (With ``check_vma=True``, the gradient w.r.t. a replicated input is
+already summed over the axis and a ``pmean`` of it is ``N`` times too large.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxmem._src import base
+
+PyTree = Any
+BACKENDS = ("shard_map", "pmap")
+
+
+class TrainState(NamedTuple):
+  """State of :func:`train_step`.
+
+  Attributes:
+    params: all params: trainable float leaves and frozen ones (QArray, int, ...).
+    opt_state: the optimizer state of the trainable leaves (frozen leaves are ``None`` holes).
+    step: int32 scalar, number of updates applied.
+  """
+
+  params: PyTree
+  opt_state: PyTree
+  step: jax.Array
+
+
+def _trainable_mask(params: PyTree, trainable: base.Where) -> PyTree:
+  return base.select(params, trainable, name="train_step(trainable=...)")
+
+
+def init_train_state(
+    params: PyTree, optimizer: optax.GradientTransformation, *, trainable: base.Where = None
+) -> TrainState:
+  """A :class:`TrainState` whose optimizer state covers the ``trainable`` leaves only.
+
+  Args:
+    params: the params pytree (may hold ``jaxmem.QArray`` leaves).
+    optimizer: an optax transformation.
+    trainable: which leaves get gradients: None (every float leaf; compressed and
+      integer leaves are frozen), regex(es) on ``a/b/kernel`` paths, or a predicate.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, jaxmem
+    >>> state = jaxmem.init_train_state({'w': jnp.ones(3)}, optax.sgd(0.1))
+    >>> int(state.step)
+    0
+  """
+  mask = _trainable_mask(params, trainable)
+  opt_state = optimizer.init(base._hole(params, mask))
+  return TrainState(params=params, opt_state=opt_state, step=jnp.zeros([], jnp.int32))
+
+
+def _split_microbatches(batch: PyTree, k: int) -> PyTree:
+  def split(path, x):
+    if x.ndim == 0 or x.shape[0] % k:
+      n = x.shape[0] if x.ndim else "a scalar"
+      raise ValueError(
+          f"train_step: batch leaf '{path}' has leading size {n}, not divisible by "
+          f"microbatches={k}; use a per-replica batch size that is a multiple of {k}."
+      )
+    return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
+  return base.map_with_path(split, batch)
+
+
+def _cast_floats(tree: PyTree, dtype: Any) -> PyTree:
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if base.is_float_leaf(x) else x, tree, is_leaf=base.is_compressed
+  )
+
+
+def train_step(
+    loss_fn: Callable[..., Any],
+    optimizer: optax.GradientTransformation,
+    *,
+    axis_name: str | None = None,
+    microbatches: int = 1,
+    compute_dtype: Any = None,
+    trainable: base.Where = None,
+    has_aux: bool = False,
+) -> Callable[[TrainState, PyTree], tuple[TrainState, dict[str, jax.Array]]]:
+  """Builds a per-replica train step ``(state, batch) -> (state, metrics)``.
+
+  ``loss_fn(params, batch)`` returns the mean loss over the batch (or ``(loss, aux)``
+  with ``has_aux``, ``aux`` a dict of scalar metrics). The step computes gradients of the
+  trainable leaves, averages them over ``microbatches`` equal slices of the batch (a
+  ``lax.scan``, so only one microbatch's activations are live at a time), averages them
+  over replicas with ``lax.pmean(..., axis_name)`` when ``axis_name`` is set, and applies
+  ``optimizer``. Run it as is on one device, or under :func:`data_parallel`.
+
+  Args:
+    loss_fn: ``(params, batch) -> loss`` (mean over examples).
+    optimizer: optax transformation; its state lives in :class:`TrainState`.
+    axis_name: the data-parallel axis to ``pmean`` over (None: single replica).
+    microbatches: gradient accumulation steps; every batch leaf's leading size must divide.
+    compute_dtype: e.g. ``jnp.bfloat16``: float params and float batch leaves are cast to
+      it for the forward/backward pass; master params, gradients and optimizer state stay
+      float32. None computes in the params' dtype.
+    trainable: which leaves train (see :func:`init_train_state`); must match the state's.
+    has_aux: ``loss_fn`` returns ``(loss, aux_metrics)``.
+
+  Returns:
+    The step function; ``metrics`` holds ``"loss"`` (float32) and any aux metrics.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, jaxmem
+    >>> loss = lambda p, b: jnp.mean((b['x'] @ p['w'] - b['y']) ** 2)
+    >>> step = jaxmem.train_step(loss, optax.sgd(0.1), microbatches=2)
+    >>> state = jaxmem.init_train_state({'w': jnp.zeros((3, 1))}, optax.sgd(0.1))
+    >>> batch = {'x': jnp.ones((4, 3)), 'y': jnp.ones((4, 1))}
+    >>> state, metrics = step(state, batch)
+    >>> float(metrics['loss'])
+    1.0
+  """
+  if not isinstance(microbatches, int) or microbatches < 1:
+    raise ValueError(f"train_step: microbatches={microbatches!r}; use an int >= 1.")
+
+  def loss_of_trainable(tparams, params, mask, batch):
+    if compute_dtype is not None:
+      tparams = _cast_floats(tparams, compute_dtype)
+      batch = _cast_floats(batch, compute_dtype)
+    full = base._fill(tparams, params, mask)
+    out = loss_fn(full, batch)
+    loss, aux = out if has_aux else (out, {})
+    return loss.astype(jnp.float32), jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), aux)
+
+  grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
+
+  def step(state: TrainState, batch: PyTree):
+    params = state.params
+    mask = _trainable_mask(params, trainable)
+    tparams = base._hole(params, mask)
+    if microbatches == 1:
+      (loss, aux), grads = grad_fn(tparams, params, mask, batch)
+    else:
+      micro = _split_microbatches(batch, microbatches)
+
+      def accumulate(carry, mb):
+        (loss_mb, a), g = grad_fn(tparams, params, mask, mb)
+        return jax.tree.map(jnp.add, carry, (loss_mb, a, g)), None
+
+      (l0, a0), g0 = jax.eval_shape(
+          grad_fn, tparams, params, mask, jax.tree.map(lambda x: x[0], micro)
+      )
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
+      (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+      loss, aux, grads = jax.tree.map(lambda x: x / microbatches, (loss, aux, grads))
+    if axis_name is not None:
+      loss, aux, grads = jax.lax.pmean((loss, aux, grads), axis_name)
+    updates, opt_state = optimizer.update(grads, state.opt_state, tparams)
+    new_tparams = optax.apply_updates(tparams, updates)
+    new_params = base._fill(new_tparams, params, mask)
+    metrics = {"loss": loss, **aux}
+    return TrainState(new_params, opt_state, state.step + 1), metrics
+
+  return step
+
+
+def _as_tuple(x: int | Sequence[int]) -> tuple[int, ...]:
+  return (x,) if isinstance(x, int) else tuple(x)
+
+
+class DataParallel:
+  """A per-replica step run data-parallel; build it with :func:`data_parallel`.
+
+  Calling it takes the state in *replicated form* (from :meth:`replicate`, or a previous
+  call's output) and global batches (the per-process batch with several processes), and
+  returns outputs in replicated form; :meth:`unreplicate` gives plain values.
+
+  Attributes:
+    backend: ``"shard_map"`` or ``"pmap"``.
+    axis_name: the axis the step's collectives use.
+    mesh: the 1-d device mesh (also used by the pmap backend to place replicas).
+    num_devices: replicas in total (over all processes).
+  """
+
+  def __init__(self, step, *, axis_name, backend, mesh, batch_argnums, donate_argnums):
+    self.step = step
+    self.axis_name = axis_name
+    self.backend = backend
+    self.mesh = mesh
+    self.batch_argnums = batch_argnums
+    self.donate_argnums = donate_argnums
+    self.num_devices = mesh.devices.size
+    self._local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    self._fns: dict[int, Callable[..., Any]] = {}
+
+  # ------------------------------------------------------------------ placement
+  def _multi(self) -> bool:
+    return jax.process_count() > 1
+
+  def replicate(self, tree: PyTree) -> PyTree:
+    """Places a copy of ``tree`` on every device (every process passes the same values)."""
+    if self.backend == "shard_map":
+      sharding = NamedSharding(self.mesh, PartitionSpec())
+      if self._multi():
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree
+        )
+      # A copy: the step donates the state, which must not delete the caller's arrays.
+      # (jax.device_put may reuse the caller's buffer on the first device.)
+      return jax.jit(lambda t: t, out_shardings=sharding)(tree)
+    n = len(self._local_devices)
+
+    def stack(x):
+      if self._multi():
+        return np.stack([np.asarray(x)] * n)
+      x = jnp.asarray(x)
+      shards = [jax.device_put(x[None], d) for d in self._local_devices]
+      return jax.make_array_from_single_device_arrays(
+          (n,) + x.shape, NamedSharding(self.mesh, PartitionSpec(self.axis_name)), shards
+      )
+
+    return jax.tree.map(stack, tree)
+
+  def unreplicate(self, tree: PyTree) -> PyTree:
+    """The value held by this process's first replica, as a plain (single-device) array."""
+    if self.backend == "pmap":
+      return jax.tree.map(lambda x: x.addressable_data(0)[0] if hasattr(x, "addressable_data")
+                          else x[0], tree)
+    return jax.tree.map(
+        lambda x: x.addressable_data(0) if hasattr(x, "addressable_data") else x, tree
+    )
+
+  def _check_batch(self, i: int, batch: PyTree) -> None:
+    n = len(self._local_devices)
+    for path, x in base.leaves_with_paths(batch):
+      size = x.shape[0] if getattr(x, "ndim", 0) else None
+      if size is None or size % n:
+        raise ValueError(
+            f"data_parallel: argument {i} leaf '{path or 'batch'}' has leading size "
+            f"{size if size is not None else 'none (a scalar)'}, not divisible by the "
+            f"{n} local devices; use a batch size that is a multiple of {n} (per process), "
+            "or drop the last partial batch."
+        )
+
+  def shard_batch(self, batch: PyTree, argnum: int = 1) -> PyTree:
+    """Splits a (per-process) batch over the devices on its leading axis."""
+    self._check_batch(argnum, batch)
+    if self.backend == "pmap":
+      n = len(self._local_devices)
+      return jax.tree.map(lambda x: jnp.reshape(x, (n, x.shape[0] // n) + x.shape[1:]), batch)
+    sharding = NamedSharding(self.mesh, PartitionSpec(self.axis_name))
+    if self._multi():
+      return jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+      )
+    return jax.device_put(batch, sharding)
+
+  # ------------------------------------------------------------------ running
+  def _build(self, nargs: int) -> Callable[..., Any]:
+    if self.backend == "pmap":
+      return jax.pmap(
+          self.step,
+          axis_name=self.axis_name,
+          devices=self._local_devices if not self._multi() else None,
+          donate_argnums=self.donate_argnums,
+      )
+    rep, shard = PartitionSpec(), PartitionSpec(self.axis_name)
+    in_specs = tuple(shard if i in self.batch_argnums else rep for i in range(nargs))
+    fn = jax.shard_map(
+        self.step, mesh=self.mesh, in_specs=in_specs, out_specs=rep, check_vma=False
+    )
+    return jax.jit(fn, donate_argnums=self.donate_argnums)
+
+  def _prepare(self, args: tuple) -> tuple:
+    out = []
+    for i, a in enumerate(args):
+      if i in self.batch_argnums:
+        out.append(self.shard_batch(a, i))
+      else:
+        out.append(a)
+    return tuple(out)
+
+  def __call__(self, *args):
+    fn = self._fns.get(len(args))
+    if fn is None:
+      fn = self._fns[len(args)] = self._build(len(args))
+    return fn(*self._prepare(args))
+
+  def lower(self, *args):
+    """``jit``-lowers the data-parallel step (for ``compile().memory_analysis()``)."""
+    fn = self._fns.get(len(args)) or self._build(len(args))
+    self._fns[len(args)] = fn
+    return fn.lower(*self._prepare(args))
+
+
+def data_parallel(
+    step: Callable[..., Any],
+    *,
+    axis_name: str = "batch",
+    backend: str = "shard_map",
+    devices: Sequence[jax.Device] | None = None,
+    mesh: Mesh | None = None,
+    batch_argnums: int | Sequence[int] = (1,),
+    donate_argnums: int | Sequence[int] = (0,),
+) -> DataParallel:
+  """Runs a pmap-style per-replica ``step`` data-parallel over devices.
+
+  The step is written for one replica: it sees its slice of each batch argument and a
+  full copy of every other argument, and uses ``lax.pmean(x, axis_name)`` wherever the
+  replicas must agree (gradients, metrics). Every output must be replicated (the same on
+  all replicas). Use :func:`train_step` to build such a step from a loss.
+
+  Args:
+    step: per-replica function.
+    axis_name: the name the step's collectives use.
+    backend: ``"shard_map"`` (default; ``jax.shard_map`` over a 1-d ``Mesh`` under
+      ``jit``) or ``"pmap"`` (``jax.pmap``, in maintenance mode in JAX).
+    devices: devices to use (default: all, over all processes).
+    mesh: a 1-d ``Mesh`` whose single axis is ``axis_name`` (instead of ``devices``).
+    batch_argnums: arguments split over devices on their leading axis.
+    donate_argnums: arguments whose buffers the outputs may reuse (the state).
+
+  Raises:
+    ValueError: unknown backend, a mesh with another axis, or (when called) a batch leaf
+      whose leading size does not divide by the device count.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxmem
+    >>> def step(w, x):
+    ...   g = jax.grad(lambda w: jnp.mean((x @ w) ** 2))(w)
+    ...   g = jax.lax.pmean(g, 'batch')
+    ...   return w - 0.1 * g, g
+    >>> dp = jaxmem.data_parallel(step, devices=jax.devices()[:1])
+    >>> w, g = dp(dp.replicate(jnp.ones((3, 1))), jnp.ones((4, 3)))
+    >>> dp.unreplicate(g).shape
+    (3, 1)
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"data_parallel: backend={backend!r}; use one of {BACKENDS}.")
+  if mesh is not None:
+    if devices is not None:
+      raise ValueError("data_parallel: pass `mesh` or `devices`, not both.")
+    if mesh.axis_names != (axis_name,):
+      raise ValueError(
+          f"data_parallel: mesh axes {mesh.axis_names} must be exactly ({axis_name!r},); "
+          f"build it as Mesh(np.array(devices), ({axis_name!r},))."
+      )
+  else:
+    devs = list(devices) if devices is not None else jax.devices()
+    if not devs:
+      raise ValueError("data_parallel: `devices` is empty.")
+    mesh = Mesh(np.array(devs), (axis_name,))
+  return DataParallel(
+      step,
+      axis_name=axis_name,
+      backend=backend,
+      mesh=mesh,
+      batch_argnums=_as_tuple(batch_argnums),
+      donate_argnums=_as_tuple(donate_argnums),
+  )
