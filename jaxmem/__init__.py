@@ -40,13 +40,29 @@ from jaxmem._src.qdot import quantized_einsum as quantized_einsum
 from jaxmem._src.qdot import quantized_take as quantized_take
 # --- pruning and sparse storage (issue 4)
 # --- function transforms: remat, data parallel, memory profile, planner (issue 5)
-from jaxmem._src.remat import OFFLOAD_POLICIES as REMAT_OFFLOAD_POLICIES
-from jaxmem._src.remat import POLICIES as REMAT_POLICIES
+from jaxmem._src.remat import REMAT_OFFLOAD_POLICIES as REMAT_OFFLOAD_POLICIES
+from jaxmem._src.remat import REMAT_POLICIES as REMAT_POLICIES
 from jaxmem._src.remat import checkpoint_name as checkpoint_name
 from jaxmem._src.remat import offload_supported as offload_supported
 from jaxmem._src.remat import remat as remat
 from jaxmem._src.remat import remat_policy as remat_policy
 from jaxmem._src.remat import scan_layers as scan_layers
+from jaxmem._src.profile import MemoryProfile as MemoryProfile
+from jaxmem._src.profile import compiled_profile as compiled_profile
+from jaxmem._src.profile import memory_profile as memory_profile
+from jaxmem._src.parallel import DataParallel as DataParallel
+from jaxmem._src.parallel import TrainState as TrainState
+from jaxmem._src.parallel import data_parallel as data_parallel
+from jaxmem._src.parallel import init_train_state as init_train_state
+from jaxmem._src.parallel import train_step as train_step
+from jaxmem._src.distributed import ProcessInfo as ProcessInfo
+from jaxmem._src.distributed import initialize as initialize
+from jaxmem._src.distributed import shutdown as shutdown
+from jaxmem._src.planner import Candidate as Candidate
+from jaxmem._src.planner import MemoryPlan as MemoryPlan
+from jaxmem._src.planner import jaxpr_flops as jaxpr_flops
+from jaxmem._src.planner import memory_candidates as memory_candidates
+from jaxmem._src.planner import plan_memory as plan_memory
 # --- real model: smoothing / calibration (issue 3)
 # --- low-bit, QAT, distillation (issue 7)
 from jaxmem._src.distill import DistillState as DistillState
