@@ -301,21 +301,27 @@ def _replace_compressed(tree, fn):
 
 def _find_handled_linen(model, variables, compressed, args, kwargs, apply_kwargs):
   """Abstract trace: the compressed 'params' paths used only by supported layer methods."""
-  used, bad = set(), set()
+  used, bad, active = set(), set(), []
 
   def spy(next_fun, a, kw, context):
     scope = getattr(context.module, "scope", None)
-    if scope is not None and context.method_name != "setup":
-      base = ("params",) + tuple(scope.path)
-      own = {p for p in compressed if p[:-1] == base}
-      if own:
-        layer = _linen_layer(context)
-        if layer is not None and base + (layer[0],) in own:
-          used.add(base + (layer[0],))
-          bad.update(own - {base + (layer[0],)})
-        else:
-          bad.update(own)
-    return next_fun(*a, **kw)
+    if scope is None or context.method_name == "setup":
+      return next_fun(*a, **kw)
+    base = ("params",) + tuple(scope.path)
+    if base in active:  # a helper method called by the layer method we replace
+      return next_fun(*a, **kw)
+    own = {p for p in compressed if p[:-1] == base}
+    layer = _linen_layer(context) if own else None
+    if layer is None or base + (layer[0],) not in own:
+      bad.update(own)
+      return next_fun(*a, **kw)
+    used.add(base + (layer[0],))
+    bad.update(own - {base + (layer[0],)})
+    active.append(base)
+    try:
+      return next_fun(*a, **kw)
+    finally:
+      active.pop()
 
   def run():
     dense = _replace_compressed(variables, lambda p, x: jnp.zeros(x.shape, x.dtype))

@@ -1,0 +1,341 @@
+"""Quantized execution: jaxmem.apply on Linen and NNX layers, and the integer kernels.
+
+References are hand-written: weight-only layers must equal the float layer run on the
+dequantized weights; W8A8 layers must equal the float layer run on dequantized weights
+and on activations fake-quantized per row in numpy (per example for convolutions).
+"""
+
+import dataclasses
+import functools
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxmem
+
+
+def fake_quant_rows(x, axes):
+  """Numpy reference of dynamic int8: one symmetric scale per position outside ``axes``."""
+  x = np.asarray(x, np.float32)
+  amax = np.max(np.abs(x), axis=axes, keepdims=True)
+  s = (amax / np.float32(127)).astype(np.float32)
+  q = np.clip(np.round(x / np.where(s > 0, s, np.float32(1))), -127, 127)
+  return (q * s).astype(np.float32)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def assert_close(out, ref, tol=2e-5):
+  ref = np.asarray(ref)
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+def _key(i):
+  return jax.random.key(i)
+
+
+# (name, linen module, nnx factory, input maker, method, activation-quantization axes)
+LAYERS = {
+    "dense": (
+        lambda: nn.Dense(48),
+        lambda r: nnx.Linear(64, 48, rngs=r),
+        lambda: jax.random.normal(_key(1), (4, 10, 64)),
+        None,
+        (-1,),
+    ),
+    "dense_general": (
+        lambda: nn.DenseGeneral((4, 8), axis=(-2, -1)),
+        lambda r: nnx.LinearGeneral((6, 16), (4, 8), axis=(-2, -1), rngs=r),
+        lambda: jax.random.normal(_key(2), (3, 6, 16)),
+        None,
+        (1, 2),
+    ),
+    "einsum": (
+        lambda: nn.Einsum((32, 6, 8), "abc,cde->abde"),
+        lambda r: nnx.Einsum("abc,cde->abde", (32, 6, 8), (6, 8), rngs=r),
+        lambda: jax.random.normal(_key(3), (2, 5, 32)),
+        None,
+        (2,),
+    ),
+    "conv": (
+        lambda: nn.Conv(16, (3, 3), strides=2, feature_group_count=2),
+        lambda r: nnx.Conv(8, 16, (3, 3), strides=2, feature_group_count=2, rngs=r),
+        lambda: jax.random.normal(_key(4), (2, 12, 12, 8)),
+        None,
+        (1, 2, 3),
+    ),
+    "embed": (
+        lambda: nn.Embed(100, 32),
+        lambda r: nnx.Embed(100, 32, rngs=r),
+        lambda: jax.random.randint(_key(5), (4, 7), 0, 100),
+        None,
+        None,  # a gather: weight-only even for W8A8 tables
+    ),
+    "embed_attend": (
+        lambda: nn.Embed(100, 32),
+        lambda r: nnx.Embed(100, 32, rngs=r),
+        lambda: jax.random.normal(_key(6), (4, 7, 32)),
+        "attend",
+        (-1,),
+    ),
+}
+
+
+def _nnx_copy(model, state):
+  graphdef, full = nnx.split(model)
+  out = nnx.merge(graphdef, full, copy=True)
+  nnx.update(out, state)
+  return out
+
+
+def _run_case(api, layer, w8a8):
+  linen_fn, nnx_fn, make_x, method, act_axes = LAYERS[layer]
+  x = make_x()
+  tx = jaxmem.quantize_dynamic_int8() if w8a8 else jaxmem.quantize_int8()
+  if api == "linen":
+    model = linen_fn()
+    init_x = jnp.zeros((1, 3), jnp.int32) if layer == "embed_attend" else x
+    params = model.init(_key(0), init_x)["params"]
+    qparams = jaxmem.transform(tx, params)
+    deq = jaxmem.transform(jaxmem.dequantize_params(), qparams)
+    call = functools.partial(jaxmem.apply, model, method=method)
+    out = jax.jit(call)({"params": qparams}, x)
+    abstract = jax.eval_shape(call, {"params": qparams}, x)
+
+    def float_run(p, inp):
+      return model.apply({"params": p}, inp, method=method)
+
+    fp32, deq_run = float_run(params, x), functools.partial(float_run, deq)
+  else:
+    model = nnx_fn(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    qparams = jaxmem.transform(tx, params)
+    deq_model = _nnx_copy(model, jaxmem.transform(jaxmem.dequantize_params(), qparams))
+    call = functools.partial(jaxmem.apply, model, method=method)
+    out = jax.jit(call)(qparams, x)
+    abstract = jax.eval_shape(call, qparams, x)
+    method_of = lambda m: getattr(m, method or "__call__")
+    fp32, deq_run = method_of(model)(x), method_of(deq_model)
+  assert abstract.shape == out.shape and abstract.dtype == out.dtype == jnp.float32
+  if w8a8 and act_axes is not None:
+    ref = deq_run(jnp.asarray(fake_quant_rows(x, act_axes)))
+    assert_close(out, ref, tol=1e-4)
+    assert rel_err(out, fp32) < 0.03
+  else:
+    assert_close(out, deq_run(x))
+    assert rel_err(out, fp32) < 0.02
+  return qparams
+
+
+@pytest.mark.parametrize("w8a8", [False, True], ids=["weight_only", "w8a8"])
+@pytest.mark.parametrize("layer", list(LAYERS))
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_layer_matches_reference(api, layer, w8a8):
+  qparams = _run_case(api, layer, w8a8)
+  # No float copy of a quantized weight stays in the params.
+  for path, leaf in jaxmem.leaves_with_paths(qparams):
+    if path.endswith(("kernel", "embedding")):
+      assert isinstance(leaf, jaxmem.QArray), path
+      assert leaf.qvalue.dtype == jnp.int8, path
+      assert leaf.scale.size * 4 <= leaf.size, path  # scales are per channel, not per element
+    else:
+      assert leaf.ndim <= 2 and leaf.size < 200, path  # biases only
+
+
+def _lowered(model, variables, x):
+  return jax.jit(functools.partial(jaxmem.apply, model)).lower(variables, x).as_text()
+
+
+S8_DOT = re.compile(r"dot_general.*tensor<[0-9x]+xi8>, tensor<[0-9x]+xi8>\) -> tensor<[0-9x]+xi32>")
+
+
+def test_w8a8_lowers_to_s8_dot():
+  model = nn.Dense(32)
+  x = jnp.ones((8, 64))
+  params = model.init(_key(0), x)["params"]
+  text = _lowered(model, {"params": jaxmem.transform(jaxmem.quantize_dynamic_int8(), params)}, x)
+  assert S8_DOT.search(text), text
+  text = _lowered(model, {"params": jaxmem.transform(jaxmem.quantize_int8(), params)}, x)
+  assert not S8_DOT.search(text)  # weight-only keeps float activations
+
+
+def test_w8a8_conv_lowers_to_s8_convolution():
+  model = nn.Conv(8, (3, 3))
+  x = jnp.ones((2, 6, 6, 4))
+  params = model.init(_key(0), x)["params"]
+  text = _lowered(model, {"params": jaxmem.transform(jaxmem.quantize_dynamic_int8(), params)}, x)
+  assert re.search(r"convolution.*xi8>, tensor<[0-9x]+xi8>\) -> tensor<[0-9x]+xi32>", text)
+
+
+def test_weight_only_scale_factors_out_of_the_dot():
+  """Per-channel weight-only: no kernel-sized multiply (q * scale) is built."""
+  model = nn.Dense(32)
+  x = jnp.ones((8, 64))
+  params = model.init(_key(0), x)["params"]
+  q = jaxmem.transform(jaxmem.quantize_int8(), params)
+  jaxpr = jax.make_jaxpr(functools.partial(jaxmem.apply, model))({"params": q}, x)
+  muls = [e for e in jaxpr.eqns if e.primitive.name == "mul"]
+  assert muls and all(e.outvars[0].aval.shape != (64, 32) for e in muls)
+  # Group-wise scales vary along the contracted axis: dequantize in the traced function.
+  q4 = jaxmem.transform(jaxmem.quantize_weights(4, group_size=16), params)
+  assert q4["kernel"].packed and q4["kernel"].qvalue.size == 64 * 32 // 2
+  out = jax.jit(functools.partial(jaxmem.apply, model))({"params": q4}, x)
+  deq = jaxmem.transform(jaxmem.dequantize_params(), q4)
+  assert_close(out, model.apply({"params": deq}, x))
+
+
+def test_w8a8_rejects_scale_on_contracted_axis():
+  model = nn.Sequential([nn.Dense(16), nn.Dense(8)])
+  x = jnp.ones((2, 32))
+  params = model.init(_key(0), x)["params"]
+  bad = jaxmem.transform(jaxmem.quantize_weights(8, channel_axes=(0,), act_bits=8), params)
+  with pytest.raises(ValueError, match=r"layers_0/kernel.*channel_axes on the output axes"):
+    jaxmem.apply(model, {"params": bad}, x)
+
+
+def test_packed_int4_embedding_gathers_rows():
+  table = jax.random.normal(_key(0), (50, 16))
+  ids = jnp.array([[0, 49, 3], [7, 7, 1]])
+  for q in (
+      jaxmem.quantize(table, 4, channel_axes=(0,)),
+      jaxmem.quantize(table, 4, channel_axes=(), group_size=8, group_axis=1),
+      jaxmem.quantize(table, 3, channel_axes=(1,), group_size=5, group_axis=0),
+      jaxmem.quantize(table, 8, channel_axes=()),
+  ):
+    out = jax.jit(jaxmem.quantized_take)(q, ids)
+    np.testing.assert_allclose(out, np.asarray(q.dequantize())[np.asarray(ids)], rtol=1e-6)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LowRank(jaxmem.Compressed):
+  """A stand-in for any other compressed leaf: ``a @ b``."""
+
+  a: jax.Array
+  b: jax.Array
+
+  @property
+  def shape(self):
+    return (self.a.shape[0], self.b.shape[1])
+
+  @property
+  def dtype(self):
+    return self.a.dtype
+
+  def materialize(self):
+    return self.a @ self.b
+
+
+class Custom(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("w", nn.initializers.normal(), (x.shape[-1], 8))
+    return nn.Dense(4)(x @ w)
+
+
+class Doubled(nn.Dense):
+  def __call__(self, x):
+    return super().__call__(x) * 2.0
+
+
+def test_other_compressed_leaves_and_unsupported_modules_are_materialized():
+  x = jax.random.normal(_key(1), (3, 16))
+  model = Custom()
+  params = model.init(_key(0), x)["params"]
+  a, b = jax.random.normal(_key(2), (16, 2)), jax.random.normal(_key(3), (2, 8))
+  params = dict(params, w=LowRank(a, b))
+  params = jaxmem.transform(jaxmem.quantize_int8(where=".*Dense.*kernel"), params)
+  out = jax.jit(functools.partial(jaxmem.apply, model))({"params": params}, x)
+  dense = jaxmem.transform(jaxmem.dequantize_params(), dict(params, w=a @ b))
+  assert_close(out, model.apply({"params": dense}, x))
+  # A subclass that overrides __call__ keeps its own math.
+  model = Doubled(5)
+  p = model.init(_key(0), x)["params"]
+  q = jaxmem.transform(jaxmem.quantize_int8(), p)
+  deq = jaxmem.transform(jaxmem.dequantize_params(), q)
+  assert_close(jaxmem.apply(model, {"params": q}, x), model.apply({"params": deq}, x))
+
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    x = nn.Dense(32)(x)
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    return nn.Dense(4)(x)
+
+  def features(self, x):
+    return self(x, train=False)
+
+
+def test_linen_passes_method_mutable_and_rngs():
+  x = jax.random.normal(_key(1), (8, 16))
+  model = Net()
+  variables = model.init(_key(0), x, train=False)
+  q = dict(variables, params=jaxmem.transform(jaxmem.quantize_int8(), variables["params"]))
+  out, updates = jaxmem.apply(
+      model, q, x, train=True, mutable=["batch_stats"], rngs={"dropout": _key(2)}
+  )
+  assert out.shape == (8, 4) and "batch_stats" in updates
+  deq = dict(q, params=jaxmem.transform(jaxmem.dequantize_params(), q["params"]))
+  ref, _ = model.apply(deq, x, train=True, mutable=["batch_stats"], rngs={"dropout": _key(2)})
+  assert_close(out, ref)
+  assert_close(jaxmem.apply(model, q, x, method="features"), model.apply(deq, x, train=False))
+
+
+class Tiny(nnx.Module):
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(20, 16, rngs=rngs)
+    self.blocks = nnx.List([nnx.Linear(16, 16, rngs=rngs) for _ in range(2)])
+    self.norm = nnx.BatchNorm(16, rngs=rngs)
+
+  def __call__(self, ids):
+    h = self.embed(ids)
+    for blk in self.blocks:
+      h = nnx.relu(blk(h))
+    return self.embed.attend(self.norm(h, use_running_average=True))
+
+
+def test_nnx_keeps_caller_module_and_accepts_graphdef():
+  model = Tiny(nnx.Rngs(0))
+  ids = jnp.array([[1, 2, 3, 19]])
+  q = jaxmem.transform(jaxmem.quantize_dynamic_int8(), nnx.state(model, nnx.Param))
+  out = jax.jit(jaxmem.apply)(model, q, ids)
+  # The caller's module is untouched: same classes, float weights.
+  assert type(model.blocks[0]) is nnx.Linear
+  assert model.blocks[0].kernel.get_value().dtype == jnp.float32
+  graphdef, rest = nnx.split(model, nnx.Param, ...)[0], nnx.state(model, nnx.Not(nnx.Param))
+  full = nnx.merge_state(q, rest)
+  assert_close(jaxmem.apply(graphdef, full, ids), out)
+  qmodel = jaxmem.merge_compressed(model, q)
+  assert [type(b).__name__ for b in qmodel.blocks] == ["QuantizedLinear"] * 2
+  assert rel_err(out, model(ids)) < 0.05
+
+
+def test_kernels_direct():
+  x = jax.random.normal(_key(1), (2, 3, 5, 16))
+  w = jax.random.normal(_key(2), (3, 16, 8))
+  # Batched dot_general (batch axis 1 of x with axis 0 of w), W8A8, per-(batch, out) scales.
+  q = jaxmem.quantize(w, channel_axes=(0, 2), act_bits=8)
+  dn = (((3,), (1,)), ((1,), (0,)))
+  out = jax.jit(lambda x, q: jaxmem.quantized_dot_general(x, q, dn))(x, q)
+  xf = fake_quant_rows(x, (3,))
+  ref = jax.lax.dot_general(jnp.asarray(xf), q.dequantize(), dn)
+  assert out.shape == (3, 2, 5, 8)
+  assert_close(out, ref, tol=1e-4)
+  # Einsum with an ellipsis, weight-only.
+  q = jaxmem.quantize(w, channel_axes=(0, 2))
+  xt = jnp.swapaxes(x, 1, 2)
+  out = jaxmem.quantized_einsum("...hd,hdo->...o", xt, q)
+  assert_close(out, jnp.einsum("...hd,hdo->...o", xt, q.dequantize()))
+  # Activation quantization: all-zero rows give zeros, no NaN.
+  xq, s = jaxmem.quantize_activations(jnp.zeros((2, 4)), axes=(1,))
+  assert not np.isnan(np.asarray(s)).any() and not np.asarray(xq).any()
