@@ -1,0 +1,127 @@
+"""int8 quantization of an MLP: param bytes, speed and error of fp32 / int8_weight / int8_dynamic.
+
+The model is a Flax Linen MLP of 4 ``nn.Dense(1024)`` layers (1024 -> 1024, ReLU between),
+batch 256. Methods:
+
+* ``fp32``: ``model.apply`` on the float params;
+* ``int8_weight``: weight-only int8 per output channel (:func:`jaxmem.quantize_int8`),
+  run by :func:`jaxmem.apply` (integer kernel, scale applied to the output);
+* ``int8_dynamic``: dynamic W8A8 (:func:`jaxmem.quantize_dynamic_int8`): activations
+  quantized per row at run time, ``int8 x int8 -> int32`` ``lax.dot_general``.
+
+Each method is one ``jax.jit`` function taking the params as arguments (so nothing is
+constant-folded). Methods are timed interleaved, round-robin, ``--repeats`` calls each
+with ``block_until_ready``; the median is reported. ``rel_err`` is the relative L2 error of
+the output against fp32; ``param_bytes`` is the real storage of the param tree
+(:func:`jaxmem.tree_bytes`).
+
+Usage::
+
+  python benchmarks/quantization.py            # table
+  python benchmarks/quantization.py --json     # one JSON object per line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxmem
+
+METHODS = ("fp32", "int8_weight", "int8_dynamic")
+
+
+class MLP(nn.Module):
+  """``layers`` Dense layers of width ``features`` with ReLU between them."""
+
+  features: int = 1024
+  layers: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.layers):
+      x = nn.Dense(self.features)(x)
+      if i < self.layers - 1:
+        x = nn.relu(x)
+    return x
+
+
+def build(batch: int, features: int, layers: int, seed: int = 0):
+  """Model, input, and per-method (jitted function, params)."""
+  model = MLP(features, layers)
+  kx, kp = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(kx, (batch, features), jnp.float32)
+  params = model.init(kp, x)["params"]
+  runs = {
+      "fp32": (jax.jit(lambda p, x: model.apply({"params": p}, x)), params),
+  }
+  quantized = jax.jit(lambda p, x: jaxmem.apply(model, {"params": p}, x))
+  runs["int8_weight"] = (quantized, jaxmem.transform(jaxmem.quantize_int8(), params))
+  runs["int8_dynamic"] = (quantized, jaxmem.transform(jaxmem.quantize_dynamic_int8(), params))
+  return x, runs
+
+
+def measure(batch=256, features=1024, layers=4, repeats=30, warmup=3):
+  x, runs = build(batch, features, layers)
+  outs = {}
+  for name, (fn, p) in runs.items():
+    for _ in range(warmup):
+      outs[name] = jax.block_until_ready(fn(p, x))
+  times = {name: [] for name in runs}
+  for _ in range(repeats):
+    for name, (fn, p) in runs.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(p, x))
+      times[name].append(time.perf_counter() - t0)
+  ref = np.asarray(outs["fp32"], np.float64)
+  rows = []
+  for name in METHODS:
+    out = np.asarray(outs[name], np.float64)
+    rows.append({
+        "bench": "mlp",
+        "method": name,
+        "param_bytes": int(jaxmem.tree_bytes(runs[name][1])),
+        "ms": float(np.median(times[name]) * 1e3),
+        "rel_err": float(np.linalg.norm(out - ref) / np.linalg.norm(ref)),
+    })
+  return rows
+
+
+def print_table(rows, batch, features, layers, repeats):
+  base = rows[0]
+  dev = jax.devices()[0]
+  print(f"MLP {layers} x Dense({features}), batch {batch}, median of {repeats} interleaved "
+        f"calls on {dev.platform} ({dev.device_kind}), jax {jax.__version__}")
+  header = (f"{'method':<14}{'param_bytes':>13}{'bytes/fp32':>12}{'ms':>10}"
+            f"{'speed vs fp32':>15}{'rel_err':>10}")
+  print(header)
+  print("-" * len(header))
+  for r in rows:
+    print(f"{r['method']:<14}{r['param_bytes']:>13,}{r['param_bytes'] / base['param_bytes']:>12.3f}"
+          f"{r['ms']:>10.2f}{base['ms'] / r['ms']:>14.2f}x{r['rel_err']:>10.4f}")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--json", action="store_true", help="one JSON object per line")
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--features", type=int, default=1024)
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--repeats", type=int, default=30, help="timed calls per method (>= 20)")
+  args = parser.parse_args(argv)
+  rows = measure(args.batch, args.features, args.layers, args.repeats)
+  if args.json:
+    for r in rows:
+      print(json.dumps(r))
+  else:
+    print_table(rows, args.batch, args.features, args.layers, args.repeats)
+
+
+if __name__ == "__main__":
+  main()
