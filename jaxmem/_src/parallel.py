@@ -139,33 +139,30 @@ def train_step(
   if not isinstance(microbatches, int) or microbatches < 1:
     raise ValueError(f"train_step: microbatches={microbatches!r}; use an int >= 1.")
 
-  def loss_of_trainable(tparams, params, mask, batch):
-    if compute_dtype is not None:
-      tparams = _cast_floats(tparams, compute_dtype)
-      batch = _cast_floats(batch, compute_dtype)
-    full = base._fill(tparams, params, mask)
-    out = loss_fn(full, batch)
-    loss, aux = out if has_aux else (out, {})
-    return loss.astype(jnp.float32), jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), aux)
-
-  grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
-
   def step(state: TrainState, batch: PyTree):
     params = state.params
-    mask = _trainable_mask(params, trainable)
+    mask = _trainable_mask(params, trainable)  # static: from leaf paths and dtypes
     tparams = base._hole(params, mask)
+
+    def loss_of_trainable(tp, mb):
+      if compute_dtype is not None:
+        tp = _cast_floats(tp, compute_dtype)
+        mb = _cast_floats(mb, compute_dtype)
+      out = loss_fn(base._fill(tp, params, mask), mb)
+      loss, aux = out if has_aux else (out, {})
+      return loss.astype(jnp.float32), jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), aux)
+
+    grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
     if microbatches == 1:
-      (loss, aux), grads = grad_fn(tparams, params, mask, batch)
+      (loss, aux), grads = grad_fn(tparams, batch)
     else:
       micro = _split_microbatches(batch, microbatches)
 
       def accumulate(carry, mb):
-        (loss_mb, a), g = grad_fn(tparams, params, mask, mb)
+        (loss_mb, a), g = grad_fn(tparams, mb)
         return jax.tree.map(jnp.add, carry, (loss_mb, a, g)), None
 
-      (l0, a0), g0 = jax.eval_shape(
-          grad_fn, tparams, params, mask, jax.tree.map(lambda x: x[0], micro)
-      )
+      (l0, a0), g0 = jax.eval_shape(grad_fn, tparams, jax.tree.map(lambda x: x[0], micro))
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
       (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro)
       loss, aux, grads = jax.tree.map(lambda x: x / microbatches, (loss, aux, grads))
