@@ -39,6 +39,24 @@ from jaxmem._src.qdot import quantized_dot_general as quantized_dot_general
 from jaxmem._src.qdot import quantized_einsum as quantized_einsum
 from jaxmem._src.qdot import quantized_take as quantized_take
 # --- pruning and sparse storage (issue 4)
+from jaxmem._src.gradual import GradualPruneState as GradualPruneState
+from jaxmem._src.gradual import KeepMasksState as KeepMasksState
+from jaxmem._src.gradual import gradual_prune as gradual_prune
+from jaxmem._src.gradual import keep_masks as keep_masks
+from jaxmem._src.gradual import mask_sparsity as mask_sparsity
+from jaxmem._src.gradual import sparsity_schedule as sparsity_schedule
+from jaxmem._src.pruning import apply_masks as apply_masks
+from jaxmem._src.pruning import magnitude_mask as magnitude_mask
+from jaxmem._src.pruning import magnitude_masks as magnitude_masks
+from jaxmem._src.pruning import magnitude_prune as magnitude_prune
+from jaxmem._src.pruning import nm_mask as nm_mask
+from jaxmem._src.pruning import nm_masks as nm_masks
+from jaxmem._src.pruning import nm_prune as nm_prune
+from jaxmem._src.pruning import sparsify as sparsify
+from jaxmem._src.pruning import tree_sparsity as tree_sparsity
+from jaxmem._src.sparse import SparseArray as SparseArray
+from jaxmem._src.sparse import sparse_pack as sparse_pack
+from jaxmem._src.sparse import sparse_unpack as sparse_unpack
 # --- function transforms: remat, data parallel, memory profile, planner (issue 5)
 from jaxmem._src.remat import REMAT_OFFLOAD_POLICIES as REMAT_OFFLOAD_POLICIES
 from jaxmem._src.remat import REMAT_POLICIES as REMAT_POLICIES
