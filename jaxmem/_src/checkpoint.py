@@ -482,8 +482,11 @@ class CheckpointManager:
         self._manager.delete(s)
 
   def all_steps(self) -> list[int]:
-    """Steps on disk (completed saves only), ascending."""
-    self._manager.reload()
+    """Completed steps, ascending (read from disk when the manager was created, then tracked).
+
+    Steps written by another process after this manager was created are not listed;
+    create a new manager to see them.
+    """
     return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
