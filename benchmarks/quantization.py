@@ -12,8 +12,11 @@ batch 256. Methods:
 Each method is one ``jax.jit`` function taking the params as arguments (so nothing is
 constant-folded). Methods are timed interleaved, round-robin, ``--repeats`` calls each
 with ``block_until_ready``; the median is reported. ``rel_err`` is the relative L2 error of
-the output against fp32; ``param_bytes`` is the real storage of the param tree
-(:func:`jaxmem.tree_bytes`).
+the output against fp32; ``param_bytes`` is the real storage of the param tree (bytes of
+every array leaf: int8 values, float scales and biases).
+
+If qwix is installed (``pip install qwix``), the table adds its PTQ of the same model as a
+peer column (timed in the same interleaved rounds); ``--json`` prints jaxmem's rows only.
 
 Usage::
 
@@ -67,8 +70,28 @@ def build(batch: int, features: int, layers: int, seed: int = 0):
   return x, runs
 
 
-def measure(batch=256, features=1024, layers=4, repeats=30, warmup=3):
+def build_qwix(model, params, x, key):
+  """Peer column: the same methods through qwix PTQ, if qwix is installed (else {})."""
+  try:
+    import qwix
+  except ImportError:
+    return {}
+  runs = {}
+  for name, act in (("int8_weight", None), ("int8_dynamic", jnp.int8)):
+    rules = [qwix.QuantizationRule(module_path=".*", weight_qtype=jnp.int8, act_qtype=act)]
+    qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
+    abstract = jax.eval_shape(qmodel.init, key, x)["params"]
+    qparams = qwix.quantize_params(params, abstract)
+    runs["qwix_" + name] = (jax.jit(lambda p, x, m=qmodel: m.apply({"params": p}, x)), qparams)
+  return runs
+
+
+def measure(batch=256, features=1024, layers=4, repeats=30, warmup=3, peers=True):
+  """Rows for METHODS, and peer rows (``qwix_<method>``) when ``peers`` and qwix is installed."""
   x, runs = build(batch, features, layers)
+  if peers:
+    model, params = MLP(features, layers), runs["fp32"][1]
+    runs.update(build_qwix(model, params, x, jax.random.key(0)))
   outs = {}
   for name, (fn, p) in runs.items():
     for _ in range(warmup):
@@ -81,7 +104,7 @@ def measure(batch=256, features=1024, layers=4, repeats=30, warmup=3):
       times[name].append(time.perf_counter() - t0)
   ref = np.asarray(outs["fp32"], np.float64)
   rows = []
-  for name in METHODS:
+  for name in runs:
     out = np.asarray(outs[name], np.float64)
     rows.append({
         "bench": "mlp",
@@ -94,17 +117,28 @@ def measure(batch=256, features=1024, layers=4, repeats=30, warmup=3):
 
 
 def print_table(rows, batch, features, layers, repeats):
-  base = rows[0]
+  by_name = {r["method"]: r for r in rows}
+  base = by_name["fp32"]
+  peers = any(name.startswith("qwix_") for name in by_name)
   dev = jax.devices()[0]
   print(f"MLP {layers} x Dense({features}), batch {batch}, median of {repeats} interleaved "
         f"calls on {dev.platform} ({dev.device_kind}), jax {jax.__version__}")
   header = (f"{'method':<14}{'param_bytes':>13}{'bytes/fp32':>12}{'ms':>10}"
             f"{'speed vs fp32':>15}{'rel_err':>10}")
+  if peers:
+    header += f"{'qwix speed':>12}{'qwix rel_err':>14}"
   print(header)
   print("-" * len(header))
-  for r in rows:
-    print(f"{r['method']:<14}{r['param_bytes']:>13,}{r['param_bytes'] / base['param_bytes']:>12.3f}"
-          f"{r['ms']:>10.2f}{base['ms'] / r['ms']:>14.2f}x{r['rel_err']:>10.4f}")
+  for name in METHODS:
+    r = by_name[name]
+    line = (f"{name:<14}{r['param_bytes']:>13,}{r['param_bytes'] / base['param_bytes']:>12.3f}"
+            f"{r['ms']:>10.2f}{base['ms'] / r['ms']:>14.2f}x{r['rel_err']:>10.4f}")
+    peer = by_name.get("qwix_" + name)
+    if peer is not None:
+      line += f"{base['ms'] / peer['ms']:>11.2f}x{peer['rel_err']:>14.4f}"
+    elif peers:
+      line += f"{'-':>12}{'-':>14}"
+    print(line)
 
 
 def main(argv=None):
@@ -114,11 +148,13 @@ def main(argv=None):
   parser.add_argument("--features", type=int, default=1024)
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=30, help="timed calls per method (>= 20)")
+  parser.add_argument("--no-peers", action="store_true", help="skip the qwix peer column")
   args = parser.parse_args(argv)
-  rows = measure(args.batch, args.features, args.layers, args.repeats)
-  if args.json:
+  rows = measure(args.batch, args.features, args.layers, args.repeats, peers=not args.no_peers)
+  if args.json:  # the contract: jaxmem's methods only
     for r in rows:
-      print(json.dumps(r))
+      if r["method"] in METHODS:
+        print(json.dumps(r))
   else:
     print_table(rows, args.batch, args.features, args.layers, args.repeats)
 
