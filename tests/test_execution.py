@@ -339,3 +339,48 @@ def test_kernels_direct():
   # Activation quantization: all-zero rows give zeros, no NaN.
   xq, s = jaxmem.quantize_activations(jnp.zeros((2, 4)), axes=(1,))
   assert not np.isnan(np.asarray(s)).any() and not np.asarray(xq).any()
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, c, _):
+    return nn.relu(nn.Dense(16)(c)), None
+
+
+class ScanRemat(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x, _ = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()(
+        x, None
+    )
+    return nn.remat(nn.Dense)(8)(x)
+
+
+def test_lifted_transforms():
+  """nn.remat keeps the integer path; nn.scan slices params, so its kernels are materialized."""
+  x = jax.random.normal(_key(1), (2, 16))
+  model = ScanRemat()
+  params = model.init(_key(0), x)["params"]
+  q = jaxmem.transform(jaxmem.quantize_dynamic_int8(), params)
+  call = jax.jit(functools.partial(jaxmem.apply, model))
+  out = call({"params": q}, x)
+  deq = jaxmem.transform(jaxmem.dequantize_params(), q)
+  # The scanned blocks run in float on the dequantized kernels; the remat'd head is W8A8.
+  (scan_name,) = [k for k in deq if k.startswith("Scan")]
+  blocks, head = deq[scan_name]["Dense_0"], deq["CheckpointDense_0"]
+  h = np.asarray(x)
+  for i in range(3):
+    h = np.maximum(h @ np.asarray(blocks["kernel"][i]) + np.asarray(blocks["bias"][i]), 0)
+  ref = fake_quant_rows(h, (1,)) @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
+  assert_close(out, ref, tol=1e-4)
+  assert S8_DOT.search(call.lower({"params": q}, x).as_text())
+
+
+def test_docstring_examples_of_execution_modules():
+  import doctest
+
+  from jaxmem._src import execution, qdot
+
+  for module in (execution, qdot):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted and not result.failed, module.__name__

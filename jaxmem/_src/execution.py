@@ -299,6 +299,11 @@ def _replace_compressed(tree, fn):
   )
 
 
+def _same_shape(module, name, weight) -> bool:
+  """False when a lifted transform (nn.scan, nn.vmap) hands the layer a slice of the param."""
+  return tuple(jnp.shape(module.scope.get_variable("params", name))) == tuple(weight.shape)
+
+
 def _find_handled_linen(model, variables, compressed, args, kwargs, apply_kwargs):
   """Abstract trace: the compressed 'params' paths used only by supported layer methods."""
   used, bad, active = set(), set(), []
@@ -312,7 +317,8 @@ def _find_handled_linen(model, variables, compressed, args, kwargs, apply_kwargs
       return next_fun(*a, **kw)
     own = {p for p in compressed if p[:-1] == base}
     layer = _linen_layer(context) if own else None
-    if layer is None or base + (layer[0],) not in own:
+    if layer is None or base + (layer[0],) not in own or not _same_shape(
+        context.module, layer[0], compressed[base + (layer[0],)]):
       bad.update(own)
       return next_fun(*a, **kw)
     used.add(base + (layer[0],))
