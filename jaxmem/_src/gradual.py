@@ -264,7 +264,13 @@ def keep_masks(masks: PyTree) -> optax.GradientTransformation:
 
 
 def mask_sparsity(masks: PyTree) -> float:
-  """Fraction of pruned entries over all masks (``None`` entries skipped)."""
+  """Fraction of pruned entries over all masks (``None`` entries skipped).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxmem
+    >>> jaxmem.mask_sparsity({'kernel': jnp.array([True, False, False, False]), 'bias': None})
+    0.75
+  """
   leaves = [m for m in jax.tree.leaves(masks) if m is not None]
   total = sum(math.prod(m.shape) for m in leaves)
   kept = sum(int(jnp.count_nonzero(m)) for m in leaves)
