@@ -103,9 +103,13 @@ def test_optimizer_and_transform_state_roundtrip(tmp_path):
   _, opt_state = opt.update(grads, opt_state, params)
   tx = jaxmem.chain(jaxmem.quantize_int8())
   tx_state = tx.init(params)
-  state = {"params": params, "opt_state": opt_state, "tx_state": tx_state, "step": 7, "none": None}
+  state = {
+      "params": params, "opt_state": opt_state, "tx_state": tx_state, "step": 7, "none": None,
+      "name": "run-1",
+  }
   restored = _roundtrip(tmp_path, state)
   assert restored["step"] == 7 and isinstance(restored["step"], int)
+  assert restored["name"] == "run-1"
   assert type(restored["opt_state"][1][0]) is type(opt_state[1][0])  # ScaleByAdamState
   _assert_same(restored, state)
   # The restored optimizer state keeps working.

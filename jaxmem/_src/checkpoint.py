@@ -138,6 +138,8 @@ def _encode(x: Any, path: str, arrays: list[tuple[str, Any]]) -> dict:
   """The layout node of ``x``; appends ``(path, array)`` for every array leaf, in order."""
   if x is None:
     return {"kind": "none"}
+  if isinstance(x, str):
+    return {"kind": "str", "value": x}  # kept in the layout document, not as an array
   if isinstance(x, (bool, int, float)) and not isinstance(x, np.generic):
     arrays.append((path, np.asarray(x)))
     return {"kind": "array", "python": type(x).__name__}
@@ -197,7 +199,7 @@ def _encode(x: Any, path: str, arrays: list[tuple[str, Any]]) -> dict:
     }
   raise TypeError(
       f"checkpoint: cannot save '{path}' of type {type(x).__name__}. Supported: arrays, Python "
-      "scalars, None, dict/list/tuple, NamedTuples (optax states), registered dataclasses "
+      "scalars, strings, None, dict/list/tuple, NamedTuples (optax states), registered dataclasses "
       "(jaxmem.QArray and other compressed types). For NNX, save nnx.to_pure_dict(state)."
   )
 
@@ -207,6 +209,8 @@ def _decode(node: dict, path: str, arrays: list) -> Any:
   kind = node["kind"]
   if kind == "none":
     return None
+  if kind == "str":
+    return node["value"]
   if kind == "array":
     x = next(arrays)
     py = node.get("python")
@@ -235,7 +239,7 @@ def _array_nodes(node: dict, path: str = "") -> list[tuple[str, dict]]:
   kind = node["kind"]
   if kind == "array":
     return [(path, node)]
-  if kind == "none":
+  if kind in ("none", "str"):
     return []
   out = []
   if kind in ("list", "tuple"):
@@ -384,7 +388,7 @@ def _check_compatible(saved: dict, want: dict, path: str) -> None:
         f"{want['static']} in the target (e.g. a different bit width). Restore with "
         "target=None, or build the target with the same transform as the saved params."
     )
-  if sk == "none":
+  if sk in ("none", "str"):
     return
   if sk in ("list", "tuple"):
     s_items = list(enumerate(saved["items"]))
