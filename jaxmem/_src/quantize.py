@@ -53,9 +53,10 @@ def quantize_weights(
   def fn(path, x):
     if isinstance(x, base.Compressed):
       raise ValueError(
-          f"quantize '{path}': the leaf is already a {type(x).__name__}; each leaf is quantized "
-          "once. Put quantization last in `chain` (e.g. chain(magnitude_prune(...), "
-          "quantize_int8())) or exclude the leaf with `where`."
+          f"quantize '{path}': the leaf is already a {type(x).__name__}; leaves are quantized "
+          "once, from float. The order that works is prune -> quantize -> pack, e.g. "
+          "chain(magnitude_prune(0.9), quantize_int8(), sparsify()); or exclude the leaf with "
+          "`where`."
       )
     axes = () if per_tensor else (
         tuple(channel_axes) if channel_axes is not None else default_channel_axes(path, x.ndim)
