@@ -81,18 +81,9 @@ def _normalize_axes(axes: Sequence[int], ndim: int) -> tuple[int, ...]:
   return tuple(sorted(ax if ax >= 0 else ndim + ax for ax in axes))
 
 
-def _dense(w, path, inputs, bias, dtype, precision):
-  dtype = _promote(dtype, inputs, w, bias)
-  y = quantized_dot_general(
-      inputs, w, (((inputs.ndim - 1,), (0,)), ((), ())), precision, dtype=dtype, path=path
-  )
-  if bias is not None:
-    y = y + jnp.reshape(bias.astype(dtype), (1,) * (y.ndim - 1) + (-1,))
-  return y
-
-
 def _dense_general(w, path, inputs, bias, dtype, precision, axis, batch_dims, n_features,
                    preferred_element_type=None):
+  """Flax DenseGeneral / Dense (``axis=(-1,)``) with a compressed kernel."""
   dtype = _promote(dtype, inputs, w, bias)
   ndim = inputs.ndim
   axis = _normalize_axes(axis, ndim)
@@ -204,7 +195,7 @@ def _linen_default_promote(m) -> bool:
 
 def _linen_dense(m, w, path, inputs):
   bias = _linen_param(m, "bias") if m.use_bias else None
-  return _dense(w, path, inputs, bias, m.dtype, m.precision)
+  return _dense_general(w, path, inputs, bias, m.dtype, m.precision, (-1,), (), 1)
 
 
 def _linen_dense_general(m, w, path, inputs):
@@ -449,7 +440,7 @@ def _nnx_path(module, name) -> str:
 
 
 def _nnx_supported(m) -> bool:
-  if m.__dict__.get("promote_dtype", nnx_dtypes.promote_dtype) is not nnx_dtypes.promote_dtype:
+  if getattr(m, "promote_dtype", nnx_dtypes.promote_dtype) is not nnx_dtypes.promote_dtype:
     return False
   if isinstance(m, nnx.Linear):
     return m.dot_general is jax.lax.dot_general
