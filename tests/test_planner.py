@@ -97,7 +97,10 @@ def test_total_bound_and_measured_ranking(setup):
   args, _ = setup
   plan = jaxmem.plan_memory(
       _make_step, args, 10**9, policies=("none", "full"), microbatches=(1,), measure=True,
-      repeats=1, bound="total",
+      repeats=1, bound="total", donate_argnums=0,
   )
   assert plan.chosen.ms is not None and plan.chosen_bytes == plan.chosen.profile.total_bytes
+  # The donated train state is aliased by the new state; the caller's state survives timing.
+  assert plan.chosen.profile.alias_bytes >= jaxmem.tree_bytes(args[0].params)
+  assert not args[0].params["w1"].is_deleted()
   assert all(c.ms is not None for c in plan.candidates)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxmem._src import profile as profile_lib
 from jaxmem._src import remat as remat_lib
@@ -77,6 +78,10 @@ def jaxpr_flops(jaxpr: Any) -> float:
 # ------------------------------------------------------------------------- candidates
 
 
+def _as_tuple(x: int | Sequence[int]) -> tuple[int, ...]:
+  return (x,) if isinstance(x, int) else tuple(x)
+
+
 @dataclasses.dataclass(frozen=True)
 class Candidate:
   """One configuration the planner compiled.
@@ -90,6 +95,7 @@ class Candidate:
     ms: measured step time when the planner timed it, else None.
     error: why the configuration could not be built (e.g. batch not divisible), else None.
     compiled: the compiled step (for timing); not part of equality.
+    donate_argnums: the arguments the compiled step donates.
   """
 
   policy: str
@@ -100,6 +106,7 @@ class Candidate:
   ms: float | None = None
   error: str | None = None
   compiled: Any = dataclasses.field(default=None, repr=False, compare=False)
+  donate_argnums: tuple[int, ...] = ()
 
   @property
   def name(self) -> str:
@@ -153,12 +160,18 @@ class MemoryPlan:
     return self.table()
 
 
-def _time_ms(compiled: Any, args: tuple, repeats: int) -> float:
-  jax.block_until_ready(compiled(*args))
+def _time_ms(compiled: Any, args: tuple, repeats: int, donate_argnums: tuple[int, ...]) -> float:
+  def fresh():  # donated arguments are consumed by each call: pass copies
+    return tuple(
+        jax.tree.map(jnp.copy, a) if i in donate_argnums else a for i, a in enumerate(args)
+    )
+
+  jax.block_until_ready(compiled(*fresh()))
   best = float("inf")
   for _ in range(repeats):
+    call_args = jax.block_until_ready(fresh())
     t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
+    jax.block_until_ready(compiled(*call_args))
     best = min(best, (time.perf_counter() - t0) * 1e3)
   return best
 
@@ -170,20 +183,23 @@ def memory_candidates(
     policies: Sequence[str] = remat_lib.REMAT_POLICIES,
     microbatches: Sequence[int] = (1, 2, 4),
     microbatch_cost: float = 0.05,
+    donate_argnums: int | Sequence[int] = (),
 ) -> tuple[Candidate, ...]:
   """Compiles ``make_step(policy, k)(*args)`` for every policy x microbatch count.
 
   A configuration whose ``make_step`` (or tracing) raises ``ValueError`` (e.g. a batch
   that does not split into ``k`` microbatches) is kept as a candidate with ``error`` set.
-  The arguments are not donated, so the same ``args`` serve every candidate.
+  ``donate_argnums`` compiles the steps with those arguments donated (as a training loop
+  would run them; donation changes the compiled temp bytes); nothing is run here.
   """
+  donate_argnums = _as_tuple(donate_argnums)
   built = []
   for policy in policies:
     for k in microbatches:
       try:
         fn = make_step(policy, k)
         jaxpr = jax.make_jaxpr(fn)(*args)
-        compiled = jax.jit(fn).lower(*args).compile()
+        compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
       except ValueError as e:
         built.append((policy, k, None, 0.0, None, str(e).split("\n")[0]))
         continue
@@ -201,7 +217,7 @@ def memory_candidates(
     overhead = 0.0
     if prof is not None:
       overhead = flops / base_flops - 1.0 + microbatch_cost * math.log2(k)
-    out.append(Candidate(policy, k, prof, flops, overhead, None, err, compiled))
+    out.append(Candidate(policy, k, prof, flops, overhead, None, err, compiled, donate_argnums))
   return tuple(out)
 
 
@@ -214,6 +230,7 @@ def plan_memory(
     microbatches: Sequence[int] = (1, 2, 4),
     bound: str = "temp",
     microbatch_cost: float = 0.05,
+    donate_argnums: int | Sequence[int] = (),
     measure: bool = False,
     repeats: int = 3,
     candidates: Sequence[Candidate] | None = None,
@@ -231,6 +248,8 @@ def plan_memory(
     bound: ``"temp"`` bounds the compiled temp bytes (activations and residuals, what remat
       and microbatching change); ``"total"`` bounds arguments + outputs - aliases + temps.
     microbatch_cost: estimated overhead per doubling of the microbatch count.
+    donate_argnums: compile the steps with these arguments donated (e.g. ``(0,)`` for the
+      train state), as the training loop will run them.
     measure: time each fitting candidate and rank by measured time.
     repeats: timing repeats (best of) with ``measure``.
     candidates: reuse candidates from an earlier :func:`memory_candidates` call (several
@@ -264,6 +283,7 @@ def plan_memory(
         policies=policies,
         microbatches=microbatches,
         microbatch_cost=microbatch_cost,
+        donate_argnums=donate_argnums,
     )
   candidates = tuple(candidates)
   built = [c for c in candidates if c.profile is not None]
@@ -279,8 +299,11 @@ def plan_memory(
     timed = []
     for c in candidates:
       if any(c is f for f in fitting):
-        compiled = c.compiled or jax.jit(make_step(c.policy, c.microbatches))
-        c = dataclasses.replace(c, ms=_time_ms(compiled, tuple(args), repeats))
+        compiled = c.compiled or jax.jit(
+            make_step(c.policy, c.microbatches), donate_argnums=c.donate_argnums
+        )
+        ms = _time_ms(compiled, tuple(args), repeats, c.donate_argnums)
+        c = dataclasses.replace(c, ms=ms)
       timed.append(c)
     candidates = tuple(timed)
     fitting = [c for c in candidates if c.ms is not None and c.bytes(bound) <= budget_bytes]
