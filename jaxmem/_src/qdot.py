@@ -99,10 +99,38 @@ def _to_layout(s: jax.Array, src: Sequence[str], dst: Sequence[str]) -> jax.Arra
   return s.reshape(shape)
 
 
-def _result_dtype(x, w, dtype):
-  if dtype is not None:
-    return jnp.dtype(dtype)
-  return jnp.result_type(x.dtype, w.dtype)
+def _quantized_op(op, lhs, rhs, labels, act_axes, *, dtype, out_dtype, kind, path):
+  """Runs a bilinear ``op(a, b, integer)`` with a float ``lhs`` and a (compressed) ``rhs``.
+
+  ``labels`` = (lhs, rhs, output) axis labels: an rhs label absent from the output is a
+  contracted axis, and the scales travel to the output layout by label. ``act_axes`` are
+  the lhs axes sharing one activation scale under W8A8. ``op(a, b, True)`` must
+  accumulate int8 operands in int32.
+  """
+  if not isinstance(rhs, QArray):
+    if isinstance(rhs, Compressed):
+      rhs = rhs.materialize()
+    cdt = dtype or jnp.result_type(lhs.dtype, rhs.dtype)
+    return op(lhs.astype(cdt), rhs.astype(cdt), False).astype(out_dtype or cdt)
+  if rhs.act_bits is not None and rhs.act_bits != 8:
+    raise ValueError(f"{kind} '{path}': act_bits={rhs.act_bits} is not supported; use 8 or None.")
+  lhs_labels, rhs_labels, out_labels = labels
+  contracted = tuple(i for i, lab in enumerate(rhs_labels) if lab not in out_labels)
+  cdt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(lhs.dtype, rhs.dtype)
+  out_dtype = out_dtype or cdt
+  repeated = len(set(lhs_labels)) != len(lhs_labels) or len(set(rhs_labels)) != len(rhs_labels)
+  ws = None if repeated else _factored_scale(rhs, contracted)
+  if rhs.act_bits is not None:
+    if ws is None:
+      raise _contracted_error(kind, path, rhs, contracted)
+    xq, xs = quantize_activations(lhs, act_axes, rhs.act_bits)
+    acc = op(xq, int_values(rhs), True)
+    scale = _to_layout(xs, lhs_labels, out_labels) * _to_layout(ws, rhs_labels, out_labels)
+    return (acc.astype(jnp.float32) * scale).astype(out_dtype)
+  if ws is None:  # e.g. group-wise scales along a contracted axis
+    return op(lhs.astype(cdt), rhs.dequantize().astype(cdt), False).astype(out_dtype)
+  y = op(lhs.astype(cdt), int_values(rhs).astype(cdt), False)
+  return (y * _to_layout(ws, rhs_labels, out_labels).astype(cdt)).astype(out_dtype)
 
 
 def _contracted_error(kind: str, path: str, w: QArray, axes) -> ValueError:
@@ -113,11 +141,6 @@ def _contracted_error(kind: str, path: str, w: QArray, axes) -> ValueError:
       "channel_axes on the output axes only (the default of quantize_dynamic_int8 for Dense "
       "kernels), without group_size, or use weight-only quantization (act_bits=None)."
   )
-
-
-def _check_act_bits(w: QArray, kind: str, path: str) -> None:
-  if w.act_bits is not None and w.act_bits != 8:
-    raise ValueError(f"{kind} '{path}': act_bits={w.act_bits} is not supported; use 8 or None.")
 
 
 # ----------------------------------------------------------------------------- dot_general
@@ -157,45 +180,30 @@ def quantized_dot_general(
     >>> bool(jnp.allclose(y, x @ w, atol=0.2))
     True
   """
-  out_dtype = _result_dtype(lhs, rhs, preferred_element_type or dtype)
-  if not isinstance(rhs, QArray):
-    if isinstance(rhs, Compressed):
-      rhs = rhs.materialize()
-    cdt = dtype or jnp.result_type(lhs.dtype, rhs.dtype)
-    return lax.dot_general(
-        lhs.astype(cdt), rhs.astype(cdt), dimension_numbers, precision=precision
-    ).astype(out_dtype)
-  _check_act_bits(rhs, "dot_general", path)
   (lc, rc), (lb, rb) = dimension_numbers
-  lc, rc, lb, rb = (tuple(a % n for a in ax) for ax, n in
-                    ((lc, lhs.ndim), (rc, rhs.ndim), (lb, lhs.ndim), (rb, rhs.ndim)))
+  lc, lb = tuple(a % lhs.ndim for a in lc), tuple(a % lhs.ndim for a in lb)
+  rc, rb = tuple(a % len(rhs.shape) for a in rc), tuple(a % len(rhs.shape) for a in rb)
   dn = ((lc, rc), (lb, rb))
-  # Label every axis: contracted/batch axes share the lhs label.
+  # Label every axis; contracted and batch axes of rhs take their lhs partner's label.
   lhs_labels = [f"l{i}" for i in range(lhs.ndim)]
-  rhs_labels = [f"r{i}" for i in range(rhs.ndim)]
+  rhs_labels = [f"r{i}" for i in range(len(rhs.shape))]
   for a, b in zip(lc + lb, rc + rb, strict=True):
     rhs_labels[b] = lhs_labels[a]
   out_labels = (
       [lhs_labels[a] for a in lb]
       + [lhs_labels[a] for a in range(lhs.ndim) if a not in lc + lb]
-      + [rhs_labels[b] for b in range(rhs.ndim) if b not in rc + rb]
+      + [rhs_labels[b] for b in range(len(rhs.shape)) if b not in rc + rb]
   )
-  ws = _factored_scale(rhs, rc)
-  cdt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(lhs.dtype, rhs.dtype)
-  if rhs.act_bits is not None:
-    if ws is None:
-      raise _contracted_error("dot_general", path, rhs, rc)
-    xq, xs = quantize_activations(lhs, lc, rhs.act_bits)
-    acc = lax.dot_general(xq, int_values(rhs), dn, preferred_element_type=jnp.int32)
-    scale = _to_layout(xs, lhs_labels, out_labels) * _to_layout(ws, rhs_labels, out_labels)
-    return (acc.astype(jnp.float32) * scale).astype(out_dtype)
-  if ws is None:
-    w = rhs.dequantize().astype(cdt)
-    return lax.dot_general(lhs.astype(cdt), w, dn, precision=precision).astype(out_dtype)
-  out = lax.dot_general(
-      lhs.astype(cdt), int_values(rhs).astype(cdt), dn, precision=precision
+
+  def op(a, b, integer):
+    if integer:
+      return lax.dot_general(a, b, dn, preferred_element_type=jnp.int32)
+    return lax.dot_general(a, b, dn, precision=precision)
+
+  return _quantized_op(
+      op, lhs, rhs, (lhs_labels, rhs_labels, out_labels), lc, dtype=dtype,
+      out_dtype=preferred_element_type, kind="dot_general", path=path,
   )
-  return (out * _to_layout(ws, rhs_labels, out_labels).astype(cdt)).astype(out_dtype)
 
 
 # ----------------------------------------------------------------------------- einsum
@@ -257,34 +265,19 @@ def quantized_einsum(
     >>> bool(jnp.allclose(y, jnp.einsum('abc,cde->abde', x, w), atol=0.05))
     True
   """
-  out_dtype = _result_dtype(lhs, rhs, preferred_element_type or dtype)
-  if not isinstance(rhs, QArray):
-    if isinstance(rhs, Compressed):
-      rhs = rhs.materialize()
-    cdt = dtype or jnp.result_type(lhs.dtype, rhs.dtype)
-    return jnp.einsum(
-        subscripts, lhs.astype(cdt), rhs.astype(cdt), precision=precision
-    ).astype(out_dtype)
-  _check_act_bits(rhs, "einsum", path)
-  a, b, out = _expand_einsum(subscripts, lhs.ndim, rhs.ndim)
+  a, b, out = _expand_einsum(subscripts, lhs.ndim, len(rhs.shape))
   eq = f"{a},{b}->{out}"
-  cdt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(lhs.dtype, rhs.dtype)
-  rc = tuple(i for i, c in enumerate(b) if c not in out)
-  lc = tuple(i for i, c in enumerate(a) if c not in out)
-  repeated = len(set(a)) != len(a) or len(set(b)) != len(b)
-  ws = None if repeated else _factored_scale(rhs, rc)
-  if rhs.act_bits is not None:
-    if ws is None:
-      raise _contracted_error("einsum", path, rhs, rc)
-    xq, xs = quantize_activations(lhs, lc, rhs.act_bits)
-    acc = jnp.einsum(eq, xq, int_values(rhs), preferred_element_type=jnp.int32)
-    scale = _to_layout(xs, a, out) * _to_layout(ws, b, out)
-    return (acc.astype(jnp.float32) * scale).astype(out_dtype)
-  if ws is None:
-    w = rhs.dequantize().astype(cdt)
-    return jnp.einsum(eq, lhs.astype(cdt), w, precision=precision).astype(out_dtype)
-  y = jnp.einsum(eq, lhs.astype(cdt), int_values(rhs).astype(cdt), precision=precision)
-  return (y * _to_layout(ws, b, out).astype(cdt)).astype(out_dtype)
+
+  def op(x, w, integer):
+    if integer:
+      return jnp.einsum(eq, x, w, preferred_element_type=jnp.int32)
+    return jnp.einsum(eq, x, w, precision=precision)
+
+  lhs_contracted = tuple(i for i, c in enumerate(a) if c not in out)
+  return _quantized_op(
+      op, lhs, rhs, (a, b, out), lhs_contracted, dtype=dtype,
+      out_dtype=preferred_element_type, kind="einsum", path=path,
+  )
 
 
 # ----------------------------------------------------------------------------- convolution
@@ -322,58 +315,36 @@ def quantized_conv(
     >>> bool(jnp.allclose(y, ref, atol=0.1))
     True
   """
-  out_dtype = _result_dtype(lhs, rhs, preferred_element_type or dtype)
+  lhs_spec, rhs_spec, out_spec = lax.conv_dimension_numbers(
+      lhs.shape, tuple(rhs.shape), dimension_numbers
+  )
+  lhs_labels, rhs_labels, out_labels = [""] * lhs.ndim, [""] * lhs.ndim, [""] * lhs.ndim
+  lhs_labels[lhs_spec[0]], lhs_labels[lhs_spec[1]] = "batch", "in"
+  rhs_labels[rhs_spec[0]], rhs_labels[rhs_spec[1]] = "out", "in"
+  out_labels[out_spec[0]], out_labels[out_spec[1]] = "batch", "out"
+  for k in range(lhs.ndim - 2):
+    lhs_labels[lhs_spec[2 + k]] = f"x{k}"
+    rhs_labels[rhs_spec[2 + k]] = f"k{k}"
+    out_labels[out_spec[2 + k]] = f"y{k}"
   kw = dict(
       lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation,
       dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count,
   )
-  if not isinstance(rhs, QArray):
-    if isinstance(rhs, Compressed):
-      rhs = rhs.materialize()
-    cdt = dtype or jnp.result_type(lhs.dtype, rhs.dtype)
-    return lax.conv_general_dilated(
-        lhs.astype(cdt), rhs.astype(cdt), window_strides, padding, precision=precision, **kw
-    ).astype(out_dtype)
-  _check_act_bits(rhs, "conv", path)
-  lhs_spec, rhs_spec, out_spec = lax.conv_dimension_numbers(
-      lhs.shape, rhs.shape, dimension_numbers
+
+  def op(x, w, integer):
+    if integer:
+      return lax.conv_general_dilated(
+          x, w, window_strides, padding, preferred_element_type=jnp.int32, **kw
+      )
+    return lax.conv_general_dilated(x, w, window_strides, padding, precision=precision, **kw)
+
+  per_example = tuple(a for a in range(lhs.ndim) if a != lhs_spec[0])
+  return _quantized_op(
+      op, lhs, rhs, (lhs_labels, rhs_labels, out_labels), per_example, dtype=dtype,
+      out_dtype=preferred_element_type, kind="conv", path=path,
   )
-  nsp = len(lhs_spec) - 2
-  lhs_labels = [""] * lhs.ndim
-  rhs_labels = [""] * rhs.ndim
-  out_labels = [""] * lhs.ndim
-  lhs_labels[lhs_spec[0]], lhs_labels[lhs_spec[1]] = "batch", "in"
-  rhs_labels[rhs_spec[0]], rhs_labels[rhs_spec[1]] = "out", "in"
-  out_labels[out_spec[0]], out_labels[out_spec[1]] = "batch", "out"
-  for k in range(nsp):
-    lhs_labels[lhs_spec[2 + k]] = f"x{k}"
-    rhs_labels[rhs_spec[2 + k]] = f"k{k}"
-    out_labels[out_spec[2 + k]] = f"y{k}"
-  rc = tuple(rhs_spec[1:])
-  cdt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(lhs.dtype, rhs.dtype)
-  ws = _factored_scale(rhs, rc)
-  if rhs.act_bits is not None:
-    if ws is None:
-      raise _contracted_error("conv", path, rhs, rc)
-    per_example = tuple(a for a in range(lhs.ndim) if a != lhs_spec[0])
-    xq, xs = quantize_activations(lhs, per_example, rhs.act_bits)
-    acc = lax.conv_general_dilated(
-        xq, int_values(rhs), window_strides, padding, preferred_element_type=jnp.int32, **kw
-    )
-    scale = _to_layout(xs, lhs_labels, out_labels) * _to_layout(ws, rhs_labels, out_labels)
-    return (acc.astype(jnp.float32) * scale).astype(out_dtype)
-  if ws is None:
-    w = rhs.dequantize().astype(cdt)
-    return lax.conv_general_dilated(
-        lhs.astype(cdt), w, window_strides, padding, precision=precision, **kw
-    ).astype(out_dtype)
-  y = lax.conv_general_dilated(
-      lhs.astype(cdt), int_values(rhs).astype(cdt), window_strides, padding,
-      precision=precision, **kw,
-  )
-  return (y * _to_layout(ws, rhs_labels, out_labels).astype(cdt)).astype(out_dtype)
 
 
 # ----------------------------------------------------------------------------- gather
