@@ -309,6 +309,7 @@ def test_nnx_keeps_caller_module_and_accepts_graphdef():
   ids = jnp.array([[1, 2, 3, 19]])
   q = jaxmem.transform(jaxmem.quantize_dynamic_int8(), nnx.state(model, nnx.Param))
   out = jax.jit(jaxmem.apply)(model, q, ids)
+  assert jax.eval_shape(jaxmem.apply, model, q, ids).shape == out.shape
   # The caller's module is untouched: same classes, float weights.
   assert type(model.blocks[0]) is nnx.Linear
   assert model.blocks[0].kernel.get_value().dtype == jnp.float32
