@@ -337,6 +337,12 @@ def test_kernels_direct():
   xt = jnp.swapaxes(x, 1, 2)
   out = jaxmem.quantized_einsum("...hd,hdo->...o", xt, q)
   assert_close(out, jnp.einsum("...hd,hdo->...o", xt, q.dequantize()))
+  # Groups along the output axis still factor out of the contraction (W8A8 allowed).
+  w2 = jax.random.normal(_key(3), (16, 12))
+  q = jaxmem.quantize(w2, channel_axes=(), group_size=4, group_axis=1, act_bits=8)
+  dn = (((3,), (0,)), ((), ()))
+  out = jaxmem.quantized_dot_general(x, q, dn)
+  assert_close(out, jax.lax.dot_general(jnp.asarray(xf), q.dequantize(), dn), tol=1e-4)
   # Activation quantization: all-zero rows give zeros, no NaN.
   xq, s = jaxmem.quantize_activations(jnp.zeros((2, 4)), axes=(1,))
   assert not np.isnan(np.asarray(s)).any() and not np.asarray(xq).any()
