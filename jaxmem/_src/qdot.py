@@ -400,4 +400,7 @@ def quantized_take(table, indices: jax.Array, *, dtype=None) -> jax.Array:
     else:
       srows = s.reshape((1,) * len(lead) + s.shape[1:])
     out = (vals.reshape(lead + gshape).astype(jnp.float32) * srows).reshape(lead + row)
+  # Like jnp.take on a float table: out-of-range rows are NaN (negative indices wrap once).
+  valid = (indices >= -n) & (indices < n)
+  out = jnp.where(valid.reshape(lead + (1,) * len(row)), out, jnp.nan)
   return out.astype(dtype)
