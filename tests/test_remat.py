@@ -38,7 +38,8 @@ def test_policy_memory_ordering(remat_results):
   temp = {k: v[0] for k, v in remat_results.items()}
   # Saving fewer residuals needs less memory: none > dots > dots_no_batch > names > full.
   assert temp["none"] > temp["dots"] > temp["dots_no_batch"] > temp["names"] > temp["full"], temp
-  # The target: full remat at most 0.2x the temp bytes of no remat.
+  # Full remat cuts temps ~4x even at these tiny test dims (0.23x measured; the 12-layer
+  # benchmark model reaches 0.135x, the target is <= 0.2x there).
   assert temp["full"] <= 0.25 * temp["none"], temp
 
 
