@@ -213,3 +213,59 @@ def test_int4_params_run_in_nnx_model():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   fp32 = model(x)
   assert _cosine(got, fp32) > 0.97  # and stays close to the float model
+
+
+# ----------------------------------------------------------------------------- GPTQ
+
+
+def _correlated_inputs(n=512, d=64, seed=0):
+  rng = np.random.default_rng(seed)
+  mix = rng.normal(size=(d, d)) * np.linspace(2.0, 0.1, d)[None]
+  return rng.normal(size=(n, d)) @ mix
+
+
+def test_gptq_with_isotropic_hessian_is_round_to_nearest():
+  w = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+  q = jaxmem.gptq_kernel(w, np.eye(64), 4, group_size=32, act_order=False, clip_search=False)
+  rtn = jaxmem.quantize(jnp.asarray(w), 4, channel_axes=(1,), group_size=32)
+  np.testing.assert_array_equal(q.qvalue, rtn.qvalue)
+  np.testing.assert_allclose(q.scale, rtn.scale, rtol=1e-6)
+  assert (q.shape, q.scale.shape, q.packed, q.group_axis) == (rtn.shape, rtn.scale.shape, True, 0)
+
+
+@pytest.mark.parametrize("group_size,act_order", [(32, True), (32, False), (None, True)])
+def test_gptq_reduces_output_error(group_size, act_order):
+  x = _correlated_inputs()
+  w = np.random.default_rng(1).normal(size=(64, 16)).astype(np.float32)
+  q = jaxmem.gptq_kernel(w, x.T @ x, 4, group_size=group_size, act_order=act_order)
+  rtn = jaxmem.quantize(jnp.asarray(w), 4, channel_axes=(1,), group_size=group_size)
+  err = lambda wq: np.linalg.norm(x @ (np.asarray(wq, np.float64) - w))
+  assert err(q.dequantize()) < 0.8 * err(rtn.dequantize())
+  values = np.asarray(jaxmem.unpack(q.qvalue, 4, q.shape))
+  assert values.min() >= -7 and values.max() <= 7
+
+
+def test_input_hessians_and_quantize_gptq_on_linen_model():
+  model = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(4)])
+  x = jnp.asarray(_correlated_inputs(96, 64), jnp.float32)
+  variables = model.init(jax.random.key(0), x)
+  p = variables["params"]
+  hs = jaxmem.input_hessians(model, variables, [(x[:48],), (x[48:],)])
+  assert sorted(hs) == ["layers_0/kernel", "layers_2/kernel"]
+  h1 = np.maximum(np.asarray(x @ p["layers_0"]["kernel"] + p["layers_0"]["bias"][None]), 0)
+  np.testing.assert_allclose(hs["layers_0/kernel"], np.asarray(x).T @ np.asarray(x), rtol=1e-4,
+                             atol=1e-2)
+  np.testing.assert_allclose(hs["layers_2/kernel"], h1.T @ h1, rtol=1e-3, atol=1e-3)
+  # Only the first layer gets GPTQ; the other kernel is round-to-nearest, like quantize_int4.
+  q = jaxmem.transform(jaxmem.quantize_gptq({"layers_0/kernel": hs["layers_0/kernel"]}, 4, 32), p)
+  rtn = jaxmem.transform(jaxmem.quantize_int4(32), p)
+  np.testing.assert_array_equal(q["layers_2"]["kernel"].qvalue, rtn["layers_2"]["kernel"].qvalue)
+  out = lambda params: jaxmem.apply(model, {"params": params}, x)
+  fp32 = model.apply(variables, x)
+  assert np.linalg.norm(out(q) - fp32) < np.linalg.norm(out(rtn) - fp32)
+  with pytest.raises(ValueError, match="not selected leaves"):
+    jaxmem.transform(jaxmem.quantize_gptq({"nope/kernel": np.eye(2)}, 4, 32), p)
+  with pytest.raises(ValueError, match="Hessian shape"):
+    jaxmem.transform(jaxmem.quantize_gptq({"layers_0/kernel": np.eye(3)}, 4, 32), p)
+  with pytest.raises(ValueError, match="matches no Dense kernel"):
+    jaxmem.input_hessians(model, variables, [(x,)], where=["layers_0/kernel", "typo/kernel"])

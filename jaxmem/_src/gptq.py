@@ -1,0 +1,301 @@
+"""GPTQ: post-training weight quantization that compensates rounding errors with calibration data.
+
+Frantar, Ashkboos, Hoefler & Alistarh (2023), "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers". For a kernel ``W`` (``y = x @ W``, shape ``(in, out)``)
+and the Hessian of the layer's squared output error, ``H = X^T X`` over calibration inputs
+``X``, the input rows of ``W`` are quantized one at a time, and each row's rounding error is
+spread over the rows not yet quantized, weighted by the inverse Hessian (Optimal Brain
+Surgeon, Hassibi & Stork 1993), so that ``X @ W_q`` stays close to ``X @ W``.
+
+The result is an ordinary :class:`jaxmem.QArray` (symmetric, group-wise scales along the
+input axis, packed when ``bits <= 4``): only the integer values differ from round-to-nearest,
+and it runs wherever any QArray runs (:func:`jaxmem.apply`).
+
+Two parts:
+
+* :func:`input_hessians` (Flax Linen glue): runs the model on calibration batches and returns
+  ``X^T X`` of the input of every chosen ``nn.Dense`` layer, keyed by its kernel's path;
+* :func:`quantize_gptq`: a param transform quantizing kernels that have a Hessian by GPTQ and
+  other selected leaves (e.g. embedding tables) by round-to-nearest with the same layout.
+
+The per-kernel solve runs on the host in float64 numpy (outside ``jit``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmem._src import base, lowbit
+from jaxmem._src.qarray import QArray, pack, quantize
+from jaxmem._src.quantize import default_channel_axes, default_quant_where
+
+_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def gptq_kernel(
+    w: Any,
+    hessian: Any,
+    bits: int = 4,
+    *,
+    group_size: int | None = 64,
+    damp: float = 0.01,
+    act_order: bool = True,
+    clip_search: bool = True,
+    block_size: int = 128,
+    path: str = "kernel",
+) -> QArray:
+  """GPTQ-quantizes one ``(in, out)`` kernel given ``hessian = X^T X`` (``(in, in)``).
+
+  Scales are symmetric, per output column and (with ``group_size``) per group of input rows,
+  each computed from the group's weights after the errors of earlier rows were compensated.
+
+  Args:
+    w: float kernel ``(in, out)``.
+    hessian: ``(in, in)`` positive semi-definite, ``X^T X`` of the layer inputs.
+    bits: 2..8.
+    group_size: rows per group (must divide ``in``), or None for one scale per column.
+    damp: added to the diagonal, as a fraction of its mean (numerical stability).
+    act_order: quantize rows in order of decreasing Hessian diagonal (the most active
+      inputs first, their errors compensated by the rest), with each group's scale fixed
+      from the original weights ("static groups"), so the storage layout is unchanged.
+    clip_search: pick each scale from a grid of clipped maxima (1.0 .. 0.7 of ``max|w|``)
+      minimizing the group's squared rounding error, instead of ``max|w|`` itself.
+    block_size: rows updated lazily together (a multiple of ``group_size`` is used).
+    path: for error messages.
+
+  Example:
+    >>> import numpy as np, jaxmem
+    >>> rng = np.random.default_rng(0)
+    >>> x, w = rng.normal(size=(256, 64)), rng.normal(size=(64, 8))
+    >>> q = jaxmem.gptq_kernel(w, x.T @ x, 4, group_size=32)
+    >>> rtn = jaxmem.quantize(np.float32(w), 4, channel_axes=(1,), group_size=32)
+    >>> err = lambda wq: np.linalg.norm(x @ (np.asarray(wq) - w))
+    >>> bool(err(q.dequantize()) < err(rtn.dequantize()))
+    True
+  """
+  lowbit.check_bits(bits, "gptq_kernel")
+  w = np.array(w, dtype=np.float64)
+  h = np.array(hessian, dtype=np.float64)
+  if w.ndim != 2:
+    raise ValueError(f"gptq '{path}': needs an (in, out) kernel, got shape {w.shape}.")
+  n_in, n_out = w.shape
+  if h.shape != (n_in, n_in):
+    raise ValueError(
+        f"gptq '{path}': Hessian shape {h.shape} does not match the kernel's input size {n_in}; "
+        "collect it from this layer's inputs (input_hessians)."
+    )
+  if group_size is not None and (group_size <= 0 or n_in % group_size):
+    raise ValueError(
+        f"gptq '{path}': {n_in} input rows are not divisible by group_size={group_size}."
+    )
+  if not (np.isfinite(w).all() and np.isfinite(h).all()):
+    raise ValueError(f"gptq '{path}': the kernel or its Hessian holds NaN/Inf.")
+  qmax = 2 ** (bits - 1) - 1
+  dead = np.diag(h) == 0
+  h[dead, dead] = 1.0
+  w[dead, :] = 0.0
+  h[np.diag_indices(n_in)] += damp * np.mean(np.diag(h))
+  g = group_size or n_in
+
+  def scale_of(rows):
+    """Per-column scale of a group of rows; with clip_search, the MSE-best clipped max."""
+    amax = np.abs(rows).max(axis=0)
+    best_s = np.maximum(amax / qmax, np.finfo(np.float32).tiny)
+    if not clip_search:
+      return best_s
+    best_e = np.full(amax.shape, np.inf)
+    for frac in _CLIP_GRID:
+      sc = np.maximum(amax * frac / qmax, np.finfo(np.float32).tiny)
+      e = ((np.clip(np.round(rows / sc), -qmax, qmax) * sc - rows) ** 2).sum(axis=0)
+      better = e < best_e
+      best_e, best_s = np.where(better, e, best_e), np.where(better, sc, best_s)
+    return best_s
+
+  # Row order: by decreasing Hessian diagonal (act order) with scales fixed up front from the
+  # original groups, or natural order with each group's scale taken when the group starts.
+  if act_order:
+    order = np.argsort(-np.diag(h), kind="stable")
+    scales = np.stack([scale_of(w[r : r + g]) for r in range(0, n_in, g)])
+  else:
+    order = np.arange(n_in)
+    scales = np.zeros((n_in // g, n_out))
+  w = w[order]
+  h = h[np.ix_(order, order)]
+  # Upper Cholesky factor of H^-1: row i holds the OBS update of the rows after i.
+  u = np.linalg.cholesky(np.linalg.inv(h)).T
+  if group_size is None or act_order:
+    block = block_size
+  else:  # blocks hold whole groups, so a group's scale sees all its compensated rows
+    block = max(g, (block_size // g) * g)
+  if group_size is None and not act_order:
+    scales[0] = scale_of(w)
+  q = np.zeros((n_in, n_out), np.int8)
+  for b0 in range(0, n_in, block):
+    b1 = min(b0 + block, n_in)
+    wb = w[b0:b1].copy()
+    errs = np.zeros_like(wb)
+    for i in range(b1 - b0):
+      row = order[b0 + i]
+      if not act_order and group_size is not None and row % g == 0:
+        scales[row // g] = scale_of(wb[i : i + g])
+      s = scales[row // g]
+      qi = np.clip(np.round(wb[i] / s), -qmax, qmax)
+      q[row] = qi
+      err = (wb[i] - qi * s) / u[b0 + i, b0 + i]
+      wb[i:] -= np.outer(u[b0 + i, b0 + i : b1], err)
+      errs[i] = err
+    w[b1:] -= u[b0:b1, b1:].T @ errs
+  qvalue = jnp.asarray(q)
+  if bits <= 4:
+    qvalue = pack(qvalue, bits)
+  if group_size is None:
+    scale = scales.astype(np.float32)  # (1, out)
+  else:
+    scale = scales.astype(np.float32)[:, None, :]  # (in/g, 1, out)
+  return QArray(
+      qvalue=qvalue,
+      scale=jnp.asarray(scale),
+      bits=bits,
+      shape=(n_in, n_out),
+      dtype=np.dtype(np.float32),
+      channel_axes=(1,),
+      group_size=group_size,
+      group_axis=0,
+      packed=bits <= 4,
+  )
+
+
+def input_hessians(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    batches: Iterable[Sequence[Any]],
+    where: str | Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+  """``X^T X`` of the inputs of a Linen model's ``nn.Dense`` layers over calibration batches.
+
+  Uses ``flax.linen.intercept_methods`` to see each Dense layer's input (no patching). Rows
+  are all leading positions of the input (batch, sequence...); padding positions count too,
+  so group calibration sentences of similar length.
+
+  Args:
+    model: a Linen module.
+    variables: its variables (float params).
+    batches: iterable of positional-argument tuples for ``model.apply``.
+    where: regex(es) fullmatched on kernel paths (``a/b/kernel``); None: all Dense layers.
+
+  Returns:
+    ``{kernel_path: (in, in) float64 array}``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxmem
+    >>> model = nn.Dense(3)
+    >>> v = model.init(jax.random.key(0), jnp.ones((2, 4)))
+    >>> h = jaxmem.input_hessians(model, v, [(jnp.ones((2, 4)),)])
+    >>> list(h), h['kernel'].shape, float(h['kernel'][0, 0])
+    (['kernel'], (4, 4), 2.0)
+  """
+  patterns = [where] if isinstance(where, str) else list(where or [])
+  compiled = [re.compile(p) for p in patterns]
+
+  def wanted(kpath):
+    return not compiled or any(rx.fullmatch(kpath) for rx in compiled)
+
+  def hessians(v, *args):
+    found: dict[str, jax.Array] = {}
+
+    def interceptor(next_fun, call_args, kwargs, context):
+      m = context.module
+      if context.method_name == "__call__" and isinstance(m, nn.Dense) and call_args:
+        kpath = "/".join(str(p) for p in m.path) + "/kernel" if m.path else "kernel"
+        if wanted(kpath):
+          x = jnp.asarray(call_args[0], jnp.float32)
+          x = x.reshape(-1, x.shape[-1])
+          found[kpath] = found.get(kpath, 0.0) + x.T @ x
+      return next_fun(*call_args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+      model.apply(v, *args)
+    return found
+
+  run = jax.jit(hessians)
+  total: dict[str, np.ndarray] = {}
+  for args in batches:
+    for k, h in run(variables, *args).items():
+      total[k] = total.get(k, 0.0) + np.asarray(h, np.float64)
+  if not total:
+    raise ValueError(
+        "input_hessians: no nn.Dense layer matched (or no batch was given); check `where` "
+        f"({patterns}) against the model's kernel paths."
+    )
+  for rx in compiled:
+    if not any(rx.fullmatch(k) for k in total):
+      raise ValueError(f"input_hessians: pattern {rx.pattern!r} matches no Dense kernel.")
+  return total
+
+
+def quantize_gptq(
+    hessians: Mapping[str, Any],
+    bits: int = 4,
+    group_size: int | None = 64,
+    where: base.Where = None,
+    *,
+    damp: float = 0.01,
+) -> base.ParamTransform:
+  """Weight-only PTQ: GPTQ for kernels with a Hessian, round-to-nearest for other leaves.
+
+  The layout is :func:`jaxmem.quantize_grouped`'s (kernels grouped along the input axis,
+  embedding tables along features), so ``quantize_gptq({}, 4, 64)`` equals
+  ``quantize_int4(64)``. Runs on concrete params (not under ``jit``).
+
+  Args:
+    hessians: ``{kernel_path: X^T X}``, e.g. from :func:`input_hessians`.
+    bits: 2..8.
+    group_size: input rows per scale group, or None (per output channel).
+    where: leaves to quantize; default: ``kernel``/``embedding`` leaves with ndim >= 2.
+    damp: Hessian damping (fraction of the mean diagonal).
+
+  Example:
+    >>> import numpy as np, jax.numpy as jnp, jaxmem
+    >>> x = np.random.default_rng(0).normal(size=(64, 32))
+    >>> params = {'dense': {'kernel': jnp.ones((32, 4))}}
+    >>> q = jaxmem.transform(jaxmem.quantize_gptq({'dense/kernel': x.T @ x}, 4, 32), params)
+    >>> q['dense']['kernel'].packed
+    True
+  """
+  lowbit.check_bits(bits, "quantize_gptq")
+
+  def fn(path, x):
+    if isinstance(x, base.Compressed):
+      raise ValueError(f"quantize_gptq '{path}': the leaf is already a {type(x).__name__}.")
+    if isinstance(x, jax.core.Tracer):
+      raise ValueError(f"quantize_gptq '{path}': runs on concrete params, outside jax.jit.")
+    if path in hessians:
+      if x.ndim != 2 or default_channel_axes(path, x.ndim) != (1,):
+        raise ValueError(f"quantize_gptq '{path}': GPTQ needs a 2-d (in, out) kernel.")
+      return gptq_kernel(x, hessians[path], bits, group_size=group_size, damp=damp, path=path)
+    layout = lowbit.leaf_layout(path, x, group_size=group_size)
+    return quantize(x, bits, path=path, **layout)
+
+  tx = base.leafwise(fn, where, default=default_quant_where, name=f"quantize_gptq_int{bits}")
+
+  def init(params):
+    chosen = {p for p, m in zip(
+        [p for p, _ in base.leaves_with_paths(params)],
+        jax.tree.leaves(base.select(params, where, default=default_quant_where)),
+    ) if m}
+    unused = sorted(set(hessians) - chosen)
+    if unused:
+      raise ValueError(
+          f"quantize_gptq: Hessians given for {unused[:5]}, which are not selected leaves; "
+          "check `where` and the Hessians' paths."
+      )
+    return tx.init(params)
+
+  return base.ParamTransform(init, tx.update)
