@@ -88,6 +88,9 @@ from jaxmem._src.distill import distill_init as distill_init
 from jaxmem._src.distill import distill_train_step as distill_train_step
 from jaxmem._src.distill import feature_distill_loss as feature_distill_loss
 from jaxmem._src.distill import kd_loss as kd_loss
+from jaxmem._src.gptq import gptq_kernel as gptq_kernel
+from jaxmem._src.gptq import input_hessians as input_hessians
+from jaxmem._src.gptq import quantize_gptq as quantize_gptq
 from jaxmem._src.lowbit import quantize_grouped as quantize_grouped
 from jaxmem._src.lowbit import quantize_int4 as quantize_int4
 from jaxmem._src.qat import QATWeights as QATWeights
