@@ -1,0 +1,126 @@
+"""all-MiniLM-L6-v2 sentence embeddings: param bytes, speed and fidelity of each jaxmem recipe.
+
+The pretrained model (:mod:`jaxmem.models.minilm`) embeds ``--sentences`` real sentences
+(default 512, from :func:`jaxmem.models.minilm.eval_sentences`) in batches of 32, sorted by
+length, each batch padded to its longest sentence rounded up to 8 tokens. Methods are the
+recipes of :func:`jaxmem.models.minilm.recipe`, all run by :func:`jaxmem.apply` under one
+``jax.jit`` per method with the params as arguments:
+
+* ``fp32``: the float params;
+* ``int8_weight``: weight-only int8, one scale per 128 inputs and output feature;
+* ``int8_dynamic``: W8A8 (activations quantized per token at run time, ``int8 x int8 ->
+  int32`` matmuls) except the attention value projections (weight-only int8), the layers a
+  measured sensitivity pass picked;
+* ``int8_weight_channel`` / ``int8_dynamic_all`` (``--all``): the plain transforms
+  (``quantize_int8()`` / ``quantize_dynamic_int8()`` on every kernel), for comparison;
+* ``int4_g64``: weight-only int4, groups of 64 (``quantize_int4``).
+
+Embedding tables and the pooler are compressed and counted in ``param_bytes`` (real storage
+of every leaf). ``cos_mean``/``cos_min``: cosine of each sentence embedding to fp32's.
+``sent_per_s``: every padded shape is compiled first; then ``--repeats`` passes over all
+sentences run round-robin over the methods (interleaved, so machine load hits all alike)
+and the median pass is reported.
+
+Usage::
+
+  python benchmarks/minilm.py            # table
+  python benchmarks/minilm.py --json     # one JSON object per line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+import jaxmem
+from jaxmem.models import minilm
+
+METHODS = ("fp32", "int8_weight", "int8_dynamic", "int4_g64")
+ALL_METHODS = (
+  "fp32",
+  "int8_weight",
+  "int8_weight_channel",
+  "int8_dynamic",
+  "int8_dynamic_all",
+  "int4_g64",
+)
+
+
+def run(methods, n_sentences: int, batch_size: int, repeats: int) -> list[dict]:
+  m = minilm.load()
+  data = minilm.make_batches(m.tokenizer, minilm.eval_sentences(n_sentences), batch_size)
+  fn = minilm.embed_fn(m.model)
+  params = {}
+  for name in methods:
+    tx = minilm.recipe(name)
+    params[name] = m.params if tx is None else jaxmem.transform(tx, m.params)
+  emb = {name: minilm.embed(m.model, p, data)[0] for name, p in params.items()}  # + compile
+  times = {name: [] for name in methods}
+  for _ in range(repeats):
+    for name in methods:
+      start = time.perf_counter()
+      for b in data.batches:
+        out = fn(params[name], b.input_ids, b.attention_mask)
+      jax.block_until_ready(out)
+      times[name].append(time.perf_counter() - start)
+  ref = emb["fp32"] if "fp32" in emb else minilm.embed(m.model, m.params, data)[0]
+  rows = []
+  for name in methods:
+    cos = minilm.cosine_rows(ref, emb[name])
+    rows.append(
+      {
+        "bench": "minilm",
+        "method": name,
+        "param_bytes": int(jaxmem.tree_bytes(params[name])),
+        "sent_per_s": float(data.n / np.median(times[name])),
+        "cos_mean": float(cos.mean()),
+        "cos_min": float(cos.min()),
+      }
+    )
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--json", action="store_true", help="one JSON object per line")
+  parser.add_argument("--sentences", type=int, default=512)
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--repeats", type=int, default=5, help="timed passes per method")
+  parser.add_argument("--all", action="store_true", help="add the plain int8 transforms")
+  parser.add_argument("--methods", default=None, help="comma-separated subset of methods")
+  args = parser.parse_args(argv)
+  methods = ALL_METHODS if args.all else METHODS
+  if args.methods:
+    methods = tuple(x.strip() for x in args.methods.split(",") if x.strip())
+  rows = run(methods, args.sentences, args.batch, args.repeats)
+  if args.json:
+    for r in rows:
+      print(json.dumps(r))
+    return rows
+  fp32 = next((r for r in rows if r["method"] == "fp32"), None)
+  print(
+    f"all-MiniLM-L6-v2, {args.sentences} sentences, batch {args.batch}, "
+    f"{jax.devices()[0].device_kind}, median of {args.repeats} interleaved passes"
+  )
+  head = (
+    f"{'method':<20} {'param_bytes':>12} {'ratio':>6} {'sent/s':>8} {'speedup':>8} "
+    f"{'cos_mean':>9} {'cos_min':>8}"
+  )
+  print(head)
+  print("-" * len(head))
+  for r in rows:
+    ratio = r["param_bytes"] / fp32["param_bytes"] if fp32 else float("nan")
+    speedup = r["sent_per_s"] / fp32["sent_per_s"] if fp32 else float("nan")
+    print(
+      f"{r['method']:<20} {r['param_bytes']:>12,} {ratio:>6.3f} {r['sent_per_s']:>8.1f} "
+      f"{speedup:>7.2f}x {r['cos_mean']:>9.5f} {r['cos_min']:>8.5f}"
+    )
+  return rows
+
+
+if __name__ == "__main__":
+  main()
