@@ -382,12 +382,3 @@ def test_lifted_transforms():
   assert_close(out, ref, tol=1e-4)
   assert S8_DOT.search(call.lower({"params": q}, x).as_text())
 
-
-def test_docstring_examples_of_execution_modules():
-  import doctest
-
-  from jaxmem._src import execution, qdot
-
-  for module in (execution, qdot):
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted and not result.failed, module.__name__
