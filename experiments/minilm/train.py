@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import re
 import time
 from typing import Any
 
@@ -47,22 +46,6 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh | None:
         f"batch_size={config.batch_size} does not divide over {sizes} devices on 'data'."
     )
   return Mesh(np.array(jax.devices()).reshape(sizes), tuple(axes))
-
-
-def recipe_transform(name: str) -> jaxmem.ParamTransform | None:
-  """Recipe name to the jaxmem transform that builds it (None for fp32)."""
-  if name == "fp32":
-    return None
-  if name == "int8_weight":
-    return jaxmem.quantize_int8()
-  if name == "int8_dynamic":
-    return jaxmem.quantize_dynamic_int8()
-  m = re.fullmatch(r"int4(?:_g(\d+))?", name)
-  if m:
-    return jaxmem.quantize_int4(group_size=int(m.group(1)) if m.group(1) else None)
-  raise ValueError(
-      f"unknown recipe {name!r}; use fp32, int8_weight, int8_dynamic, int4 or int4_g<size>."
-  )
 
 
 def embed(model, params, batches, sharding=None, progress=None) -> tuple[np.ndarray, float]:
@@ -135,7 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if result_file.exists() and i in mgr.all_steps() and name != "fp32":
       rows.append(json.loads(result_file.read_text()))  # finished by an earlier run
       continue
-    tx = recipe_transform(name)
+    tx = minilm.recipe(name)
     cparams = params if tx is None else jaxmem.transform(tx, params)
     if replicated is not None:
       cparams = jax.device_put(cparams, replicated)
