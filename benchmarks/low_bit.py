@@ -2,30 +2,43 @@
 
 Three parts (``--only`` picks some, comma-separated):
 
-* ``minilm_ptq``: all-MiniLM-L6-v2 quantized after training (int4 group 64 / 128, int8 per
-  channel, weight-only), cosine of each sentence embedding to the fp32 model's on the MiniLM
-  evaluation sentences; ``param_bytes`` is the real storage of the param tree.
-* ``minilm_distill``: a 3-layer student initialised from teacher layers (the teacher's
-  embeddings and layers ``--student-layers``), trained by embedding distillation (cosine
-  between sentence embeddings, plus MSE on the last hidden states) on sentences of Python's
-  own ``pydoc_data`` topics, evaluated on the MiniLM evaluation sentences (never trained on).
-  ``truncated_3l`` is the student before training.
-* ``digits``: the shared digits MLP and split (:mod:`jaxmem.models.digits`), 3 seeds, mean
-  accuracy: fp32; int4 PTQ; int4 QAT (fine-tuned from fp32 with fake quantization, then
-  converted); 90% magnitude pruning + int4 QAT, stored as packed sparse int4.
+* ``minilm_ptq``: all-MiniLM-L6-v2 quantized after training, weight-only, on the MiniLM
+  benchmark's evaluation sentences and batching (:mod:`jaxmem.models.minilm`): cosine of each
+  sentence embedding to the fp32 model's; ``param_bytes`` is the real storage of the whole param
+  tree (embedding tables, pooler, biases and LayerNorms included).
+  ``int4_g64`` / ``int4_g128``: encoder kernels by GPTQ (:func:`jaxmem.quantize_gptq`, act
+  order, clip search; Hessians from 512 pydoc_data sentences, disjoint from the evaluation
+  text), the word/position tables and pooler by round-to-nearest int4, all with one scale per
+  64 (128) inputs, packed two per byte; the 2x384 token-type table in int8.
+  ``int8_weight``: the MiniLM benchmark's int8 weight-only recipe.
+* ``minilm_distill``: a 3-layer student initialised from the teacher's embeddings and layers
+  ``--student-layers`` (``truncated_3l``, untrained), then trained ``--distill-steps`` steps
+  (``distilled_3l``) with :func:`jaxmem.distill_train_step` (frozen teacher) by embedding
+  distillation -- cosine between sentence embeddings, plus cosine between each student layer's
+  token states and the teacher layer's it started from -- on Python's own ``pydoc_data``
+  topics (prose sentences and random windows of the text); evaluated on the MiniLM evaluation
+  sentences, never trained on. The embedding tables stay frozen.
+* ``digits``: the shared digits MLP and split (:mod:`jaxmem.models.digits`), mean over
+  ``--seeds`` seeds: ``fp32`` (Adam); ``ptq_int4`` (per-channel int4 of the fp32 model);
+  ``qat_int4`` (fp32 fine-tuned with :func:`jaxmem.qat_weights` fake quantization, then
+  converted); ``qat_int4_prune_90`` (90% magnitude pruning per kernel, QAT with the mask
+  applied before fake quantization, converted, stored by :func:`jaxmem.sparsify` as packed
+  int4 values + Rice-coded index). ``stored_bytes`` is the whole param tree's real storage.
 
 Usage::
 
   python benchmarks/low_bit.py                 # table
   python benchmarks/low_bit.py --json          # one JSON object per line
-  python benchmarks/low_bit.py --only digits   # a part
+  python benchmarks/low_bit.py --only digits   # some parts
   python benchmarks/low_bit.py --only minilm_distill --distill-steps 300
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import sys
 import time
 
 import jax
@@ -37,26 +50,6 @@ import jaxmem
 from jaxmem.models import digits
 
 PARTS = ("minilm_ptq", "minilm_distill", "digits")
-
-
-# ----------------------------------------------------------------------------- shared
-
-
-def materialize(params):
-  """Dense float params: compressed leaves rebuilt (call inside jit)."""
-  return jax.tree.map(
-      lambda x: x.materialize() if jaxmem.is_compressed(x) else x,
-      params,
-      is_leaf=jaxmem.is_compressed,
-  )
-
-
-def run_model(model, params, *args):
-  """Runs a Linen model on (possibly compressed) params through jaxmem's execution path."""
-  apply = getattr(jaxmem, "apply", None)
-  if apply is not None:
-    return apply(model, {"params": params}, *args)
-  return model.apply({"params": materialize(params)}, *args)
 
 
 # ----------------------------------------------------------------------------- digits
@@ -96,7 +89,7 @@ def _train(model, params, data, *, epochs, lr, seed, transform_params=lambda p: 
 def digits_rows(seeds=(0, 1, 2), epochs=40, qat_epochs=20, prune_epochs=40):
   data = digits.load()
   model = digits.MLP()
-  evaluate = jax.jit(lambda p: run_model(model, p, jnp.asarray(data.x_test)))
+  evaluate = jax.jit(lambda p: jaxmem.apply(model, {"params": p}, jnp.asarray(data.x_test)))
   acc = lambda p: digits.accuracy(evaluate(p), data.y_test)
   qat = jaxmem.qat_weights(DIGITS_BITS, group_size=DIGITS_GROUP)
   results: dict[str, list[tuple[float, int]]] = {}
@@ -110,7 +103,7 @@ def digits_rows(seeds=(0, 1, 2), epochs=40, qat_epochs=20, prune_epochs=40):
     record("fp32", fp32)
     record("ptq_int4", jaxmem.transform(qat.convert, fp32))
     tuned = _train(
-        model, fp32, data, epochs=qat_epochs, lr=3e-4, seed=seed + 100,
+        model, fp32, data, epochs=qat_epochs, lr=1e-4, seed=seed + 100,
         transform_params=qat.fake_quant,
     )
     record("qat_int4", jaxmem.transform(qat.convert, tuned))
@@ -131,6 +124,200 @@ def digits_rows(seeds=(0, 1, 2), epochs=40, qat_epochs=20, prune_epochs=40):
         "accuracy": float(np.mean([a for a, _ in vals])),
         "stored_bytes": int(vals[0][1]),
     }
+
+
+# ----------------------------------------------------------------------------- MiniLM
+
+EVAL_SENTENCES = 512
+EVAL_BATCH = 32  # as the MiniLM benchmark
+CALIB_SENTENCES = 512
+
+
+def _batches(tokenizer, sentences, batch, max_length=None):
+  from jaxmem.models import bert
+
+  for i in range(0, len(sentences), batch):
+    b = bert.tokenize(tokenizer, sentences[i : i + batch], multiple_of=16)
+    ids, mask = b.input_ids, b.attention_mask
+    if max_length is not None:
+      ids, mask = ids[:, :max_length], mask[:, :max_length]
+    yield jnp.asarray(ids), jnp.asarray(mask)
+
+
+class Evaluator:
+  """Cosine of each evaluation sentence's embedding to the fp32 teacher's (MiniLM benchmark set
+  and batching: :func:`jaxmem.models.minilm.make_batches`, run through :func:`jaxmem.apply`)."""
+
+  def __init__(self, m, n=EVAL_SENTENCES):
+    from jaxmem.models import minilm
+
+    self.data = minilm.make_batches(m.tokenizer, minilm.eval_sentences(n), EVAL_BATCH)
+    self.ref = self.embed(m.model, m.params)
+
+  def embed(self, model, params):
+    from jaxmem.models import minilm
+
+    return minilm.embed(model, params, self.data)[0]
+
+  def cos(self, model, params):
+    from jaxmem.models import minilm
+
+    return minilm.cosine_rows(self.embed(model, params), self.ref)
+
+
+def calibration_hessians(m, n=CALIB_SENTENCES):
+  """``X^T X`` of every encoder Dense input over ``n`` pydoc_data sentences (not eval text)."""
+  sentences = pydoc_sentences()
+  rng = np.random.default_rng(1)
+  sentences = [sentences[i] for i in rng.permutation(len(sentences))[:n]]
+  sentences.sort(key=lambda s: len(m.tokenizer.encode(s).ids))  # little padding per batch
+  return jaxmem.input_hessians(m.model, {"params": m.params}, _batches(m.tokenizer, sentences, 64),
+                               where=r"encoder/.*")
+
+
+def int4_recipe(hessians, group_size):
+  """GPTQ int4 for encoder kernels; round-to-nearest int4 for the word/position tables and
+  the pooler; the 2-row token-type table (768 params, added to every token) in int8."""
+  return jaxmem.partition([
+      (r"embeddings/token_type_embeddings/embedding", jaxmem.quantize_int8()),
+      (r".*(kernel|embedding)", jaxmem.quantize_gptq(hessians, 4, group_size)),
+  ])
+
+
+def minilm_ptq_rows():
+  from jaxmem.models import minilm
+
+  m = minilm.load()
+  ev = Evaluator(m)
+  hessians = calibration_hessians(m)
+  recipes = {
+      "int4_g64": int4_recipe(hessians, 64),
+      "int4_g128": int4_recipe(hessians, 128),
+      "int8_weight": minilm.recipe("int8_weight"),  # the MiniLM benchmark's int8_weight
+  }
+  for method, tx in recipes.items():
+    q = jaxmem.transform(tx, m.params)
+    cos = ev.cos(m.model, q)
+    yield {
+        "bench": "minilm_low_bit",
+        "method": method,
+        "param_bytes": int(jaxmem.tree_bytes(q)),
+        "cos_mean": float(cos.mean()),
+        "cos_min": float(cos.min()),
+    }
+
+
+def pydoc_sentences():
+  """Sentences of the prose paragraphs of Python's bundled ``pydoc_data`` topics."""
+  import re
+  from pydoc_data.topics import topics
+
+  out = []
+  for name in sorted(topics):
+    for para in re.split(r"\n\s*\n", topics[name]):
+      lines = para.splitlines()
+      if not lines or any(line.startswith((" ", "\t")) for line in lines):
+        continue  # code, grammar and indented lists
+      text = " ".join(line.strip() for line in lines)
+      for sent in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
+        if 5 <= len(sent.split()) <= 60:
+          out.append(sent)
+  return list(dict.fromkeys(out))
+
+
+def student_from_teacher(config, params, layers):
+  """A ``len(layers)``-layer student: the teacher's embeddings and the chosen layers."""
+  import dataclasses
+
+  from jaxmem.models import bert
+
+  cfg = dataclasses.replace(config, num_layers=len(layers))
+  enc = params["encoder"]
+  student = dict(params)
+  student["encoder"] = {f"layer_{i}": enc[f"layer_{j}"] for i, j in enumerate(layers)}
+  return bert.BertModel(cfg), student
+
+
+@functools.cache
+def _pydoc_words():
+  from pydoc_data.topics import topics
+
+  return tuple(w for name in sorted(topics) for w in topics[name].split())
+
+
+def pydoc_windows(rng, n, min_words=8, max_words=48):
+  """``n`` random word windows of the pydoc_data topics' full text (prose, grammar, code)."""
+  words = _pydoc_words()
+  starts = rng.integers(0, len(words) - max_words, n)
+  lengths = rng.integers(min_words, max_words + 1, n)
+  return [" ".join(words[s : s + k]) for s, k in zip(starts, lengths)]
+
+
+def _layer_outputs(model, params, ids, mask):
+  """The model output and each encoder layer's output (Linen ``capture_intermediates``)."""
+  from jaxmem.models import bert
+
+  out, state = model.apply({"params": params}, ids, mask,
+                           capture_intermediates=lambda mdl, _: isinstance(mdl, bert.BertLayer))
+  enc = state["intermediates"]["encoder"]
+  return out, [enc[f"layer_{i}"]["__call__"][0] for i in range(model.config.num_layers)]
+
+
+def minilm_distill_rows(steps=300, layers=(0, 4, 5), batch=32, lr=1e-3, max_length=64, seed=0,
+                        log=None):
+  from jaxmem.models import minilm
+
+  m = minilm.load()
+  ev = Evaluator(m)
+  student_model, student = student_from_teacher(m.model.config, m.params, layers)
+
+  def row(method, p):
+    return {
+        "bench": "minilm_distill",
+        "method": method,
+        "param_bytes": int(jaxmem.tree_bytes(p)),
+        "cos_mean": float(ev.cos(student_model, p).mean()),
+    }
+
+  yield row("truncated_3l", student)
+
+  # Train the encoder layers (and pooler); the embedding tables stay the teacher's, frozen.
+  frozen = {k: v for k, v in student.items() if k == "embeddings"}
+  trainable = {k: v for k, v in student.items() if k != "embeddings"}
+  opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps),
+                    weight_decay=0.0)
+
+  def student_fn(p, b):
+    return _layer_outputs(student_model, {**frozen, **p}, b["ids"], b["mask"])
+
+  def teacher_fn(p, b):
+    out, hidden = _layer_outputs(m.model, p, b["ids"], b["mask"])
+    return out, [hidden[j] for j in layers]  # the teacher layer each student layer started as
+
+  def loss_fn(s, t, b):
+    # Embedding distillation: sentence embeddings, plus each student layer's token states
+    # against those of the teacher layer it was initialised from (cosine, padding masked).
+    (s_out, s_hidden), (t_out, t_hidden) = s, t
+    emb = jaxmem.feature_distill_loss(s_out.sentence_embedding, t_out.sentence_embedding)
+    tokens = jaxmem.feature_distill_loss(s_hidden, t_hidden, mask=b["mask"],
+                                         weights=[1.0 / len(layers)] * len(layers))
+    return emb + tokens
+
+  step = jax.jit(jaxmem.distill_train_step(student_fn, teacher_fn, loss_fn, opt))
+  state = jaxmem.distill_init(trainable, opt)
+  sentences = pydoc_sentences()
+  rng = np.random.default_rng(seed)
+  t0 = time.time()
+  for i in range(steps):
+    # Half whole prose sentences, half random windows of the topics' text.
+    half = batch // 2
+    texts = [sentences[j] for j in rng.integers(0, len(sentences), half)]
+    texts += pydoc_windows(rng, batch - half)
+    ids, mask = next(_batches(m.tokenizer, texts, batch, max_length))
+    state, metrics = step(state, m.params, {"ids": ids, "mask": mask})
+    if log is not None and (i % 50 == 0 or i == steps - 1):
+      log(f"distill step {i}: loss {float(metrics['loss']):.4f} ({time.time() - t0:.0f} s)")
+  yield row("distilled_3l", {**frozen, **state.params})
 
 
 # ----------------------------------------------------------------------------- main
@@ -155,6 +342,8 @@ def main(argv=None):
   ap.add_argument("--json", action="store_true", help="one JSON object per line")
   ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
   ap.add_argument("--seeds", type=int, default=3, help="digits seeds")
+  ap.add_argument("--distill-steps", type=int, default=300, help="student training steps")
+  ap.add_argument("--student-layers", default="0,4,5", help="teacher layers of the student")
   args = ap.parse_args(argv)
   parts = [p.strip() for p in args.only.split(",") if p.strip()]
   for p in parts:
@@ -162,8 +351,17 @@ def main(argv=None):
       ap.error(f"--only: unknown part {p!r}; choose from {PARTS}")
   rows = []
   t0 = time.time()
-  if "digits" in parts:
-    for r in digits_rows(seeds=tuple(range(args.seeds))):
+  log = (lambda m: print(m, file=sys.stderr, flush=True))
+  layers = tuple(int(v) for v in args.student_layers.split(","))
+  gens = {
+      "minilm_ptq": minilm_ptq_rows,
+      "minilm_distill": lambda: minilm_distill_rows(args.distill_steps, layers, log=log),
+      "digits": lambda: digits_rows(seeds=tuple(range(args.seeds))),
+  }
+  for part in PARTS:
+    if part not in parts:
+      continue
+    for r in gens[part]():
       rows.append(r)
       if args.json:
         print(json.dumps(r), flush=True)
