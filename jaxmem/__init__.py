@@ -72,6 +72,7 @@ from jaxmem._src.parallel import DataParallel as DataParallel
 from jaxmem._src.parallel import TrainState as TrainState
 from jaxmem._src.parallel import data_parallel as data_parallel
 from jaxmem._src.parallel import init_train_state as init_train_state
+from jaxmem._src.parallel import mesh_from_axes as mesh_from_axes
 from jaxmem._src.parallel import train_step as train_step
 from jaxmem._src.distributed import ProcessInfo as ProcessInfo
 from jaxmem._src.distributed import initialize as initialize

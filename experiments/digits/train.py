@@ -44,17 +44,13 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh | None:
   """A device mesh from ``config.mesh`` ({axis: size}, one size may be -1), or None."""
   if config.mesh is None:
     return None
-  axes = dict(config.mesh)
-  n = jax.device_count()
-  known = int(np.prod([s for s in axes.values() if s != -1]))
-  sizes = [n // known if s == -1 else s for s in axes.values()]
-  if int(np.prod(sizes)) != n:
-    raise ValueError(f"config.mesh={axes} does not cover the {n} devices; use -1 for one axis.")
-  if config.batch_size % sizes[list(axes).index("data")]:
+  mesh = jaxmem.mesh_from_axes(dict(config.mesh))
+  if config.batch_size % mesh.shape["data"]:
     raise ValueError(
-        f"batch_size={config.batch_size} does not divide over {sizes} devices on 'data'."
+        f"batch_size={config.batch_size} does not divide over {mesh.shape['data']} devices on "
+        "the 'data' axis."
     )
-  return Mesh(np.array(jax.devices()).reshape(sizes), tuple(axes))
+  return mesh
 
 
 def batch_indices(config, step: int, n: int) -> np.ndarray:

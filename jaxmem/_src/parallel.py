@@ -19,7 +19,7 @@ already summed over the axis and a ``pmean`` of it is ``N`` times too large.)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -371,3 +371,28 @@ def data_parallel(
       batch_argnums=_as_tuple(batch_argnums),
       donate_argnums=_as_tuple(donate_argnums),
   )
+
+
+def mesh_from_axes(
+    axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+  """A ``Mesh`` over ``devices`` (default: all) from ``{axis_name: size}``; one size may be -1.
+
+  Example:
+    >>> import jax, jaxmem
+    >>> mesh = jaxmem.mesh_from_axes({'data': -1})
+    >>> mesh.shape['data'] == jax.device_count()
+    True
+  """
+  devs = list(devices) if devices is not None else jax.devices()
+  sizes = list(axes.values())
+  if sum(s == -1 for s in sizes) > 1:
+    raise ValueError(f"mesh_from_axes: {dict(axes)} has more than one -1 size.")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  sizes = [len(devs) // known if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != len(devs):
+    raise ValueError(
+        f"mesh_from_axes: {dict(axes)} does not cover the {len(devs)} devices; give sizes whose "
+        "product is the device count, or -1 for one axis."
+    )
+  return Mesh(np.array(devs).reshape(sizes), tuple(axes))
