@@ -22,12 +22,14 @@ Integer and bool leaves are never touched: a regex that selects one is an error.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 Where = None | str | Sequence[str] | Callable[[str, Any], bool]
@@ -45,6 +47,21 @@ class Compressed:
   """
 
   __slots__ = ()
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """Real storage bytes: the sum over the value's arrays (values, indices, scales)."""
+    return sum(
+        math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(self)
+    )
 
   def materialize(self):
     raise NotImplementedError(f"{type(self).__name__} does not implement materialize().")

@@ -66,21 +66,6 @@ class QArray(Compressed):
   packed: bool = dataclasses.field(default=False, metadata=dict(static=True))
   act_bits: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def size(self) -> int:
-    return math.prod(self.shape)
-
-  @property
-  def nbytes(self) -> int:
-    """Real storage bytes: values plus scales."""
-    return int(self.qvalue.size * self.qvalue.dtype.itemsize) + int(
-        self.scale.size * self.scale.dtype.itemsize
-    )
-
   def dequantize(self) -> jax.Array:
     return dequantize(self)
 

@@ -30,7 +30,6 @@ known), so :func:`sparse_pack` runs outside ``jit``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import jax
@@ -79,22 +78,9 @@ class SparseArray(Compressed):
   packed: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def size(self) -> int:
-    return math.prod(self.shape)
-
-  @property
   def density(self) -> float:
     """``nnz / size``."""
     return self.nnz / max(self.size, 1)
-
-  @property
-  def nbytes(self) -> int:
-    """Real storage bytes: values, index and scales."""
-    return sum(int(a.size) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(self))
 
   def materialize(self) -> jax.Array:
     return sparse_unpack(self)
