@@ -263,7 +263,7 @@ def _layer_outputs(model, params, ids, mask):
   return out, [enc[f"layer_{i}"]["__call__"][0] for i in range(model.config.num_layers)]
 
 
-def minilm_distill_rows(steps=300, layers=(0, 4, 5), batch=32, lr=1e-3, max_length=64, seed=0,
+def minilm_distill_rows(steps=300, layers=(0, 4, 5), batch=32, lr=5e-4, max_length=64, seed=0,
                         log=None):
   from jaxmem.models import minilm
 
