@@ -39,15 +39,8 @@ import numpy as np
 import jaxmem
 from jaxmem.models import minilm
 
-METHODS = ("fp32", "int8_weight", "int8_dynamic", "int4_g64")
-ALL_METHODS = (
-  "fp32",
-  "int8_weight",
-  "int8_weight_channel",
-  "int8_dynamic",
-  "int8_dynamic_all",
-  "int4_g64",
-)
+METHODS = minilm.DEFAULT_RECIPES
+ALL_METHODS = minilm.RECIPES
 
 
 def run(methods, n_sentences: int, batch_size: int, repeats: int) -> list[dict]:

@@ -199,3 +199,14 @@ def test_data_parallel_argument_errors():
   _, g = dp(dp.replicate(_params()), _batch(8))
   ref = jax.grad(lambda t: _loss({**_params(), **t}, _batch(8)))(_trainable(_params()))
   assert dp.num_devices == 2 and _rel_err(dp.unreplicate(g), ref) <= 1e-6
+
+
+def test_mesh_from_axes_resolves_minus_one_and_checks_sizes():
+  mesh = jaxmem.mesh_from_axes({"data": -1, "model": 2})
+  assert mesh.shape == {"data": jax.device_count() // 2, "model": 2}
+  with pytest.raises(ValueError, match="does not cover the 4 devices"):
+    jaxmem.mesh_from_axes({"data": 3})
+  with pytest.raises(ValueError, match="more than one -1"):
+    jaxmem.mesh_from_axes({"data": -1, "model": -1})
+  with pytest.raises(ValueError, match="batch_size=6 does not divide over the 4 devices"):
+    jaxmem.mesh_from_axes({"data": -1}, batch_size=6)

@@ -44,13 +44,7 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh | None:
   """A device mesh from ``config.mesh`` ({axis: size}, one size may be -1), or None."""
   if config.mesh is None:
     return None
-  mesh = jaxmem.mesh_from_axes(dict(config.mesh))
-  if config.batch_size % mesh.shape["data"]:
-    raise ValueError(
-        f"batch_size={config.batch_size} does not divide over {mesh.shape['data']} devices on "
-        "the 'data' axis."
-    )
-  return mesh
+  return jaxmem.mesh_from_axes(dict(config.mesh), batch_size=config.batch_size)
 
 
 def batch_indices(config, step: int, n: int) -> np.ndarray:

@@ -374,9 +374,15 @@ def data_parallel(
 
 
 def mesh_from_axes(
-    axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None
+    axes: Mapping[str, int],
+    devices: Sequence[jax.Device] | None = None,
+    *,
+    batch_size: int | None = None,
+    batch_axis: str = "data",
 ) -> Mesh:
   """A ``Mesh`` over ``devices`` (default: all) from ``{axis_name: size}``; one size may be -1.
+
+  With ``batch_size``, also checks that it divides over the ``batch_axis`` devices.
 
   Example:
     >>> import jax, jaxmem
@@ -395,4 +401,10 @@ def mesh_from_axes(
         f"mesh_from_axes: {dict(axes)} does not cover the {len(devs)} devices; give sizes whose "
         "product is the device count, or -1 for one axis."
     )
-  return Mesh(np.array(devs).reshape(sizes), tuple(axes))
+  mesh = Mesh(np.array(devs).reshape(sizes), tuple(axes))
+  if batch_size is not None and batch_size % mesh.shape[batch_axis]:
+    raise ValueError(
+        f"mesh_from_axes: batch_size={batch_size} does not divide over the "
+        f"{mesh.shape[batch_axis]} devices of axis {batch_axis!r}; pick a multiple."
+    )
+  return mesh
