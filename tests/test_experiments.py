@@ -97,11 +97,6 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path):
   assert a["step"] == 120 and abs(a["sparsity"] - 0.9) < 0.005
 
 
-# Orbax's failed read of the truncated file leaves tensorstore callbacks that later post to
-# its already-closed asyncio loop ("Event loop is closed", raised in a background thread and
-# reported by pytest as unraisable). The restore itself fails cleanly and the run falls back;
-# the assertions below check the result.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_resume_skips_a_corrupt_latest_checkpoint(tmp_path):
   """A run whose latest checkpoint is truncated resumes from the step before, same result."""
   import jaxmem
