@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmem._src.base import Compressed
-from jaxmem._src.qarray import QArray, int_values, pack, quantize, unpack
+from jaxmem._src.qarray import QArray, _norm_axes, int_values, pack, quantize, unpack
 
 ENCODINGS = ("auto", "bitmask", "rice")
 _MAX_RICE_K = 24
@@ -149,15 +149,6 @@ def _rice_decode(index: jax.Array, nnz: int, k: int, unary_bits: int) -> jax.Arr
 # ----------------------------------------------------------------------------- pack / unpack
 
 
-def _norm_axes(axes: Sequence[int], ndim: int, path: str) -> tuple[int, ...]:
-  out = []
-  for a in axes:
-    if not -ndim <= a < ndim:
-      raise ValueError(f"sparse_pack '{path}': channel axis {a} is out of range for {ndim}-d.")
-    out.append(a % ndim)
-  return tuple(sorted(set(out)))
-
-
 def sparse_pack(
     x,
     *,
@@ -220,19 +211,24 @@ def sparse_pack(
     raise ValueError(f"sparse_pack '{path}': {x.size} elements exceed int32 positions.")
   xn = np.asarray(x)
   keep = _host_mask(mask, xn != 0, x.shape, path)
-  positions = np.flatnonzero(keep)
-  index, enc, k, ulen = _encode(positions, x.size, encoding)
-  common = dict(
-      index=jnp.asarray(index), shape=tuple(x.shape), dtype=np.dtype(x.dtype),
-      nnz=int(positions.size), encoding=enc, rice_k=k, unary_bits=ulen,
-  )
+  positions, common = _index_fields(keep, x.shape, x.dtype, encoding)
   if bits is None:
     return SparseArray(values=jnp.asarray(xn.reshape(-1)[positions]), scale=None, **common)
-  axes = _norm_axes(channel_axes or (), x.ndim, path)
+  axes = _norm_axes(channel_axes or (), x.ndim, f"sparse_pack '{path}'")
   # Only kept entries matter: zero the others so they do not widen the scales.
   q = quantize(jnp.where(jnp.asarray(keep), x, 0), bits, channel_axes=axes, pack_bits=False,
                path=path)
   return _quantized(np.asarray(q.qvalue), q.scale, positions, bits, axes, common)
+
+
+def _index_fields(keep: np.ndarray, shape, dtype, encoding) -> tuple[np.ndarray, dict]:
+  """Kept positions, and the SparseArray fields describing them (index, shape, nnz, ...)."""
+  positions = np.flatnonzero(keep)
+  index, enc, k, ulen = _encode(positions, int(np.prod(shape, dtype=np.int64)), encoding)
+  return positions, dict(
+      index=jnp.asarray(index), shape=tuple(shape), dtype=np.dtype(dtype),
+      nnz=int(positions.size), encoding=enc, rice_k=k, unary_bits=ulen,
+  )
 
 
 def _host_mask(mask, default: np.ndarray, shape, path: str) -> np.ndarray:
@@ -259,12 +255,7 @@ def _pack_qarray(x: QArray, mask, bits, encoding, path) -> SparseArray:
     )
   qv = np.asarray(int_values(x))
   keep = _host_mask(mask, qv != 0, x.shape, path)
-  positions = np.flatnonzero(keep)
-  index, enc, k, ulen = _encode(positions, x.size, encoding)
-  common = dict(
-      index=jnp.asarray(index), shape=tuple(x.shape), dtype=np.dtype(x.dtype),
-      nnz=int(positions.size), encoding=enc, rice_k=k, unary_bits=ulen,
-  )
+  positions, common = _index_fields(keep, x.shape, x.dtype, encoding)
   return _quantized(qv, x.scale, positions, x.bits, tuple(x.channel_axes), common)
 
 
