@@ -13,7 +13,11 @@ recipes of :func:`jaxmem.models.minilm.recipe`, all run by :func:`jaxmem.apply` 
   measured sensitivity pass picked;
 * ``int8_weight_channel`` / ``int8_dynamic_all`` (``--all``): the plain transforms
   (``quantize_int8()`` / ``quantize_dynamic_int8()`` on every kernel), for comparison;
-* ``int4_g64``: weight-only int4, groups of 64 (``quantize_int4``).
+* ``int4_g64``: weight-only int4, groups of 64 (``quantize_int4``);
+* ``int8_dynamic_s32`` (``--all``): ``int8_dynamic`` forced onto XLA's ``int8 x int8 ->
+  int32`` dot (``JAXMEM_INT8_DOT=int32``). On CPUs with native bf16 dots (AVX512_BF16, as
+  here) jaxmem runs the same integer products as bf16 dots with exact f32 accumulation
+  (bit-identical results, see :mod:`jaxmem._src.qdot`); this row measures what that buys.
 
 Embedding tables and the pooler are compressed and counted in ``param_bytes`` (real storage
 of every leaf). ``cos_mean``/``cos_min``: cosine of each sentence embedding to fp32's.
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
@@ -39,19 +44,45 @@ import numpy as np
 import jaxmem
 from jaxmem.models import minilm
 
+S32 = "_s32"  # suffix: the same recipe with its W8A8 dots forced onto the int32 route
 METHODS = minilm.DEFAULT_RECIPES
-ALL_METHODS = minilm.RECIPES
+ALL_METHODS = minilm.RECIPES + ("int8_dynamic" + S32,)
+
+
+def _compile(model, params, data, route: str | None):
+  """``fn(params, ids, mask)`` backed by one AOT executable per padded shape.
+
+  ``route`` sets ``JAXMEM_INT8_DOT`` while tracing. JAX caches traces, so they are cleared
+  first; the AOT executables keep their route whatever is traced later.
+  """
+  old = os.environ.get("JAXMEM_INT8_DOT")
+  if route:
+    os.environ["JAXMEM_INT8_DOT"] = route
+  try:
+    jax.clear_caches()
+    jitted = minilm.embed_fn(model)
+    compiled = {
+      b.input_ids.shape: jitted.lower(params, b.input_ids, b.attention_mask).compile()
+      for b in data.batches
+    }
+  finally:
+    if old is None:
+      os.environ.pop("JAXMEM_INT8_DOT", None)
+    else:
+      os.environ["JAXMEM_INT8_DOT"] = old
+  return lambda p, ids, mask: compiled[ids.shape](p, ids, mask)
 
 
 def run(methods, n_sentences: int, batch_size: int, repeats: int) -> list[dict]:
   m = minilm.load()
   data = minilm.make_batches(m.tokenizer, minilm.eval_sentences(n_sentences), batch_size)
-  fn = minilm.embed_fn(m.model)
-  params = {}
+  params, fns, emb = {}, {}, {}
   for name in methods:
-    tx = minilm.recipe(name)
+    tx = minilm.recipe(name.removesuffix(S32))
     params[name] = m.params if tx is None else jaxmem.transform(tx, m.params)
-  emb = {name: minilm.embed(m.model, p, data)[0] for name, p in params.items()}  # + compile
+    route = "int32" if name.endswith(S32) else None
+    fns[name] = _compile(m.model, params[name], data, route)
+    emb[name] = minilm.embed(m.model, params[name], data, fn=fns[name])[0]
   # Interleaved per batch (each batch runs under every method back to back, in a rotating
   # order), so a change of machine load hits all methods alike and their ratios stay stable.
   times = {name: [] for name in methods}
@@ -61,7 +92,7 @@ def run(methods, n_sentences: int, batch_size: int, repeats: int) -> list[dict]:
       for k in range(len(methods)):
         name = methods[(i + k) % len(methods)]
         start = time.perf_counter()
-        fn(params[name], b.input_ids, b.attention_mask).block_until_ready()
+        fns[name](params[name], b.input_ids, b.attention_mask).block_until_ready()
         total[name] += time.perf_counter() - start
     for name in methods:
       times[name].append(total[name])

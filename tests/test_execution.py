@@ -155,9 +155,18 @@ def _lowered(model, variables, x):
 
 
 S8_DOT = re.compile(r"dot_general.*tensor<[0-9x]+xi8>, tensor<[0-9x]+xi8>\) -> tensor<[0-9x]+xi32>")
+# The same integer dot on the bf16 route (CPUs with native bf16 dots; see jaxmem._src.qdot).
+BF16_DOT = re.compile(r"dot_general.*xbf16>, tensor<[0-9x]+xbf16>\) -> tensor<[0-9x]+xf32>")
 
 
-def test_w8a8_lowers_to_s8_dot():
+def _route(monkeypatch, mode):
+  """Sets the integer-dot route; JAX caches traces, so drop them (see jaxmem._src.qdot)."""
+  monkeypatch.setenv("JAXMEM_INT8_DOT", mode)
+  jax.clear_caches()
+
+
+def test_w8a8_lowers_to_s8_dot(monkeypatch):
+  _route(monkeypatch, "int32")
   model = nn.Dense(32)
   x = jnp.ones((8, 64))
   params = model.init(_key(0), x)["params"]
@@ -167,12 +176,78 @@ def test_w8a8_lowers_to_s8_dot():
   assert not S8_DOT.search(text)  # weight-only keeps float activations
 
 
-def test_w8a8_conv_lowers_to_s8_convolution():
+def test_w8a8_conv_lowers_to_s8_convolution(monkeypatch):
+  _route(monkeypatch, "int32")
   model = nn.Conv(8, (3, 3))
   x = jnp.ones((2, 6, 6, 4))
   params = model.init(_key(0), x)["params"]
   text = _lowered(model, {"params": jaxmem.transform(jaxmem.quantize_dynamic_int8(), params)}, x)
   assert re.search(r"convolution.*xi8>, tensor<[0-9x]+xi8>\) -> tensor<[0-9x]+xi32>", text)
+
+
+def test_w8a8_bf16_route_lowers_to_bf16_dot(monkeypatch):
+  _route(monkeypatch, "bf16")
+  model = nn.Dense(32)
+  x = jnp.ones((8, 64))
+  params = model.init(_key(0), x)["params"]
+  text = _lowered(model, {"params": jaxmem.transform(jaxmem.quantize_dynamic_int8(), params)}, x)
+  assert BF16_DOT.search(text) and not S8_DOT.search(text), text
+
+
+def _worst_case_w8a8(shape, channel_axes):
+  """A W8A8 weight whose integer values are all +127 (the largest possible sums)."""
+  q = jaxmem.quantize(jnp.ones(shape), channel_axes=channel_axes, act_bits=8)
+  assert int(jnp.min(q.qvalue)) == 127
+  return q
+
+
+@pytest.mark.parametrize(
+    "case", ["dot_k2048", "dot_k512", "einsum_k2048", "conv_k1152", "grouped_conv_k1152"]
+)
+def test_bf16_route_is_bit_identical_to_int32(monkeypatch, case):
+  """Sums of 127*127*K overflow f32's exact integers at K > 1040: the bf16 route must split.
+
+  All-ones activations and weights give the largest possible sums (127 * 127 * K).
+  """
+  from jaxmem._src import qdot
+
+  if case.startswith("dot"):
+    k = int(case.split("k")[1])
+    w = _worst_case_w8a8((k, 16), (1,))
+    x = jnp.ones((3, k))  # every activation rounds to 127 too
+    fn = lambda x, w: qdot.quantized_dot_general(x, w, (((1,), (0,)), ((), ())))
+  elif case.startswith("einsum"):
+    w = _worst_case_w8a8((2048, 2, 8), (1, 2))
+    x = jnp.ones((2, 3, 2048))
+    fn = lambda x, w: qdot.quantized_einsum("abk,kcd->abcd", x, w)
+  else:
+    groups = 2 if case.startswith("grouped") else 1
+    w = _worst_case_w8a8((3, 3, 128, 4), (3,))  # K = 3 * 3 * 128 = 1152 > 1040
+    x = jnp.ones((2, 5, 5, 128 * groups))
+    fn = lambda x, w: qdot.quantized_conv(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+  out = {}
+  for mode in ("int32", "bf16", "auto"):
+    _route(monkeypatch, mode)
+    out[mode] = np.asarray(jax.jit(fn)(x, w))
+    text = jax.jit(fn).lower(x, w).as_text()
+    bf16 = mode == "bf16" or (mode == "auto" and qdot._cpu_has_native_bf16())
+    # A grouped convolution cannot be split along its input features: it stays on int32.
+    assert ("xbf16>" in text) == (bf16 and not case.startswith("grouped")), (mode, text)
+    assert (mode == "int32") <= ("xi8>" in text)
+  np.testing.assert_array_equal(out["bf16"], out["int32"])
+  np.testing.assert_array_equal(out["auto"], out["int32"])
+  if case.startswith("dot"):
+    np.testing.assert_allclose(out["int32"], np.full((3, 16), float(k)), rtol=1e-6)
+
+
+def test_int8_dot_mode_is_validated(monkeypatch):
+  _route(monkeypatch, "fp8")
+  q = jaxmem.quantize(jnp.ones((4, 4)), channel_axes=(1,), act_bits=8)
+  with pytest.raises(ValueError, match="JAXMEM_INT8_DOT='fp8'"):
+    jaxmem.quantized_dot_general(jnp.ones((2, 4)), q, (((1,), (0,)), ((), ())))
 
 
 def test_weight_only_scale_factors_out_of_the_dot():
@@ -380,5 +455,6 @@ def test_lifted_transforms():
     h = np.maximum(h @ np.asarray(blocks["kernel"][i]) + np.asarray(blocks["bias"][i]), 0)
   ref = fake_quant_rows(h, (1,)) @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
   assert_close(out, ref, tol=1e-4)
-  assert S8_DOT.search(call.lower({"params": q}, x).as_text())
+  text = call.lower({"params": q}, x).as_text()
+  assert S8_DOT.search(text) or BF16_DOT.search(text)
 

@@ -31,7 +31,8 @@ Both paths run under ``jax.jit`` and ``jax.eval_shape`` (close over the model, e
 ``jax.jit(functools.partial(jaxmem.apply, model))``). Kernels dequantize nothing up
 front: weight-only layers run on the integer values and scale the output; W8A8 layers
 (``QArray.act_bits == 8``) quantize activations per row and run an
-``int8 x int8 -> int32`` ``lax.dot_general``.
+``int8 x int8 -> int32`` ``lax.dot_general`` (or its bit-identical bf16 route on CPUs with
+native bf16 dots, see :func:`jaxmem.quantized_dot_general`).
 
 Not supported (the leaf is materialized instead): Linen lifted transforms that slice
 params (``nn.scan``/``nn.vmap`` over a compressed kernel), ``ConvLocal``/

@@ -304,13 +304,15 @@ def embed_fn(model: bert.BertModel) -> Callable:
   )
 
 
-def embed(model, params, data: Batches, progress: str | None = None) -> tuple[np.ndarray, float]:
+def embed(
+    model, params, data: Batches, progress: str | None = None, fn: Callable | None = None
+) -> tuple[np.ndarray, float]:
   """Embeddings [n, hidden] in the original sentence order, and sentences/s.
 
   Every padded shape is compiled before the clock starts. ``progress``: if set, a tqdm bar
-  with this label follows the timed pass.
+  with this label follows the timed pass. ``fn``: an :func:`embed_fn` to (re)use.
   """
-  fn = embed_fn(model)
+  fn = fn or embed_fn(model)
   seen = set()
   for b in data.batches:
     if b.input_ids.shape not in seen:
