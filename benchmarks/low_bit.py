@@ -11,6 +11,10 @@ Three parts (``--only`` picks some, comma-separated):
   text), the word/position tables and pooler by round-to-nearest int4, all with one scale per
   64 (128) inputs, packed two per byte; the 2x384 token-type table in int8.
   ``int8_weight``: the MiniLM benchmark's int8 weight-only recipe.
+  ``int4_g64_mixed``: ``int4_g64`` with the leaves whose int4 error costs the most cosine per
+  extra byte moved to int8 per channel (:func:`jaxmem.leaf_sensitivity` on 256 calibration
+  sentences, then :func:`jaxmem.mixed_precision`) within ``--mixed-budget`` x fp32 bytes
+  (default 0.16); the chosen leaves are printed to stderr.
 * ``minilm_distill``: a 3-layer student initialised from the teacher's embeddings and layers
   ``--student-layers`` (``truncated_3l``, untrained), then trained ``--distill-steps`` steps
   (``distilled_3l``) with :func:`jaxmem.distill_train_step` (frozen teacher) by embedding
@@ -131,6 +135,8 @@ def digits_rows(seeds=(0, 1, 2), epochs=40, qat_epochs=20, prune_epochs=40):
 EVAL_SENTENCES = 512
 EVAL_BATCH = 32  # as the MiniLM benchmark
 CALIB_SENTENCES = 512
+MIXED_CALIB_SENTENCES = 256  # a prefix of the calibration sentences
+MIXED_BUDGET = 0.16  # int4_g64_mixed: the most bytes, as a fraction of fp32
 
 
 def _batches(tokenizer, sentences, batch, max_length=None):
@@ -146,18 +152,23 @@ def _batches(tokenizer, sentences, batch, max_length=None):
 
 class Evaluator:
   """Cosine of each evaluation sentence's embedding to the fp32 teacher's (MiniLM benchmark set
-  and batching: :func:`jaxmem.models.minilm.make_batches`, run through :func:`jaxmem.apply`)."""
+  and batching: :func:`jaxmem.models.minilm.make_batches`, run through :func:`jaxmem.apply`).
+  ``sentences`` replaces the evaluation set (e.g. calibration text)."""
 
-  def __init__(self, m, n=EVAL_SENTENCES):
+  def __init__(self, m, n=EVAL_SENTENCES, sentences=None):
     from jaxmem.models import minilm
 
-    self.data = minilm.make_batches(m.tokenizer, minilm.eval_sentences(n), EVAL_BATCH)
+    sentences = minilm.eval_sentences(n) if sentences is None else sentences
+    self._fns = {}
+    self.data = minilm.make_batches(m.tokenizer, sentences, EVAL_BATCH)
     self.ref = self.embed(m.model, m.params)
 
   def embed(self, model, params):
     from jaxmem.models import minilm
 
-    return minilm.embed(model, params, self.data)[0]
+    if id(model) not in self._fns:  # one jit per model: repeated calls reuse its compilations
+      self._fns[id(model)] = (model, minilm.embed_fn(model))
+    return minilm.embed(model, params, self.data, fn=self._fns[id(model)][1])[0]
 
   def cos(self, model, params):
     from jaxmem.models import minilm
@@ -165,11 +176,16 @@ class Evaluator:
     return minilm.cosine_rows(self.embed(model, params), self.ref)
 
 
-def calibration_hessians(m, n=CALIB_SENTENCES):
-  """``X^T X`` of every encoder Dense input over ``n`` pydoc_data sentences (not eval text)."""
+def calibration_sentences(n=CALIB_SENTENCES):
+  """``n`` pydoc_data sentences in a fixed random order (never the evaluation text)."""
   sentences = pydoc_sentences()
   rng = np.random.default_rng(1)
-  sentences = [sentences[i] for i in rng.permutation(len(sentences))[:n]]
+  return [sentences[i] for i in rng.permutation(len(sentences))[:n]]
+
+
+def calibration_hessians(m, n=CALIB_SENTENCES):
+  """``X^T X`` of every encoder Dense input over ``n`` pydoc_data sentences (not eval text)."""
+  sentences = calibration_sentences(n)
   sentences.sort(key=lambda s: len(m.tokenizer.encode(s).ids))  # little padding per batch
   return jaxmem.input_hessians(m.model, {"params": m.params}, _batches(m.tokenizer, sentences, 64),
                                where=r"encoder/.*")
@@ -184,7 +200,21 @@ def int4_recipe(hessians, group_size):
   ])
 
 
-def minilm_ptq_rows():
+def int4_mixed(m, int4_params, budget_bytes, log=None):
+  """``int4_params`` with the leaves that matter most per extra byte moved to int8 (per
+  channel) while the tree fits ``budget_bytes``; sensitivity = growth of ``1 - cosine`` to fp32
+  on calibration sentences when only that leaf is int4 (:func:`jaxmem.leaf_sensitivity`)."""
+  calib = Evaluator(m, sentences=calibration_sentences(MIXED_CALIB_SENTENCES))
+  sens = jaxmem.leaf_sensitivity(lambda p: 1.0 - float(calib.cos(m.model, p).mean()),
+                                 m.params, int4_params)
+  int8 = jaxmem.transform(jaxmem.quantize_int8(), m.params)
+  mixed, chosen = jaxmem.mixed_precision(int4_params, int8, sens, budget_bytes)
+  if log is not None:
+    log(f"int4_g64_mixed: int8 for {len(chosen)} leaves: {', '.join(chosen)}")
+  return mixed
+
+
+def minilm_ptq_rows(mixed_budget=MIXED_BUDGET, log=None):
   from jaxmem.models import minilm
 
   m = minilm.load()
@@ -195,8 +225,10 @@ def minilm_ptq_rows():
       "int4_g128": int4_recipe(hessians, 128),
       "int8_weight": minilm.recipe("int8_weight"),  # the MiniLM benchmark's int8_weight
   }
-  for method, tx in recipes.items():
-    q = jaxmem.transform(tx, m.params)
+  quantized = {method: jaxmem.transform(tx, m.params) for method, tx in recipes.items()}
+  budget = int(mixed_budget * jaxmem.tree_bytes(m.params))
+  quantized["int4_g64_mixed"] = int4_mixed(m, quantized["int4_g64"], budget, log)
+  for method, q in quantized.items():
     cos = ev.cos(m.model, q)
     yield {
         "bench": "minilm_low_bit",
@@ -344,6 +376,8 @@ def main(argv=None):
   ap.add_argument("--seeds", type=int, default=3, help="digits seeds")
   ap.add_argument("--distill-steps", type=int, default=300, help="student training steps")
   ap.add_argument("--student-layers", default="0,4,5", help="teacher layers of the student")
+  ap.add_argument("--mixed-budget", type=float, default=MIXED_BUDGET,
+                  help="int4_g64_mixed: the most param bytes, as a fraction of fp32")
   args = ap.parse_args(argv)
   parts = [p.strip() for p in args.only.split(",") if p.strip()]
   for p in parts:
@@ -354,7 +388,7 @@ def main(argv=None):
   log = (lambda m: print(m, file=sys.stderr, flush=True))
   layers = tuple(int(v) for v in args.student_layers.split(","))
   gens = {
-      "minilm_ptq": minilm_ptq_rows,
+      "minilm_ptq": lambda: minilm_ptq_rows(args.mixed_budget, log=log),
       "minilm_distill": lambda: minilm_distill_rows(args.distill_steps, layers, log=log),
       "digits": lambda: digits_rows(seeds=tuple(range(args.seeds))),
   }

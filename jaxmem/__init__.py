@@ -94,6 +94,9 @@ from jaxmem._src.gptq import input_hessians as input_hessians
 from jaxmem._src.gptq import quantize_gptq as quantize_gptq
 from jaxmem._src.lowbit import quantize_grouped as quantize_grouped
 from jaxmem._src.lowbit import quantize_int4 as quantize_int4
+from jaxmem._src.mixed import leaf_sensitivity as leaf_sensitivity
+from jaxmem._src.mixed import mix_leaves as mix_leaves
+from jaxmem._src.mixed import mixed_precision as mixed_precision
 from jaxmem._src.qat import QATWeights as QATWeights
 from jaxmem._src.qat import fake_quant_activations as fake_quant_activations
 from jaxmem._src.qat import fake_quantize as fake_quantize
