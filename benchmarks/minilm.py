@@ -49,27 +49,15 @@ METHODS = minilm.DEFAULT_RECIPES
 ALL_METHODS = minilm.RECIPES + ("int8_dynamic" + S32,)
 
 
-def _compile(model, params, data, route: str | None):
-  """``fn(params, ids, mask)`` backed by one AOT executable per padded shape.
-
-  ``route`` sets ``JAXMEM_INT8_DOT`` while tracing. JAX caches traces, so they are cleared
-  first; the AOT executables keep their route whatever is traced later.
-  """
-  old = os.environ.get("JAXMEM_INT8_DOT")
-  if route:
-    os.environ["JAXMEM_INT8_DOT"] = route
-  try:
-    jax.clear_caches()
+def _compile(model, params, data, route: str):
+  """``fn(params, ids, mask)`` backed by one AOT executable per padded shape, traced on one
+  integer-dot route (:func:`jaxmem.int8_dot_route`)."""
+  with jaxmem.int8_dot_route(route):
     jitted = minilm.embed_fn(model)
     compiled = {
       b.input_ids.shape: jitted.lower(params, b.input_ids, b.attention_mask).compile()
       for b in data.batches
     }
-  finally:
-    if old is None:
-      os.environ.pop("JAXMEM_INT8_DOT", None)
-    else:
-      os.environ["JAXMEM_INT8_DOT"] = old
   return lambda p, ids, mask: compiled[ids.shape](p, ids, mask)
 
 
@@ -80,7 +68,7 @@ def run(methods, n_sentences: int, batch_size: int, repeats: int) -> list[dict]:
   for name in methods:
     tx = minilm.recipe(name.removesuffix(S32))
     params[name] = m.params if tx is None else jaxmem.transform(tx, m.params)
-    route = "int32" if name.endswith(S32) else None
+    route = "int32" if name.endswith(S32) else os.environ.get("JAXMEM_INT8_DOT", "auto")
     fns[name] = _compile(m.model, params[name], data, route)
     emb[name] = minilm.embed(m.model, params[name], data, fn=fns[name])[0]
   # Interleaved per batch (each batch runs under every method back to back, in a rotating

@@ -7,7 +7,10 @@ batch 256. Methods:
 * ``int8_weight``: weight-only int8 per output channel (:func:`jaxmem.quantize_int8`),
   run by :func:`jaxmem.apply` (integer kernel, scale applied to the output);
 * ``int8_dynamic``: dynamic W8A8 (:func:`jaxmem.quantize_dynamic_int8`): activations
-  quantized per row at run time, ``int8 x int8 -> int32`` ``lax.dot_general``.
+  quantized per row at run time, ``int8 x int8 -> int32`` ``lax.dot_general`` (on CPUs with
+  native bf16 dots, the bit-identical bf16 route; see :func:`jaxmem.quantized_dot_general`);
+* ``int8_dynamic_s32``: the same params compiled on the int32 route
+  (:func:`jaxmem.int8_dot_route`), to measure what the bf16 route buys.
 
 Each method is one ``jax.jit`` function taking the params as arguments (so nothing is
 constant-folded). Methods are timed interleaved, round-robin, ``--repeats`` calls each
@@ -38,6 +41,9 @@ import numpy as np
 import jaxmem
 
 METHODS = ("fp32", "int8_weight", "int8_dynamic")
+# The same W8A8 params forced onto XLA's int8 x int8 -> int32 dot (jaxmem.int8_dot_route); on
+# CPUs with native bf16 dots ``int8_dynamic`` runs the bit-identical bf16 route instead.
+S32 = "int8_dynamic_s32"
 
 
 class MLP(nn.Module):
@@ -67,6 +73,10 @@ def build(batch: int, features: int, layers: int, seed: int = 0):
   quantized = jax.jit(lambda p, x: jaxmem.apply(model, {"params": p}, x))
   runs["int8_weight"] = (quantized, jaxmem.transform(jaxmem.quantize_int8(), params))
   runs["int8_dynamic"] = (quantized, jaxmem.transform(jaxmem.quantize_dynamic_int8(), params))
+  w8a8 = runs["int8_dynamic"][1]
+  with jaxmem.int8_dot_route("int32"):  # an executable compiled on the int32 route
+    runs[S32] = (jax.jit(lambda p, x: jaxmem.apply(model, {"params": p}, x)).lower(w8a8, x)
+                 .compile(), w8a8)
   return x, runs
 
 
@@ -123,15 +133,15 @@ def print_table(rows, batch, features, layers, repeats):
   dev = jax.devices()[0]
   print(f"MLP {layers} x Dense({features}), batch {batch}, median of {repeats} interleaved "
         f"calls on {dev.platform} ({dev.device_kind}), jax {jax.__version__}")
-  header = (f"{'method':<14}{'param_bytes':>13}{'bytes/fp32':>12}{'ms':>10}"
+  header = (f"{'method':<18}{'param_bytes':>13}{'bytes/fp32':>12}{'ms':>10}"
             f"{'speed vs fp32':>15}{'rel_err':>10}")
   if peers:
     header += f"{'qwix speed':>12}{'qwix rel_err':>14}"
   print(header)
   print("-" * len(header))
-  for name in METHODS:
+  for name in METHODS + (S32,):
     r = by_name[name]
-    line = (f"{name:<14}{r['param_bytes']:>13,}{r['param_bytes'] / base['param_bytes']:>12.3f}"
+    line = (f"{name:<18}{r['param_bytes']:>13,}{r['param_bytes'] / base['param_bytes']:>12.3f}"
             f"{r['ms']:>10.2f}{base['ms'] / r['ms']:>14.2f}x{r['rel_err']:>10.4f}")
     peer = by_name.get("qwix_" + name)
     if peer is not None:
@@ -153,7 +163,7 @@ def main(argv=None):
   rows = measure(args.batch, args.features, args.layers, args.repeats, peers=not args.no_peers)
   if args.json:  # the contract: jaxmem's methods only
     for r in rows:
-      if r["method"] in METHODS:
+      if r["method"] in METHODS + (S32,):
         print(json.dumps(r))
   else:
     print_table(rows, args.batch, args.features, args.layers, args.repeats)

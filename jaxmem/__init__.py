@@ -33,6 +33,7 @@ from jaxmem._src.quantize import quantize_weights as quantize_weights
 # --- execution (issue 2): apply / quantized layers
 from jaxmem._src.execution import apply as apply
 from jaxmem._src.execution import merge_compressed as merge_compressed
+from jaxmem._src.qdot import int8_dot_route as int8_dot_route
 from jaxmem._src.qdot import quantize_activations as quantize_activations
 from jaxmem._src.qdot import quantized_conv as quantized_conv
 from jaxmem._src.qdot import quantized_dot_general as quantized_dot_general

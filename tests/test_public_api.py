@@ -16,9 +16,9 @@ EXPECTED = {
     "QArray", "dequantize", "pack", "quantize", "unpack", "dequantize_params",
     "quantize_dynamic_int8", "quantize_int8", "quantize_weights", "quantize_int4",
     "quantize_grouped", "gptq_kernel", "input_hessians", "quantize_gptq", "leaf_sensitivity",
-    "mix_leaves", "mixed_precision", "apply",
-    "merge_compressed", "quantize_activations", "quantized_conv", "quantized_dot_general",
-    "quantized_einsum", "quantized_take",
+    "mix_leaves", "mixed_precision", "apply", "merge_compressed", "int8_dot_route",
+    "quantize_activations", "quantized_conv", "quantized_dot_general", "quantized_einsum",
+    "quantized_take",
     # pruning and sparse storage
     "GradualPruneState", "KeepMasksState", "gradual_prune", "keep_masks", "mask_sparsity",
     "sparsity_schedule", "apply_masks", "magnitude_mask", "magnitude_masks", "magnitude_prune",

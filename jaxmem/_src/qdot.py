@@ -26,7 +26,7 @@ contracted elements whose results are added in int32: the result is **bit-identi
 to the int32 op. The choice is made when lowering (``lax.platform_dependent``: GPU and
 TPU keep their native int8 ops) and can be forced with the environment variable
 ``JAXMEM_INT8_DOT=int32|bf16`` (default ``auto``), read when a function is traced (JAX
-caches traces: after changing it in a running process, call ``jax.clear_caches()``).
+caches traces: in a running process use :func:`jaxmem.int8_dot_route`).
 
 All kernels are jit-, vmap- and eval_shape-compatible; nothing here stores a float
 copy of a weight.
@@ -34,6 +34,7 @@ copy of a weight.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -100,6 +101,39 @@ def _int8_dot_mode() -> str:
         "accumulation on CPUs with native bf16 dots, int32 elsewhere)."
     )
   return mode
+
+
+@contextlib.contextmanager
+def int8_dot_route(mode: str):
+  """Traces W8A8 ops inside the block on one integer-dot route: ``int32``, ``bf16`` or ``auto``.
+
+  Sets ``JAXMEM_INT8_DOT`` for the block and clears JAX's trace caches on entry and exit
+  (traces are cached per function, so a function traced before would keep its route).
+  Compile inside the block (``jax.jit(f).lower(...).compile()``) to keep an executable on
+  that route; jitted functions called after the block retrace on the default route.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxmem
+    >>> q = jaxmem.quantize(jnp.ones((8, 4)), channel_axes=(1,), act_bits=8)
+    >>> f = lambda x, q: jaxmem.quantized_dot_general(x, q, (((1,), (0,)), ((), ())))
+    >>> with jaxmem.int8_dot_route("int32"):
+    ...   text = jax.jit(f).lower(jnp.ones((2, 8)), q).as_text()
+    >>> 'xi8>' in text and 'bf16' not in text
+    True
+  """
+  if mode not in _INT8_DOT_MODES:
+    raise ValueError(f"int8_dot_route: mode {mode!r}; expected one of {_INT8_DOT_MODES}.")
+  old = os.environ.get("JAXMEM_INT8_DOT")
+  os.environ["JAXMEM_INT8_DOT"] = mode
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    if old is None:
+      os.environ.pop("JAXMEM_INT8_DOT", None)
+    else:
+      os.environ["JAXMEM_INT8_DOT"] = old
+    jax.clear_caches()
 
 
 @functools.cache
