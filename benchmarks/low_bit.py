@@ -374,7 +374,7 @@ def main(argv=None):
   ap.add_argument("--json", action="store_true", help="one JSON object per line")
   ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
   ap.add_argument("--seeds", type=int, default=3, help="digits seeds")
-  ap.add_argument("--distill-steps", type=int, default=300, help="student training steps")
+  ap.add_argument("--distill-steps", type=int, default=600, help="student training steps")
   ap.add_argument("--student-layers", default="0,4,5", help="teacher layers of the student")
   ap.add_argument("--mixed-budget", type=float, default=MIXED_BUDGET,
                   help="int4_g64_mixed: the most param bytes, as a fraction of fp32")

@@ -9,8 +9,8 @@ recipes of :func:`jaxmem.models.minilm.recipe`, all run by :func:`jaxmem.apply` 
 * ``fp32``: the float params;
 * ``int8_weight``: weight-only int8, one scale per 128 inputs and output feature;
 * ``int8_dynamic``: W8A8 (activations quantized per token at run time, ``int8 x int8 ->
-  int32`` matmuls) except the attention value projections (weight-only int8), the layers a
-  measured sensitivity pass picked;
+  int32`` matmuls) except the attention value projections (int8 weights with bf16
+  activations, W8A16), the layers a measured sensitivity pass picked;
 * ``int8_weight_channel`` / ``int8_dynamic_all`` (``--all``): the plain transforms
   (``quantize_int8()`` / ``quantize_dynamic_int8()`` on every kernel), for comparison;
 * ``int4_g64``: weight-only int4, groups of 64 (``quantize_int4``);

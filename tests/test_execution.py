@@ -276,6 +276,49 @@ def test_w8a8_rejects_scale_on_contracted_axis():
     jaxmem.apply(model, {"params": bad}, x)
 
 
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_w8a16_matches_bf16_rounded_activations(api):
+  """act_bits=16: bf16 activations x exact integer weights, f32 accumulation, scaled output."""
+  x = jax.random.normal(_key(1), (4, 10, 64))
+  if api == "linen":
+    model = nn.Dense(48)
+    params = model.init(_key(0), x)["params"]
+    q = jaxmem.transform(jaxmem.quantize_weights(8, act_bits=16), params)
+    out = jax.jit(functools.partial(jaxmem.apply, model))({"params": q}, x)
+    text = jax.jit(functools.partial(jaxmem.apply, model)).lower({"params": q}, x).as_text()
+  else:
+    model = nnx.Linear(64, 48, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    q = jaxmem.transform(jaxmem.quantize_weights(8, act_bits=16), params)
+    out = jaxmem.apply(model, q, x)
+    text = ""
+    params = {"kernel": params["kernel"].get_value(), "bias": params["bias"].get_value()}
+    q = {"kernel": q["kernel"].get_value(), "bias": q["bias"].get_value()}
+  k = q["kernel"]
+  assert k.act_bits == 16 and k.qvalue.dtype == jnp.int8
+  xb = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  ref = xb @ np.asarray(k.qvalue, np.float64) * np.asarray(k.scale, np.float64) + np.asarray(
+      params["bias"], np.float64)
+  assert_close(out, ref, tol=1e-5)
+  # Closer to the float layer than W8A8 on the same weights.
+  f32 = np.asarray(x, np.float64) @ np.asarray(params["kernel"], np.float64) + np.asarray(
+      params["bias"], np.float64)
+  assert np.abs(np.asarray(out) - f32).max() < 0.05
+  if text:
+    assert BF16_DOT.search(text) and not S8_DOT.search(text)
+
+
+def test_w8a16_rejects_group_scales_on_the_contraction_and_bad_act_bits():
+  model = nn.Dense(8)
+  x = jnp.ones((2, 32))
+  params = model.init(_key(0), x)["params"]
+  bad = jaxmem.transform(jaxmem.quantize_weights(8, group_size=16, act_bits=16), params)
+  with pytest.raises(ValueError, match=r"act_bits=16.*channel_axes on the output axes"):
+    jaxmem.apply(model, {"params": bad}, x)
+  with pytest.raises(ValueError, match=r"act_bits=4; use 8 .*16 .*None"):
+    jaxmem.quantize(params["kernel"], act_bits=4)
+
+
 def test_packed_int4_embedding_gathers_rows():
   table = jax.random.normal(_key(0), (50, 16))
   ids = jnp.array([[0, 49, 3], [7, 7, 1]])

@@ -74,7 +74,7 @@ def test_quantized_recipes_fidelity_and_bytes(m, reference):
   q = jaxmem.transform(minilm.recipe("int8_dynamic"), m.params)
   layer = q["encoder"]["layer_3"]
   assert layer["intermediate"]["kernel"].act_bits == 8
-  assert layer["attention"]["self"]["value"]["kernel"].act_bits is None  # kept weight-only
+  assert layer["attention"]["self"]["value"]["kernel"].act_bits == 16  # W8A16: bf16 activations
 
 
 def test_unknown_recipe_names_the_choices():

@@ -155,8 +155,9 @@ def quantize(
       this many elements (group-wise quantization; the axis must be divisible).
     group_axis: the axis split into groups (the input dimension of a kernel).
     pack_bits: pack ``8 // bits`` values per byte; default: True for bits <= 4.
-    act_bits: record that layers should quantize activations to this many bits at run
-      time (dynamic W8A8 when 8); None: weight-only.
+    act_bits: record how layers running this weight treat their input at run time: 8 =
+      dynamic int8 per token (W8A8), 16 = rounded to bfloat16 (W8A16: integer weights are
+      exact in bf16, products accumulate in f32); None: weight-only, float activations.
     path: the leaf's path, for error messages.
 
   Note: ``quantize`` checks for NaN/Inf when ``x`` is concrete; under ``jit`` a
@@ -172,8 +173,11 @@ def quantize(
     raise ValueError(
         f"quantize '{path}': bits={bits} is not supported; use one of {SUPPORTED_BITS}."
     )
-  if act_bits is not None and act_bits != 8:
-    raise ValueError(f"quantize '{path}': act_bits={act_bits}; dynamic activations support 8.")
+  if act_bits not in (None, 8, 16):
+    raise ValueError(
+        f"quantize '{path}': act_bits={act_bits}; use 8 (int8 activations per token, W8A8), "
+        "16 (bfloat16 activations, W8A16) or None (weight-only, float activations)."
+    )
   if isinstance(x, QArray):
     raise ValueError(
         f"quantize '{path}': the leaf is already a QArray; quantize float params once "

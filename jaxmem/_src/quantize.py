@@ -43,7 +43,8 @@ def quantize_weights(
     group_size: group-wise scales along ``group_axis`` (the input axis), e.g. 64.
     group_axis: axis split into groups.
     pack_bits: pack sub-byte values (default: True for bits <= 4).
-    act_bits: 8 for dynamic activation quantization at run time (W8A8); None: weight-only.
+    act_bits: 8 for dynamic activation quantization at run time (W8A8); 16 for bfloat16
+      activations (W8A16, see :func:`jaxmem.quantized_dot_general`); None: weight-only.
 
   Raises:
     ValueError: (at init/update) on an already-quantized leaf, NaN/Inf, unsupported bits,

@@ -194,8 +194,9 @@ def load(path: str | os.PathLike | None = None) -> MiniLM:
 # ----------------------------------------------------------------------------- recipes
 
 # Found by `python -m jaxmem.models.minilm --sensitivity` (a measured pass on calibration
-# sentences): with every Dense in W8A8, keeping the value projections weight-only recovers most
-# of the lost fidelity (their errors reach the output unattenuated by the softmax), while
+# sentences): with every Dense in W8A8, keeping the value projections' activations out of int8
+# (weight-only, or W8A16 with bf16 activations as the recipe does) recovers most of the lost
+# fidelity (their errors reach the output unattenuated by the softmax), while
 # costing 1/12 of the Dense FLOPs. See the README table in the module docstring of main().
 W8A8_WEIGHT_ONLY_RULE = r".*/attention/self/value/kernel"
 
@@ -215,7 +216,10 @@ def recipe(name: str) -> jaxmem.ParamTransform | None:
     table; group-wise scales keep outlier channels from coarsening whole rows.
   * ``int8_weight_channel``: plain ``quantize_int8()`` (one scale per output feature).
   * ``int8_dynamic``: W8A8 (``quantize_dynamic_int8``) except the attention value projections,
-    which are int8 weight-only (``quantize_int8``); chosen by :func:`sensitivity`.
+    whose activations are not int8-quantized (chosen by :func:`sensitivity`): their int8
+    weights run W8A16 (``quantize_weights(8, act_bits=16)``: bf16 activations, f32
+    accumulation), measured 1.05x faster than weight-only float activations at cos_mean
+    0.99865 either way (cos_min 0.99606 vs 0.99693).
   * ``int8_dynamic_all``: ``quantize_dynamic_int8()`` on every kernel.
   * ``int4_g64``: ``quantize_int4(group_size=64)`` (weight-only, packed).
 
@@ -240,7 +244,7 @@ def recipe(name: str) -> jaxmem.ParamTransform | None:
   if name == "int8_dynamic":
     return jaxmem.partition(
       [
-        (W8A8_WEIGHT_ONLY_RULE, jaxmem.quantize_int8()),
+        (W8A8_WEIGHT_ONLY_RULE, jaxmem.quantize_weights(8, act_bits=16)),
         (r".*", jaxmem.quantize_dynamic_int8()),
       ],
       name="int8_dynamic",
