@@ -298,7 +298,7 @@ def _layer_outputs(model, params, ids, mask):
 
 
 def minilm_distill_rows(steps=1200, layers=(0, 4, 5), batch=32, lr=5e-4, max_length=32, seed=0,
-                        log=None, token_weight=1.0):
+                        log=None):
   from jaxmem.models import minilm
 
   m = minilm.load()
@@ -335,7 +335,7 @@ def minilm_distill_rows(steps=1200, layers=(0, 4, 5), batch=32, lr=5e-4, max_len
     emb = jaxmem.feature_distill_loss(s_out.sentence_embedding, t_out.sentence_embedding)
     tokens = jaxmem.feature_distill_loss(s_hidden, t_hidden, mask=b["mask"],
                                          weights=[1.0 / len(layers)] * len(layers))
-    return emb + token_weight * tokens
+    return emb + tokens
 
   step = jax.jit(jaxmem.distill_train_step(student_fn, teacher_fn, loss_fn, opt))
   state = jaxmem.distill_init(trainable, opt)

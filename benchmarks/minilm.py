@@ -14,8 +14,8 @@ recipes of :func:`jaxmem.models.minilm.recipe`, all run by :func:`jaxmem.apply` 
 * ``int8_weight_channel`` / ``int8_dynamic_all`` (``--all``): the plain transforms
   (``quantize_int8()`` / ``quantize_dynamic_int8()`` on every kernel), for comparison;
 * ``int4_g64``: weight-only int4, groups of 64 (``quantize_int4``);
-* ``int8_dynamic_s32`` (``--all``): ``int8_dynamic`` forced onto XLA's ``int8 x int8 ->
-  int32`` dot (``JAXMEM_INT8_DOT=int32``). On CPUs with native bf16 dots (AVX512_BF16, as
+* ``int8_dynamic_s32`` (``--all``): ``int8_dynamic`` compiled on XLA's ``int8 x int8 ->
+  int32`` dot (:func:`jaxmem.int8_dot_route`). On CPUs with native bf16 dots (AVX512_BF16, as
   here) jaxmem runs the same integer products as bf16 dots with exact f32 accumulation
   (bit-identical results, see :mod:`jaxmem._src.qdot`); this row measures what that buys.
 
@@ -54,10 +54,10 @@ def _compile(model, params, data, route: str):
   integer-dot route (:func:`jaxmem.int8_dot_route`)."""
   with jaxmem.int8_dot_route(route):
     jitted = minilm.embed_fn(model)
-    compiled = {
-      b.input_ids.shape: jitted.lower(params, b.input_ids, b.attention_mask).compile()
-      for b in data.batches
-    }
+    compiled = {}
+    for b in data.batches:  # one executable per distinct padded shape
+      if b.input_ids.shape not in compiled:
+        compiled[b.input_ids.shape] = jitted.lower(params, b.input_ids, b.attention_mask).compile()
   return lambda p, ids, mask: compiled[ids.shape](p, ids, mask)
 
 

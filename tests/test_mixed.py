@@ -38,7 +38,7 @@ def test_leaf_sensitivity_matches_hand_computed_errors():
   # Swapping in the compressed leaf itself gives the same numbers here.
   direct = jaxmem.leaf_sensitivity(_sq_err(params), params, low, materialize=False)
   np.testing.assert_allclose([direct[p] for p in sens], list(sens.values()), rtol=1e-5)
-  with pytest.raises(ValueError, match="no leaf at 'z/kernel'"):
+  with pytest.raises(ValueError, match="no leaf at.*'z/kernel'"):
     jaxmem.leaf_sensitivity(_sq_err(params), params, low, paths=["z/kernel"])
 
 

@@ -80,22 +80,19 @@ def leaf_sensitivity(
   Returns:
     ``{path: increase of the metric}`` (one ``metric`` call per path, plus one).
   """
-  ref, comp = _leaves(reference), _leaves(compressed)
+  ref = _leaves(reference)
   if paths is None:
-    paths = [p for p in comp if comp[p] is not ref.get(p)]
+    paths = [p for p, x in base.leaves_with_paths(compressed) if x is not ref.get(p)]
   if materialize:  # same tree structure every call: a jitted metric compiles once
-    comp = {
-        p: x.materialize().astype(ref[p].dtype) if base.is_compressed(x) and not
-        base.is_compressed(ref[p]) else x for p, x in comp.items()
-    }
+    compressed = base.map_with_path(
+        lambda p, x: x.materialize().astype(ref[p].dtype)
+        if base.is_compressed(x) and p in ref and not base.is_compressed(ref[p]) else x,
+        compressed,
+    )
   base_value = float(metric(reference))
-  out = {}
-  for p in paths:
-    if p not in comp:
-      raise ValueError(f"leaf_sensitivity: no leaf at {p!r}; paths look like {list(comp)[:3]}.")
-    swapped = base.map_with_path(lambda q, x, p=p: comp[p] if q == p else x, reference)
-    out[p] = float(metric(swapped)) - base_value
-  return out
+  return {
+      p: float(metric(mix_leaves(reference, compressed, [p]))) - base_value for p in paths
+  }
 
 
 def mixed_precision(

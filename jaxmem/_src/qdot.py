@@ -301,8 +301,9 @@ def quantized_dot_general(
 
   W8A8 weights run an integer dot: ``int8 x int8 -> int32``, or, on CPUs with native
   bf16 dots (AVX512_BF16/AMX), the same products as bf16 dots accumulating in f32 in
-  exact chunks of <= 1040 contracted elements, bit-identical and faster on XLA:CPU.
-  ``JAXMEM_INT8_DOT=int32|bf16|auto`` (read at trace time) forces a route.
+  exact chunks of <= 1040 contracted elements, bit-identical and faster on XLA:CPU
+  (:func:`jaxmem.int8_dot_route` or ``JAXMEM_INT8_DOT=int32|bf16|auto`` force a route).
+  W8A16 weights (``act_bits=16``) run ``bf16 x bf16 -> f32`` on bf16-rounded activations.
 
   Args:
     lhs: float activations.
