@@ -5,16 +5,22 @@ Three parts (``--only`` picks some, comma-separated):
 * ``minilm_ptq``: all-MiniLM-L6-v2 quantized after training, weight-only, on the MiniLM
   benchmark's evaluation sentences and batching (:mod:`jaxmem.models.minilm`): cosine of each
   sentence embedding to the fp32 model's; ``param_bytes`` is the real storage of the whole param
-  tree (embedding tables, pooler, biases and LayerNorms included).
+  tree (embedding tables, pooler, biases and LayerNorms included). Calibration text: 1024
+  sentences of :func:`jaxmem.models.minilm.calibration_sentences` (scikit-learn text like the
+  evaluation set's, never an evaluation sentence).
   ``int4_g64`` / ``int4_g128``: encoder kernels by GPTQ (:func:`jaxmem.quantize_gptq`, act
-  order, clip search; Hessians from 512 pydoc_data sentences, disjoint from the evaluation
-  text), the word/position tables and pooler by round-to-nearest int4, all with one scale per
-  64 (128) inputs, packed two per byte; the 2x384 token-type table in int8.
+  order, clip search; Hessians from the calibration sentences), the word/position tables and
+  pooler by round-to-nearest int4, all with one scale per 64 (128) inputs, packed two per
+  byte; the 2x384 token-type table in int8.
   ``int8_weight``: the MiniLM benchmark's int8 weight-only recipe.
   ``int4_g64_mixed``: ``int4_g64`` with the leaves whose int4 error costs the most cosine per
   extra byte moved to int8 per channel (:func:`jaxmem.leaf_sensitivity` on 256 calibration
   sentences, then :func:`jaxmem.mixed_precision`) within ``--mixed-budget`` x fp32 bytes
   (default 0.16); the chosen leaves are printed to stderr.
+  ``int4_g64_qat``: uniform ``int4_g64`` (same layout and bytes) recovered by
+  quantization-aware training: the GPTQ weights as float latents, fake-quantized int4 in the
+  forward pass (straight-through), ``--qat-steps`` steps of embedding distillation from the
+  fp32 model on the calibration sentences, then converted.
 * ``minilm_distill``: a 3-layer student initialised from the teacher's embeddings and layers
   ``--student-layers`` (``truncated_3l``, untrained), then trained ``--distill-steps`` steps
   (``distilled_3l``) with :func:`jaxmem.distill_train_step` (frozen teacher) by embedding
@@ -23,7 +29,9 @@ Three parts (``--only`` picks some, comma-separated):
   topics (prose sentences and random windows of the text), batches of 32 truncated to 32
   tokens (the evaluation sentences are mostly 16-24 tokens; 64 tokens learned no better
   per step at twice the time); evaluated on the MiniLM evaluation sentences, never trained
-  on. The embedding tables stay frozen.
+  on. The embedding tables stay frozen. ``--distill-data pydoc,sklearn`` adds
+  ``distilled_3l_sklearn``: the same training with half of each batch calibration sentences
+  instead of pydoc prose (in-domain text, still never an evaluation sentence).
 * ``digits``: the shared digits MLP and split (:mod:`jaxmem.models.digits`), mean over
   ``--seeds`` seeds: ``fp32`` (Adam); ``ptq_int4`` (per-channel int4 of the fp32 model);
   ``qat_int4`` (fp32 fine-tuned with :func:`jaxmem.qat_weights` fake quantization, then
@@ -37,6 +45,7 @@ Usage::
   python benchmarks/low_bit.py --json          # one JSON object per line
   python benchmarks/low_bit.py --only digits   # some parts
   python benchmarks/low_bit.py --only minilm_distill --distill-steps 300
+  python benchmarks/low_bit.py --only minilm_distill --distill-data pydoc,sklearn
 """
 
 from __future__ import annotations
@@ -136,8 +145,11 @@ def digits_rows(seeds=(0, 1, 2), epochs=40, qat_epochs=20, prune_epochs=40):
 
 EVAL_SENTENCES = 512
 EVAL_BATCH = 32  # as the MiniLM benchmark
-CALIB_SENTENCES = 512
-MIXED_CALIB_SENTENCES = 256  # a prefix of the calibration sentences
+CALIB_SENTENCES = 1024  # minilm.calibration_sentences: disjoint from the evaluation sentences
+MIXED_CALIB_SENTENCES = 256  # the last 256 of them
+QAT_STEPS = 300  # int4_g64_qat
+QAT_LR = 1e-4
+TOKEN_TYPE = "embeddings/token_type_embeddings/embedding"  # 2 x 384, kept int8
 MIXED_BUDGET = 0.16  # int4_g64_mixed: the most bytes, as a fraction of fp32
 
 
@@ -178,17 +190,13 @@ class Evaluator:
     return minilm.cosine_rows(self.embed(model, params), self.ref)
 
 
-def calibration_sentences(n=CALIB_SENTENCES):
-  """``n`` pydoc_data sentences in a fixed random order (never the evaluation text)."""
-  sentences = pydoc_sentences()
-  rng = np.random.default_rng(1)
-  return [sentences[i] for i in rng.permutation(len(sentences))[:n]]
-
-
 def calibration_hessians(m, n=CALIB_SENTENCES):
-  """``X^T X`` of every encoder Dense input over ``n`` pydoc_data sentences (not eval text)."""
-  sentences = calibration_sentences(n)
-  sentences.sort(key=lambda s: len(m.tokenizer.encode(s).ids))  # little padding per batch
+  """``X^T X`` of every encoder Dense input over ``n`` calibration sentences
+  (:func:`jaxmem.models.minilm.calibration_sentences`: the same kind of text as the evaluation
+  set, never an evaluation sentence)."""
+  from jaxmem.models import minilm
+
+  sentences = sorted(minilm.calibration_sentences(n), key=lambda s: len(m.tokenizer.encode(s).ids))
   return jaxmem.input_hessians(m.model, {"params": m.params}, _batches(m.tokenizer, sentences, 64),
                                where=r"encoder/.*")
 
@@ -197,7 +205,7 @@ def int4_recipe(hessians, group_size):
   """GPTQ int4 for encoder kernels; round-to-nearest int4 for the word/position tables and
   the pooler; the 2-row token-type table (768 params, added to every token) in int8."""
   return jaxmem.partition([
-      (r"embeddings/token_type_embeddings/embedding", jaxmem.quantize_int8()),
+      (TOKEN_TYPE, jaxmem.quantize_int8()),
       (r".*(kernel|embedding)", jaxmem.quantize_gptq(hessians, 4, group_size)),
   ])
 
@@ -206,7 +214,9 @@ def int4_mixed(m, int4_params, budget_bytes, log=None):
   """``int4_params`` with the leaves that matter most per extra byte moved to int8 (per
   channel) while the tree fits ``budget_bytes``; sensitivity = growth of ``1 - cosine`` to fp32
   on calibration sentences when only that leaf is int4 (:func:`jaxmem.leaf_sensitivity`)."""
-  calib = Evaluator(m, sentences=calibration_sentences(MIXED_CALIB_SENTENCES))
+  from jaxmem.models import minilm
+
+  calib = Evaluator(m, sentences=minilm.calibration_sentences(MIXED_CALIB_SENTENCES))
   sens = jaxmem.leaf_sensitivity(lambda p: 1.0 - float(calib.cos(m.model, p).mean()),
                                  m.params, int4_params)
   int8 = jaxmem.transform(jaxmem.quantize_int8(), m.params)
@@ -216,7 +226,28 @@ def int4_mixed(m, int4_params, budget_bytes, log=None):
   return mixed
 
 
-def minilm_ptq_rows(mixed_budget=MIXED_BUDGET, log=None):
+def int4_qat(m, int4_params, steps=QAT_STEPS, lr=QAT_LR, log=None):
+  """Uniform int4 g64 recovered by quantization-aware training: the float latent weights start
+  at ``int4_params`` dequantized (GPTQ), every int4 leaf is fake-quantized in the forward pass
+  (:func:`jaxmem.qat_weights`, straight-through gradient), and the whole model is trained
+  ``steps`` steps by embedding distillation from the fp32 model (:func:`distill`) on the
+  calibration sentences; then converted to real packed int4 (the int8 token-type table kept)."""
+  from jaxmem.models import minilm
+
+  qat = jaxmem.qat_weights(4, rf"(?!{TOKEN_TYPE}).*(kernel|embedding)", group_size=64)
+  latent = jaxmem.transform(jaxmem.dequantize_params(), int4_params)
+  layers = tuple(range(m.model.config.num_layers))
+  sentences = minilm.calibration_sentences(CALIB_SENTENCES)
+
+  def texts(rng, n):
+    return [sentences[j] for j in rng.integers(0, len(sentences), n)]
+
+  trained = distill(m, m.model, qat.fake_quant, latent, layers, texts,
+                    steps=steps, lr=lr, max_length=48, log=log)
+  return jaxmem.mix_leaves(jaxmem.transform(qat.convert, trained), int4_params, [TOKEN_TYPE])
+
+
+def minilm_ptq_rows(mixed_budget=MIXED_BUDGET, qat_steps=QAT_STEPS, log=None):
   from jaxmem.models import minilm
 
   m = minilm.load()
@@ -230,6 +261,7 @@ def minilm_ptq_rows(mixed_budget=MIXED_BUDGET, log=None):
   quantized = {method: jaxmem.transform(tx, m.params) for method, tx in recipes.items()}
   budget = int(mixed_budget * jaxmem.tree_bytes(m.params))
   quantized["int4_g64_mixed"] = int4_mixed(m, quantized["int4_g64"], budget, log)
+  quantized["int4_g64_qat"] = int4_qat(m, quantized["int4_g64"], qat_steps, log=log)
   for method, q in quantized.items():
     cos = ev.cos(m.model, q)
     yield {
@@ -297,7 +329,68 @@ def _layer_outputs(model, params, ids, mask):
   return out, [enc[f"layer_{i}"]["__call__"][0] for i in range(model.config.num_layers)]
 
 
-def minilm_distill_rows(steps=1200, layers=(0, 4, 5), batch=32, lr=5e-4, max_length=32, seed=0,
+def distill(m, student_model, student_params, trainable, layers, texts, *, steps, lr,
+            max_length, batch=32, seed=0, log=None):
+  """Trains ``trainable`` (a float tree) by embedding distillation from the fp32 MiniLM ``m``.
+
+  The student is ``student_model`` on ``student_params(trainable)``; its layer ``i``'s token
+  states are matched to teacher layer ``layers[i]``'s. Loss: cosine between sentence
+  embeddings plus the mean over layers of the cosine between token states (padding masked).
+  Each step trains on ``texts(rng, batch)`` cut to ``max_length`` tokens, with
+  :func:`jaxmem.distill_train_step` (the teacher frozen, never differentiated); Adam with a
+  warmup-cosine schedule peaking at ``lr``. Returns the trained tree.
+  """
+  opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps),
+                    weight_decay=0.0)
+
+  def student_fn(p, b):
+    return _layer_outputs(student_model, student_params(p), b["ids"], b["mask"])
+
+  def teacher_fn(p, b):
+    out, hidden = _layer_outputs(m.model, p, b["ids"], b["mask"])
+    return out, [hidden[j] for j in layers]
+
+  def loss_fn(s, t, b):
+    (s_out, s_hidden), (t_out, t_hidden) = s, t
+    emb = jaxmem.feature_distill_loss(s_out.sentence_embedding, t_out.sentence_embedding)
+    tokens = jaxmem.feature_distill_loss(s_hidden, t_hidden, mask=b["mask"],
+                                         weights=[1.0 / len(layers)] * len(layers))
+    return emb + tokens
+
+  step = jax.jit(jaxmem.distill_train_step(student_fn, teacher_fn, loss_fn, opt))
+  state = jaxmem.distill_init(trainable, opt)
+  rng = np.random.default_rng(seed)
+  t0 = time.time()
+  for i in range(steps):
+    ids, mask = next(_batches(m.tokenizer, texts(rng, batch), batch, max_length))
+    state, metrics = step(state, m.params, {"ids": ids, "mask": mask})
+    if log is not None and (i % 50 == 0 or i == steps - 1):
+      log(f"distill step {i}: loss {float(metrics['loss']):.4f} ({time.time() - t0:.0f} s)")
+  return state.params
+
+
+def pydoc_texts(rng, n):
+  """Half whole pydoc_data prose sentences, half random windows of the topics' full text."""
+  sentences = pydoc_sentences()
+  return [sentences[j] for j in rng.integers(0, len(sentences), n // 2)] + pydoc_windows(
+      rng, n - n // 2)
+
+
+def sklearn_texts(rng, n):
+  """Half calibration sentences (scikit-learn text, never evaluation sentences), half
+  pydoc_data windows."""
+  from jaxmem.models import minilm
+
+  sentences = minilm.calibration_sentences(CALIB_SENTENCES)
+  return [sentences[j] for j in rng.integers(0, len(sentences), n // 2)] + pydoc_windows(
+      rng, n - n // 2)
+
+
+DISTILL_DATA = {"pydoc": ("distilled_3l", pydoc_texts),
+                "sklearn": ("distilled_3l_sklearn", sklearn_texts)}
+
+
+def minilm_distill_rows(steps=1200, layers=(0, 4, 5), data=("pydoc",), lr=5e-4, max_length=32,
                         log=None):
   from jaxmem.models import minilm
 
@@ -318,40 +411,11 @@ def minilm_distill_rows(steps=1200, layers=(0, 4, 5), batch=32, lr=5e-4, max_len
   # Train the encoder layers (and pooler); the embedding tables stay the teacher's, frozen.
   frozen = {k: v for k, v in student.items() if k == "embeddings"}
   trainable = {k: v for k, v in student.items() if k != "embeddings"}
-  opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps),
-                    weight_decay=0.0)
-
-  def student_fn(p, b):
-    return _layer_outputs(student_model, {**frozen, **p}, b["ids"], b["mask"])
-
-  def teacher_fn(p, b):
-    out, hidden = _layer_outputs(m.model, p, b["ids"], b["mask"])
-    return out, [hidden[j] for j in layers]  # the teacher layer each student layer started as
-
-  def loss_fn(s, t, b):
-    # Embedding distillation: sentence embeddings, plus each student layer's token states
-    # against those of the teacher layer it was initialised from (cosine, padding masked).
-    (s_out, s_hidden), (t_out, t_hidden) = s, t
-    emb = jaxmem.feature_distill_loss(s_out.sentence_embedding, t_out.sentence_embedding)
-    tokens = jaxmem.feature_distill_loss(s_hidden, t_hidden, mask=b["mask"],
-                                         weights=[1.0 / len(layers)] * len(layers))
-    return emb + tokens
-
-  step = jax.jit(jaxmem.distill_train_step(student_fn, teacher_fn, loss_fn, opt))
-  state = jaxmem.distill_init(trainable, opt)
-  sentences = pydoc_sentences()
-  rng = np.random.default_rng(seed)
-  t0 = time.time()
-  for i in range(steps):
-    # Half whole prose sentences, half random windows of the topics' text.
-    half = batch // 2
-    texts = [sentences[j] for j in rng.integers(0, len(sentences), half)]
-    texts += pydoc_windows(rng, batch - half)
-    ids, mask = next(_batches(m.tokenizer, texts, batch, max_length))
-    state, metrics = step(state, m.params, {"ids": ids, "mask": mask})
-    if log is not None and (i % 50 == 0 or i == steps - 1):
-      log(f"distill step {i}: loss {float(metrics['loss']):.4f} ({time.time() - t0:.0f} s)")
-  yield row("distilled_3l", {**frozen, **state.params})
+  for name in data:
+    method, texts = DISTILL_DATA[name]
+    trained = distill(m, student_model, lambda p: {**frozen, **p}, trainable, layers, texts,
+                      steps=steps, lr=lr, max_length=max_length, log=log)
+    yield row(method, {**frozen, **trained})
 
 
 # ----------------------------------------------------------------------------- main
@@ -362,12 +426,12 @@ def _table(rows):
   for bench in dict.fromkeys(r["bench"] for r in rows):
     sub = [r for r in rows if r["bench"] == bench]
     keys = [k for k in sub[0] if k not in ("bench",)]
+    w = max(14, *(len(str(r["method"])) for r in sub))
     out.append(f"== {bench}")
-    out.append("  ".join(f"{k:>14}" for k in keys))
+    out.append("  ".join(f"{k:>{w}}" for k in keys))
     for r in sub:
-      out.append(
-          "  ".join(f"{r[k]:>14.4f}" if isinstance(r[k], float) else f"{r[k]!s:>14}" for k in keys)
-      )
+      cells = (f"{r[k]:>{w}.4f}" if isinstance(r[k], float) else f"{r[k]!s:>{w}}" for k in keys)
+      out.append("  ".join(cells))
   return "\n".join(out)
 
 
@@ -378,6 +442,9 @@ def main(argv=None):
   ap.add_argument("--seeds", type=int, default=3, help="digits seeds")
   ap.add_argument("--distill-steps", type=int, default=1200, help="student training steps")
   ap.add_argument("--student-layers", default="0,4,5", help="teacher layers of the student")
+  ap.add_argument("--distill-data", default="pydoc",
+                  help=f"comma-separated training texts of the student: {tuple(DISTILL_DATA)}")
+  ap.add_argument("--qat-steps", type=int, default=QAT_STEPS, help="int4_g64_qat training steps")
   ap.add_argument("--mixed-budget", type=float, default=MIXED_BUDGET,
                   help="int4_g64_mixed: the most param bytes, as a fraction of fp32")
   args = ap.parse_args(argv)
@@ -389,9 +456,13 @@ def main(argv=None):
   t0 = time.time()
   log = (lambda m: print(m, file=sys.stderr, flush=True))
   layers = tuple(int(v) for v in args.student_layers.split(","))
+  data = tuple(d.strip() for d in args.distill_data.split(",") if d.strip())
+  for d in data:
+    if d not in DISTILL_DATA:
+      ap.error(f"--distill-data: unknown {d!r}; choose from {tuple(DISTILL_DATA)}")
   gens = {
-      "minilm_ptq": lambda: minilm_ptq_rows(args.mixed_budget, log=log),
-      "minilm_distill": lambda: minilm_distill_rows(args.distill_steps, layers, log=log),
+      "minilm_ptq": lambda: minilm_ptq_rows(args.mixed_budget, args.qat_steps, log=log),
+      "minilm_distill": lambda: minilm_distill_rows(args.distill_steps, layers, data, log=log),
       "digits": lambda: digits_rows(seeds=tuple(range(args.seeds))),
   }
   for part in PARTS:
