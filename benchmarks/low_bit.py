@@ -232,16 +232,11 @@ def int4_qat(m, int4_params, steps=QAT_STEPS, lr=QAT_LR, log=None):
   (:func:`jaxmem.qat_weights`, straight-through gradient), and the whole model is trained
   ``steps`` steps by embedding distillation from the fp32 model (:func:`distill`) on the
   calibration sentences; then converted to real packed int4 (the int8 token-type table kept)."""
-  from jaxmem.models import minilm
 
   qat = jaxmem.qat_weights(4, rf"(?!{TOKEN_TYPE}).*(kernel|embedding)", group_size=64)
   latent = jaxmem.transform(jaxmem.dequantize_params(), int4_params)
   layers = tuple(range(m.model.config.num_layers))
-  sentences = minilm.calibration_sentences(CALIB_SENTENCES)
-
-  def texts(rng, n):
-    return [sentences[j] for j in rng.integers(0, len(sentences), n)]
-
+  texts = text_sampler(_calibration_sentences(), windows=False)
   trained = distill(m, m.model, qat.fake_quant, latent, layers, texts,
                     steps=steps, lr=lr, max_length=48, log=log)
   return jaxmem.mix_leaves(jaxmem.transform(qat.convert, trained), int4_params, [TOKEN_TYPE])
@@ -369,25 +364,28 @@ def distill(m, student_model, student_params, trainable, layers, texts, *, steps
   return state.params
 
 
-def pydoc_texts(rng, n):
-  """Half whole pydoc_data prose sentences, half random windows of the topics' full text."""
-  sentences = pydoc_sentences()
-  return [sentences[j] for j in rng.integers(0, len(sentences), n // 2)] + pydoc_windows(
-      rng, n - n // 2)
+def text_sampler(sentences, windows=True):
+  """``texts(rng, n)``: ``n`` random ``sentences``, or half of them and half random
+  pydoc_data windows (``windows``)."""
+
+  def texts(rng, n):
+    k = n - n // 2 if windows else 0
+    picked = [sentences[j] for j in rng.integers(0, len(sentences), n - k)]
+    return picked + pydoc_windows(rng, k) if k else picked
+
+  return texts
 
 
-def sklearn_texts(rng, n):
-  """Half calibration sentences (scikit-learn text, never evaluation sentences), half
-  pydoc_data windows."""
+def _calibration_sentences():
   from jaxmem.models import minilm
 
-  sentences = minilm.calibration_sentences(CALIB_SENTENCES)
-  return [sentences[j] for j in rng.integers(0, len(sentences), n // 2)] + pydoc_windows(
-      rng, n - n // 2)
+  return minilm.calibration_sentences(CALIB_SENTENCES)
 
 
-DISTILL_DATA = {"pydoc": ("distilled_3l", pydoc_texts),
-                "sklearn": ("distilled_3l_sklearn", sklearn_texts)}
+# --distill-data: the row's method and its training texts (pydoc prose or calibration sentences
+# -- scikit-learn text, never evaluation sentences -- each with pydoc_data windows).
+DISTILL_DATA = {"pydoc": ("distilled_3l", pydoc_sentences),
+                "sklearn": ("distilled_3l_sklearn", _calibration_sentences)}
 
 
 def minilm_distill_rows(steps=1200, layers=(0, 4, 5), data=("pydoc",), lr=5e-4, max_length=32,
@@ -412,7 +410,8 @@ def minilm_distill_rows(steps=1200, layers=(0, 4, 5), data=("pydoc",), lr=5e-4, 
   frozen = {k: v for k, v in student.items() if k == "embeddings"}
   trainable = {k: v for k, v in student.items() if k != "embeddings"}
   for name in data:
-    method, texts = DISTILL_DATA[name]
+    method, sentences = DISTILL_DATA[name]
+    texts = text_sampler(sentences())
     trained = distill(m, student_model, lambda p: {**frozen, **p}, trainable, layers, texts,
                       steps=steps, lr=lr, max_length=max_length, log=log)
     yield row(method, {**frozen, **trained})
