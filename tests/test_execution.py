@@ -159,38 +159,35 @@ S8_DOT = re.compile(r"dot_general.*tensor<[0-9x]+xi8>, tensor<[0-9x]+xi8>\) -> t
 BF16_DOT = re.compile(r"dot_general.*xbf16>, tensor<[0-9x]+xbf16>\) -> tensor<[0-9x]+xf32>")
 
 
-def _route(monkeypatch, mode):
-  """Sets the integer-dot route; JAX caches traces, so drop them (see jaxmem._src.qdot)."""
-  monkeypatch.setenv("JAXMEM_INT8_DOT", mode)
-  jax.clear_caches()
-
-
-def test_w8a8_lowers_to_s8_dot(monkeypatch):
-  _route(monkeypatch, "int32")
+def _dense_text(tx):
+  """Lowered StableHLO of a Dense(32) layer on (8, 64) inputs with ``tx``-quantized params."""
   model = nn.Dense(32)
   x = jnp.ones((8, 64))
   params = model.init(_key(0), x)["params"]
-  text = _lowered(model, {"params": jaxmem.transform(jaxmem.quantize_dynamic_int8(), params)}, x)
-  assert S8_DOT.search(text), text
-  text = _lowered(model, {"params": jaxmem.transform(jaxmem.quantize_int8(), params)}, x)
-  assert not S8_DOT.search(text)  # weight-only keeps float activations
+  return _lowered(model, {"params": jaxmem.transform(tx, params)}, x)
 
 
-def test_w8a8_conv_lowers_to_s8_convolution(monkeypatch):
-  _route(monkeypatch, "int32")
+def test_w8a8_lowers_to_s8_dot():
+  with jaxmem.int8_dot_route("int32"):
+    text = _dense_text(jaxmem.quantize_dynamic_int8())
+    assert S8_DOT.search(text), text
+    text = _dense_text(jaxmem.quantize_int8())
+    assert not S8_DOT.search(text)  # weight-only keeps float activations
+
+
+def test_w8a8_conv_lowers_to_s8_convolution():
   model = nn.Conv(8, (3, 3))
   x = jnp.ones((2, 6, 6, 4))
   params = model.init(_key(0), x)["params"]
-  text = _lowered(model, {"params": jaxmem.transform(jaxmem.quantize_dynamic_int8(), params)}, x)
+  q = jaxmem.transform(jaxmem.quantize_dynamic_int8(), params)
+  with jaxmem.int8_dot_route("int32"):
+    text = _lowered(model, {"params": q}, x)
   assert re.search(r"convolution.*xi8>, tensor<[0-9x]+xi8>\) -> tensor<[0-9x]+xi32>", text)
 
 
-def test_w8a8_bf16_route_lowers_to_bf16_dot(monkeypatch):
-  _route(monkeypatch, "bf16")
-  model = nn.Dense(32)
-  x = jnp.ones((8, 64))
-  params = model.init(_key(0), x)["params"]
-  text = _lowered(model, {"params": jaxmem.transform(jaxmem.quantize_dynamic_int8(), params)}, x)
+def test_w8a8_bf16_route_lowers_to_bf16_dot():
+  with jaxmem.int8_dot_route("bf16"):
+    text = _dense_text(jaxmem.quantize_dynamic_int8())
   assert BF16_DOT.search(text) and not S8_DOT.search(text), text
 
 
@@ -204,7 +201,7 @@ def _worst_case_w8a8(shape, channel_axes):
 @pytest.mark.parametrize(
     "case", ["dot_k2048", "dot_k512", "einsum_k2048", "conv_k1152", "grouped_conv_k1152"]
 )
-def test_bf16_route_is_bit_identical_to_int32(monkeypatch, case):
+def test_bf16_route_is_bit_identical_to_int32(case):
   """Sums of 127*127*K overflow f32's exact integers at K > 1040: the bf16 route must split.
 
   All-ones activations and weights give the largest possible sums (127 * 127 * K).
@@ -230,9 +227,9 @@ def test_bf16_route_is_bit_identical_to_int32(monkeypatch, case):
     )
   out = {}
   for mode in ("int32", "bf16", "auto"):
-    _route(monkeypatch, mode)
-    out[mode] = np.asarray(jax.jit(fn)(x, w))
-    text = jax.jit(fn).lower(x, w).as_text()
+    with jaxmem.int8_dot_route(mode):
+      out[mode] = np.asarray(jax.jit(fn)(x, w))
+      text = jax.jit(fn).lower(x, w).as_text()
     bf16 = mode == "bf16" or (mode == "auto" and qdot._cpu_has_native_bf16())
     # A grouped convolution cannot be split along its input features: it stays on int32.
     assert ("xbf16>" in text) == (bf16 and not case.startswith("grouped")), (mode, text)
@@ -244,10 +241,17 @@ def test_bf16_route_is_bit_identical_to_int32(monkeypatch, case):
 
 
 def test_int8_dot_mode_is_validated(monkeypatch):
-  _route(monkeypatch, "fp8")
+  with pytest.raises(ValueError, match="int8_dot_route: mode 'fp8'"):
+    with jaxmem.int8_dot_route("fp8"):
+      pass
+  monkeypatch.setenv("JAXMEM_INT8_DOT", "fp8")  # the variable is read when tracing
+  jax.clear_caches()
   q = jaxmem.quantize(jnp.ones((4, 4)), channel_axes=(1,), act_bits=8)
-  with pytest.raises(ValueError, match="JAXMEM_INT8_DOT='fp8'"):
-    jaxmem.quantized_dot_general(jnp.ones((2, 4)), q, (((1,), (0,)), ((), ())))
+  try:
+    with pytest.raises(ValueError, match="JAXMEM_INT8_DOT='fp8'"):
+      jaxmem.quantized_dot_general(jnp.ones((2, 4)), q, (((1,), (0,)), ((), ())))
+  finally:
+    jax.clear_caches()
 
 
 def test_weight_only_scale_factors_out_of_the_dot():
