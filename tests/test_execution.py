@@ -240,18 +240,39 @@ def test_bf16_route_is_bit_identical_to_int32(case):
     np.testing.assert_allclose(out["int32"], np.full((3, 16), float(k)), rtol=1e-6)
 
 
-def test_int8_dot_mode_is_validated(monkeypatch):
-  with pytest.raises(ValueError, match="int8_dot_route: mode 'fp8'"):
+def test_int8_route_is_validated():
+  with pytest.raises(ValueError, match="int8_dot_route: route 'fp8'"):
     with jaxmem.int8_dot_route("fp8"):
       pass
-  monkeypatch.setenv("JAXMEM_INT8_DOT", "fp8")  # the variable is read when tracing
-  jax.clear_caches()
   q = jaxmem.quantize(jnp.ones((4, 4)), channel_axes=(1,), act_bits=8)
-  try:
-    with pytest.raises(ValueError, match="JAXMEM_INT8_DOT='fp8'"):
-      jaxmem.quantized_dot_general(jnp.ones((2, 4)), q, (((1,), (0,)), ((), ())))
-  finally:
-    jax.clear_caches()
+  with pytest.raises(ValueError, match=r"dot_general 'w': int8_route='fp8': expected one of"):
+    jaxmem.quantized_dot_general(
+        jnp.ones((2, 4)), q, (((1,), (0,)), ((), ())), path="w", int8_route="fp8"
+    )
+  model = nn.Dense(4)
+  params = model.init(_key(0), jnp.ones((2, 4)))["params"]
+  with pytest.raises(ValueError, match=r"jaxmem.apply: int8_route='s32'"):
+    jaxmem.apply(model, {"params": params}, jnp.ones((2, 4)), int8_route="s32")
+
+
+def test_explicit_int8_route_overrides_the_block():
+  """``int8_route=`` on a kernel or on apply wins over the enclosing int8_dot_route."""
+  q = jaxmem.quantize(jnp.ones((64, 16)), channel_axes=(1,), act_bits=8)
+  x = jnp.ones((8, 64))
+  for route, other in (("int32", "bf16"), ("bf16", "int32")):
+    with jaxmem.int8_dot_route(other):
+      text = jax.jit(
+          lambda x, q, r=route: jaxmem.quantized_einsum("bk,kn->bn", x, q, int8_route=r)
+      ).lower(x, q).as_text()
+    assert (BF16_DOT.search(text) is not None) == (route == "bf16"), (route, text)
+    assert (S8_DOT.search(text) is not None) == (route == "int32"), (route, text)
+  model = nn.Dense(32)
+  params = jaxmem.transform(jaxmem.quantize_dynamic_int8(), model.init(_key(0), x)["params"])
+  with jaxmem.int8_dot_route("int32"):
+    text = jax.jit(
+        lambda p, x: jaxmem.apply(model, {"params": p}, x, int8_route="bf16")
+    ).lower(params, x).as_text()
+  assert BF16_DOT.search(text) and not S8_DOT.search(text), text
 
 
 def test_weight_only_scale_factors_out_of_the_dot():

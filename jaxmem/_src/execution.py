@@ -22,17 +22,20 @@ the model still runs, without the savings at run time for that leaf.
 a *private copy* of the module with ``nnx.merge`` and turns each ``Linear``,
 ``LinearGeneral``, ``Einsum``, ``Conv`` and ``Embed`` holding a compressed weight into
 its quantized twin (a subclass whose ``__call__``/``attend`` run the integer kernels);
-other compressed leaves are materialized. The caller's module and state are never
-modified. ``apply`` then calls the copy (or ``method``) and returns its output; state
-updates made during the call (e.g. BatchNorm statistics) are discarded: it is an
-inference call. Use :func:`merge_compressed` directly for NNX-style stateful use.
+other compressed leaves are materialized. The state is checked against the module
+first (every path and logical shape must match; ``partial=True`` lets it lack params,
+which keep the module's values). The caller's module and state are never modified.
+``apply`` then calls the copy (or ``method``) and returns its output; state updates
+made during the call (e.g. BatchNorm statistics) are discarded: it is an inference
+call. Use :func:`merge_compressed` directly for NNX-style stateful use.
 
 Both paths run under ``jax.jit`` and ``jax.eval_shape`` (close over the model, e.g.
 ``jax.jit(functools.partial(jaxmem.apply, model))``). Kernels dequantize nothing up
 front: weight-only layers run on the integer values and scale the output; W8A8 layers
 (``QArray.act_bits == 8``) quantize activations per row and run an
 ``int8 x int8 -> int32`` ``lax.dot_general`` (or its bit-identical bf16 route on CPUs with
-native bf16 dots, see :func:`jaxmem.quantized_dot_general`).
+native bf16 dots, see :func:`jaxmem.quantized_dot_general`; ``apply(..., int8_route=...)``
+fixes the route of one call).
 
 Not supported (the leaf is materialized instead): Linen lifted transforms that slice
 params (``nn.scan``/``nn.vmap`` over a compressed kernel), ``ConvLocal``/
@@ -41,6 +44,7 @@ params (``nn.scan``/``nn.vmap`` over a compressed kernel), ``ConvLocal``/
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -53,6 +57,7 @@ from flax.linen import dtypes as linen_dtypes
 from flax.linen import module as linen_module
 from flax.nnx.nn import dtypes as nnx_dtypes
 
+from jaxmem._src import qdot
 from jaxmem._src.base import Compressed, is_compressed
 from jaxmem._src.qdot import (
     quantized_conv,
@@ -482,7 +487,148 @@ def _nnx_weight_name(cls) -> str | None:
   return None
 
 
-def merge_compressed(model, state):
+def _flat_variables(tree) -> dict[tuple[str, ...], Any]:
+  """``{path: Variable or value}`` of an ``nnx.State`` (or a pure dict of one)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: isinstance(x, nnx.Variable) or is_compressed(x)
+  )
+  return {tuple(_key(k) for k in p): x for p, x in flat}
+
+
+def _logical_shape(x) -> tuple[int, ...] | None:
+  """The shape a leaf stands for: a compressed value's is the float array's it replaces."""
+  if isinstance(x, nnx.Variable):
+    x = x.get_value()
+  if x is None:
+    return None
+  return tuple(x.shape) if hasattr(x, "shape") else tuple(jnp.shape(x))
+
+
+def _state_mismatches(module_state, state, partial: bool) -> list[str]:
+  """What keeps ``state`` from fitting a module whose own state is ``module_state``.
+
+  One sentence per mismatching path, in the module's path order, then the state's
+  extra paths: a path whose (logical) shape differs, a ``nnx.Param`` of the module the
+  state lacks (unless ``partial``), a path the module does not have.
+  """
+  have, got = _flat_variables(module_state), _flat_variables(state)
+  out = []
+  for path, var in have.items():
+    name, kind = "/".join(path), type(var).__name__
+    if path in got:
+      a, b = _logical_shape(var), _logical_shape(got[path])
+      if a != b:
+        out.append(f"at '{name}' the module has a {kind} of shape {a}, the state has shape {b}")
+    elif isinstance(var, nnx.Param) and not partial:
+      out.append(
+          f"the state has no '{name}' (the module has a {kind} of shape {_logical_shape(var)})"
+      )
+  for path, x in got.items():
+    if path not in have:
+      out.append(
+          f"the state has '{'/'.join(path)}' (shape {_logical_shape(x)}), which the module "
+          "does not have"
+      )
+  return out
+
+
+def _layer_shapes(node) -> dict[str, tuple[int, ...]]:
+  """The param shapes a Flax NNX layer's own attributes imply (layers known here only)."""
+  def feats(x):
+    return tuple(x) if isinstance(x, Sequence) else (x,)
+
+  if isinstance(node, nnx.Linear):
+    return {"kernel": (node.in_features, node.out_features), "bias": (node.out_features,)}
+  if isinstance(node, nnx.LinearGeneral) and not node.batch_axis:
+    out = feats(node.out_features)
+    return {"kernel": feats(node.in_features) + out, "bias": out}
+  if isinstance(node, (nnx.Conv, nnx.Einsum)) and hasattr(node, "kernel_shape"):
+    shapes = {"kernel": tuple(node.kernel_shape)}
+    if isinstance(node, nnx.Conv):
+      shapes["bias"] = (node.out_features,)
+    elif getattr(node, "bias_shape", None) is not None:
+      shapes["bias"] = tuple(node.bias_shape)
+    return shapes
+  if isinstance(node, nnx.Embed):
+    return {"embedding": (node.num_embeddings, node.features)}
+  if isinstance(node, (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm)) and isinstance(
+      getattr(node, "num_features", None), int):
+    return dict.fromkeys(("scale", "bias", "mean", "var"), (node.num_features,))
+  return {}
+
+
+def _layer_mismatches(module) -> list[str]:
+  """Variables whose shape contradicts their layer's attributes (e.g. ``in_features``)."""
+  out = []
+  for path, node in nnx.iter_graph(module):
+    if not isinstance(node, nnx.Module):
+      continue
+    for name, want in _layer_shapes(node).items():
+      var = getattr(node, name, None)
+      if isinstance(var, nnx.Variable) and (got := _logical_shape(var)) not in (None, want):
+        out.append(
+            f"at '{'/'.join(map(str, tuple(path) + (name,)))}' the {type(node).__name__} "
+            f"layer takes shape {want}, the state has shape {got}"
+        )
+  return out
+
+
+def _raise_mismatch(caller: str, problems: list[str], fix: str) -> None:
+  more = f" (and {len(problems) - 1} more mismatching paths)" if len(problems) > 1 else ""
+  raise ValueError(f"{caller}: the state does not fit the model: {problems[0]}{more}. {fix}")
+
+
+_FIX_MODULE = (
+    "Pass the state made from this model's architecture (e.g. jaxmem.transform(tx, "
+    "nnx.state(model, nnx.Param))), or build the module with the sizes and layers the "
+    "state was made for."
+)
+_FIX_PARTIAL = (
+    " To fill only some params from the state and keep the module's own values for the "
+    "rest, pass partial=True."
+)
+_FIX_GRAPHDEF = (
+    "With an nnx.GraphDef, pass the full state of the same nnx.split (params and every "
+    "other variable) of a module of this architecture, or pass the nnx.Module itself to "
+    "have each path and shape checked (and partial=True allowed)."
+)
+
+
+def _merge_checked(model, state, partial: bool, caller: str):
+  """``merge_compressed``'s module copy, after checking that ``state`` fits ``model``."""
+  if isinstance(model, nnx.GraphDef):
+    if partial:
+      raise ValueError(
+          f"{caller}: partial=True needs the nnx.Module (its own values fill the params the "
+          "state lacks); an nnx.GraphDef has no values. Pass the module, or the full state."
+      )
+    try:
+      module = nnx.merge(model, state, copy=True)
+    except ValueError as e:  # flax matches leaves by position: only a count is checked
+      raise ValueError(
+          f"{caller}: the state does not fit the GraphDef ({e}). {_FIX_GRAPHDEF}"
+      ) from None
+    # As many leaves as the graph may still sit under other names or with other shapes.
+    problems = _state_mismatches(nnx.split(module)[1], state, partial=False)
+    problems = problems or _layer_mismatches(module)
+    if problems:
+      _raise_mismatch(caller, problems, _FIX_GRAPHDEF)
+    return module
+  if isinstance(model, nnx.Module):
+    graphdef, full = nnx.split(model)
+    problems = _state_mismatches(full, state, partial)
+    if problems:
+      missing = problems[0].startswith("the state has no ")
+      _raise_mismatch(caller, problems, _FIX_MODULE + (_FIX_PARTIAL if missing else ""))
+    module = nnx.merge(graphdef, full, copy=True)
+    nnx.update(module, state)
+    return module
+  raise TypeError(
+      f"{caller}: model is a {type(model).__name__}; pass an nnx.Module or GraphDef."
+  )
+
+
+def merge_compressed(model, state, *, partial: bool = False):
   """NNX: a private module tree carrying compressed ``state``, with quantized layer twins.
 
   Builds a new module with ``nnx.merge`` (``model`` and its variables are not
@@ -492,14 +638,31 @@ def merge_compressed(model, state):
   Compressed values anywhere else are materialized. The result is an ordinary NNX
   module: call it, split it, or jit it like any other.
 
+  ``state`` is checked against ``model`` first: every path of ``state`` must exist in
+  the module with the same shape (a compressed leaf counts by the shape of the float
+  param it replaces), and every ``nnx.Param`` of the module must be in ``state``
+  unless ``partial=True``. Non-param variables (batch statistics, RNG state) the state
+  lacks keep the module's values. An ``nnx.GraphDef`` holds no values: the state must
+  hold exactly the graph's paths, and shapes are checked against the attributes of
+  Flax's own layers (``Linear``'s ``in_features``/``out_features``, ``Conv``,
+  ``Einsum``, ``Embed``, ``LinearGeneral``, norms) only.
+
   Args:
     model: an ``nnx.Module`` (its graph and any variables ``state`` lacks are used) or
       an ``nnx.GraphDef`` (then ``state`` must be the full state).
-    state: ``nnx.State`` with compressed leaves, e.g. from
+    state: ``nnx.State`` (or its pure dict) with compressed leaves, e.g. from
       ``jaxmem.transform(jaxmem.quantize_int8(), nnx.state(model, nnx.Param))``.
+    partial: allow ``state`` to lack some of the module's params: those keep the
+      module's own values (an ``nnx.Module`` only). Paths and shapes that are in
+      ``state`` are still checked.
 
   Returns:
     The new module.
+
+  Raises:
+    ValueError: ``state`` does not fit ``model``; the message names the first
+      mismatching path, what the module and the state hold there, and the fix.
+    TypeError: ``model`` is not an NNX module or graph.
 
   Example:
     >>> import jax.numpy as jnp, jaxmem
@@ -509,17 +672,15 @@ def merge_compressed(model, state):
     >>> qmodel = jaxmem.merge_compressed(model, qstate)
     >>> type(qmodel).__name__, qmodel(jnp.ones((2, 8))).shape
     ('QuantizedLinear', (2, 4))
+    >>> kernel_only = {'kernel': qstate['kernel']}  # the bias keeps the module's value
+    >>> jaxmem.merge_compressed(model, kernel_only, partial=True)(jnp.ones((2, 8))).shape
+    (2, 4)
   """
-  if isinstance(model, nnx.GraphDef):
-    module = nnx.merge(model, state, copy=True)
-  elif isinstance(model, nnx.Module):
-    graphdef, full = nnx.split(model)
-    module = nnx.merge(graphdef, full, copy=True)
-    nnx.update(module, state)
-  else:
-    raise TypeError(
-        f"merge_compressed: model is a {type(model).__name__}; pass an nnx.Module or GraphDef."
-    )
+  return _merge_compressed(model, state, partial, "merge_compressed")
+
+
+def _merge_compressed(model, state, partial: bool, caller: str):
+  module = _merge_checked(model, state, partial, caller)
   handled = set()
   for path, node in nnx.iter_graph(module):
     if not isinstance(node, nnx.Module):
@@ -541,7 +702,6 @@ def merge_compressed(model, state):
   return module
 
 
-
 # ----------------------------------------------------------------------------- public
 
 
@@ -552,9 +712,15 @@ def apply(
     method: str | Callable | None = None,
     mutable: Any = False,
     rngs: Any = None,
+    int8_route: str | None = None,
+    partial: bool = False,
     **kwargs,
 ):
   """Runs a Flax model (Linen or NNX) whose params hold compressed leaves.
+
+  NNX: ``variables`` is checked against the module first (see
+  :func:`merge_compressed`): paths and shapes must match, every param must be there
+  unless ``partial=True``.
 
   Args:
     model: a ``flax.linen.Module``, an ``nnx.Module`` or an ``nnx.GraphDef``.
@@ -565,6 +731,12 @@ def apply(
       (default ``__call__``).
     mutable: Linen only: passed to ``model.apply`` (then ``(out, updates)`` returns).
     rngs: Linen only: passed to ``model.apply``.
+    int8_route: the integer-dot route of every W8A8 layer in the call, ``"int32"``,
+      ``"bf16"`` or ``"auto"`` (see :func:`jaxmem.quantized_dot_general`); None
+      (default) takes the enclosing :func:`jaxmem.int8_dot_route` block's route
+      (outside one: ``$JAXMEM_INT8_DOT`` at import, else ``"auto"``). Static.
+    partial: NNX only: ``variables`` may lack some of the module's params, which keep
+      the module's own values (an ``nnx.Module`` only; see :func:`merge_compressed`).
     **kwargs: keyword inputs of the model call.
 
   Returns:
@@ -572,8 +744,9 @@ def apply(
 
   Raises:
     TypeError: ``model`` is neither a Linen nor an NNX model.
-    ValueError: a W8A8 weight whose scale varies along a contracted axis (the message
-      names the param path and the fix).
+    ValueError: a W8A8 weight whose scale varies along a contracted axis, an NNX state
+      that does not fit the module, an unknown ``int8_route`` (the message names the
+      param path or argument and the fix).
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxmem
@@ -584,23 +757,32 @@ def apply(
     >>> y.shape
     (2, 4)
   """
+  qdot._check_route(int8_route, "jaxmem.apply: int8_route")
+  route = qdot.int8_dot_route(int8_route) if int8_route is not None else contextlib.nullcontext()
   if isinstance(model, nn.Module):
+    if partial:
+      raise ValueError(
+          "jaxmem.apply: partial=True is for NNX states; for Linen, pass the full "
+          "{'params': ...} dict (Flax reports a missing param by its path)."
+      )
     apply_kwargs = {"mutable": mutable}
     if method is not None:
       apply_kwargs["method"] = method
     if rngs is not None:
       apply_kwargs["rngs"] = rngs
-    return _apply_linen(model, variables, args, kwargs, apply_kwargs)
+    with route:
+      return _apply_linen(model, variables, args, kwargs, apply_kwargs)
   if isinstance(model, (nnx.Module, nnx.GraphDef)):
     if mutable is not False or rngs is not None:
       raise ValueError(
           "jaxmem.apply: `mutable` and `rngs` are Linen arguments; for NNX, put RNG streams "
           "in the module (nnx.Rngs) and use jaxmem.merge_compressed for stateful calls."
       )
-    module = merge_compressed(model, variables)
+    module = _merge_compressed(model, variables, partial, "jaxmem.apply")
     fn = getattr(module, method or "__call__") if not callable(method) else (
         functools.partial(method, module))
-    return fn(*args, **kwargs)
+    with route:
+      return fn(*args, **kwargs)
   raise TypeError(
       f"jaxmem.apply: model is a {type(model).__name__}; pass a flax.linen.Module (with its "
       "variables dict) or an nnx.Module / nnx.GraphDef (with its nnx.State)."

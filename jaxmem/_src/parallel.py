@@ -110,7 +110,9 @@ def train_step(
   trainable leaves, averages them over ``microbatches`` equal slices of the batch (a
   ``lax.scan``, so only one microbatch's activations are live at a time), averages them
   over replicas with ``lax.pmean(..., axis_name)`` when ``axis_name`` is set, and applies
-  ``optimizer``. Run it as is on one device, or under :func:`data_parallel`.
+  ``optimizer``. Run it as is on one device, or under :func:`data_parallel`. The step
+  donates nothing itself; :func:`data_parallel` donates the state (continue with the
+  state each call returns), and so does ``jax.jit(step, donate_argnums=0)``.
 
   Args:
     loss_fn: ``(params, batch) -> loss`` (mean over examples).
@@ -181,12 +183,24 @@ def _as_tuple(x: int | Sequence[int]) -> tuple[int, ...]:
   return (x,) if isinstance(x, int) else tuple(x)
 
 
+def _array_leaves(tree: PyTree) -> list[tuple[str, Any]]:
+  """``[(path, array)]`` down to the arrays inside compressed values (``w/qvalue``)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [(base.path_str(p), x) for p, x in flat]
+
+
 class DataParallel:
   """A per-replica step run data-parallel; build it with :func:`data_parallel`.
 
   Calling it takes the state in *replicated form* (from :meth:`replicate`, or a previous
   call's output) and global batches (the per-process batch with several processes), and
   returns outputs in replicated form; :meth:`unreplicate` gives plain values.
+
+  The arguments in ``donate_argnums`` (default: the state) are *donated*: a call
+  consumes their buffers, so always continue with the state it returns. Passing a
+  consumed state again raises a ``ValueError`` naming the leaf (checked before
+  dispatch), and so does, on the pmap backend, a non-batch argument without the
+  leading device axis of :meth:`replicate`.
 
   Attributes:
     backend: ``"shard_map"`` or ``"pmap"``.
@@ -284,12 +298,46 @@ class DataParallel:
     )
     return jax.jit(fn, donate_argnums=self.donate_argnums)
 
+  def _check_alive(self, i: int, arg: PyTree) -> None:
+    """A clear error for an argument whose buffers a previous call consumed (donated)."""
+    for path, x in _array_leaves(arg):
+      if isinstance(x, jax.Array) and x.is_deleted():
+        donated = i in self.donate_argnums
+        why = (
+            f"the previous call donated argument {i} (donate_argnums={self.donate_argnums}): "
+            "its buffers were reused for the outputs"
+            if donated else "it was deleted or donated elsewhere"
+        )
+        raise ValueError(
+            f"data_parallel: argument {i} leaf '{path or 'arg'}' has been deleted: {why}. "
+            "Pass the state the previous call returned (`state, metrics = dp(state, batch)`), "
+            "or a fresh dp.replicate(...) copy; to keep inputs alive, build the step with "
+            "data_parallel(..., donate_argnums=())."
+        )
+
+  def _check_replicated(self, i: int, arg: PyTree) -> None:
+    """pmap maps every argument over its leading axis: non-batch ones must be stacked."""
+    n = len(self._local_devices)
+    for path, x in _array_leaves(arg):
+      size = x.shape[0] if getattr(x, "ndim", 0) else None
+      if size != n:
+        raise ValueError(
+            f"data_parallel(backend='pmap'): argument {i} leaf '{path or 'arg'}' has leading "
+            f"size {size if size is not None else 'none (a scalar)'}, but non-batch "
+            f"arguments take one copy per device: a leading axis of size {n} (the local "
+            "device count). Pass dp.replicate(state) (a previous call's returned state is "
+            "already replicated), or list the argument in batch_argnums if it is data."
+        )
+
   def _prepare(self, args: tuple) -> tuple:
     out = []
     for i, a in enumerate(args):
+      self._check_alive(i, a)
       if i in self.batch_argnums:
         out.append(self.shard_batch(a, i))
       else:
+        if self.backend == "pmap":
+          self._check_replicated(i, a)
         out.append(a)
     return tuple(out)
 
@@ -331,11 +379,15 @@ def data_parallel(
     devices: devices to use (default: all, over all processes).
     mesh: a 1-d ``Mesh`` whose single axis is ``axis_name`` (instead of ``devices``).
     batch_argnums: arguments split over devices on their leading axis.
-    donate_argnums: arguments whose buffers the outputs may reuse (the state).
+    donate_argnums: arguments whose buffers the outputs may reuse (default: the state,
+      argument 0): each call consumes them, so continue with the returned state. Pass
+      ``()`` to keep the inputs alive (at the cost of a second copy of the state).
 
   Raises:
     ValueError: unknown backend, a mesh with another axis, or (when called) a batch leaf
-      whose leading size does not divide by the device count.
+      whose leading size does not divide by the device count, an argument already
+      consumed by a previous call (donated), or (pmap backend) a non-batch argument that
+      is not in replicated form (leading axis = local device count).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxmem

@@ -27,10 +27,28 @@ bf16, their products are exact in f32, and a sum of K such products stays an exa
 integer while ``127**2 * K < 2**24`` (K <= 1040). So on a CPU with AVX512_BF16 or AMX
 the integer op runs in bf16 with f32 accumulation, split into chunks of at most 1040
 contracted elements whose results are added in int32: the result is **bit-identical**
-to the int32 op. The choice is made when lowering (``lax.platform_dependent``: GPU and
-TPU keep their native int8 ops) and can be forced with the environment variable
-``JAXMEM_INT8_DOT=int32|bf16`` (default ``auto``), read when a function is traced (JAX
-caches traces: in a running process use :func:`jaxmem.int8_dot_route`).
+to the int32 op.
+
+**Choosing the route** (a static choice made when a function is traced; nothing global
+is mutated and no cache is cleared):
+
+* ``int8_route="int32"|"bf16"|"auto"`` on :func:`quantized_dot_general`,
+  :func:`quantized_einsum`, :func:`quantized_conv` and :func:`jaxmem.apply` fixes the
+  route of that call;
+* otherwise (``int8_route=None``) the call takes the route of the innermost enclosing
+  ``with jaxmem.int8_dot_route(...):`` block *of the current thread*. The route is a
+  ``jax.make_user_context`` value, part of ``jax.jit``'s trace/lower/compile cache key:
+  a function jitted in the block retraces when called outside it, and other threads
+  keep their own route;
+* outside any block, the default is the environment variable ``JAXMEM_INT8_DOT``
+  (``int32``, ``bf16`` or ``auto``), read once when :mod:`jaxmem` is imported (an
+  invalid value makes the import fail with a ``ValueError``); unset, it is ``auto``.
+
+``auto`` picks bf16 accumulation on CPUs advertising AVX512_BF16/AMX (host
+``/proc/cpuinfo``) through ``lax.platform_dependent``, so GPU and TPU lowerings keep
+their native int8 ops; everywhere else it is ``int32``. ``bf16`` forces the bf16 route
+on every platform; contractions that cannot be split exactly (grouped convolutions over
+1040 elements) stay on int32.
 
 All kernels are jit-, vmap- and eval_shape-compatible; nothing here stores a float
 copy of a weight.
@@ -94,50 +112,77 @@ def _round_activations(x: jax.Array, axes: Sequence[int], bits: int):
 # f32: 127**2 * K < 2**24.
 _EXACT_BF16_K = (2**24 - 1) // 127**2
 
-_INT8_DOT_MODES = ("auto", "int32", "bf16")
+INT8_ROUTES = ("auto", "int32", "bf16")
+_ROUTE_ENV = "JAXMEM_INT8_DOT"
 
 
-def _int8_dot_mode() -> str:
-  mode = os.environ.get("JAXMEM_INT8_DOT", "auto")
-  if mode not in _INT8_DOT_MODES:
+def _route_from_env() -> str:
+  """The default route: ``$JAXMEM_INT8_DOT`` (validated), else ``auto``."""
+  route = os.environ.get(_ROUTE_ENV, "auto")
+  if route not in INT8_ROUTES:
     raise ValueError(
-        f"JAXMEM_INT8_DOT={mode!r}: expected one of {_INT8_DOT_MODES} ('auto' picks bf16 "
-        "accumulation on CPUs with native bf16 dots, int32 elsewhere)."
+        f"{_ROUTE_ENV}={route!r} (read when jaxmem is imported): expected one of "
+        f"{INT8_ROUTES}; unset it for 'auto' (bf16 accumulation on CPUs with native bf16 "
+        "dots, int32 elsewhere), or pick a route per call with int8_route=... or "
+        "`with jaxmem.int8_dot_route(...)`."
     )
-  return mode
+  return route
+
+
+# Thread-local, and part of jax.jit's trace/lower/compile cache key: a function traced
+# under one route is never reused under another, with no cache to clear.
+_ROUTE = jax.make_user_context(_route_from_env())
+
+
+def _check_route(route: str | None, what: str) -> str | None:
+  if route is not None and route not in INT8_ROUTES:
+    raise ValueError(
+        f"{what}={route!r}: expected one of {INT8_ROUTES}, or None for the route of the "
+        "enclosing `with jaxmem.int8_dot_route(...)` block (default: $JAXMEM_INT8_DOT, "
+        "else 'auto')."
+    )
+  return route
 
 
 @contextlib.contextmanager
-def int8_dot_route(mode: str):
-  """Traces W8A8 ops inside the block on one integer-dot route: ``int32``, ``bf16`` or ``auto``.
+def int8_dot_route(route: str):
+  """Traces W8A8 ops in the block, in this thread, on one integer-dot route.
 
-  Sets ``JAXMEM_INT8_DOT`` for the block and clears JAX's trace caches on entry and exit
-  (traces are cached per function, so a function traced before would keep its route).
-  Compile inside the block (``jax.jit(f).lower(...).compile()``) to keep an executable on
-  that route; jitted functions called after the block retrace on the default route.
+  ``route`` is ``"int32"`` (XLA's ``int8 x int8 -> int32`` ops), ``"bf16"`` (the
+  bit-identical bf16 route, see the module docstring) or ``"auto"``. The route is a
+  thread-local ``jax.make_user_context`` value that ``jax.jit`` includes in its cache
+  key: functions traced in the block run on ``route``, the same jitted function called
+  after the block (or from another thread) retraces on that caller's route, and no
+  cache is cleared. A kernel's or :func:`jaxmem.apply`'s explicit ``int8_route=``
+  takes precedence over the block. Executables compiled in the block
+  (``jax.jit(f).lower(...).compile()``) keep their route wherever they are called.
+
+  Args:
+    route: ``"int32"``, ``"bf16"`` or ``"auto"``.
+
+  Raises:
+    ValueError: an unknown route.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxmem
     >>> q = jaxmem.quantize(jnp.ones((8, 4)), channel_axes=(1,), act_bits=8)
-    >>> f = lambda x, q: jaxmem.quantized_dot_general(x, q, (((1,), (0,)), ((), ())))
+    >>> f = jax.jit(lambda x, q: jaxmem.quantized_dot_general(x, q, (((1,), (0,)), ((), ()))))
+    >>> with jaxmem.int8_dot_route("bf16"):
+    ...   text = f.lower(jnp.ones((2, 8)), q).as_text()
+    >>> 'xbf16>' in text
+    True
     >>> with jaxmem.int8_dot_route("int32"):
-    ...   text = jax.jit(f).lower(jnp.ones((2, 8)), q).as_text()
+    ...   text = f.lower(jnp.ones((2, 8)), q).as_text()
     >>> 'xi8>' in text and 'bf16' not in text
     True
   """
-  if mode not in _INT8_DOT_MODES:
-    raise ValueError(f"int8_dot_route: mode {mode!r}; expected one of {_INT8_DOT_MODES}.")
-  old = os.environ.get("JAXMEM_INT8_DOT")
-  os.environ["JAXMEM_INT8_DOT"] = mode
-  jax.clear_caches()
-  try:
+  if route not in INT8_ROUTES:
+    raise ValueError(
+        f"int8_dot_route: route {route!r}; expected one of {INT8_ROUTES}, e.g. "
+        "`with jaxmem.int8_dot_route('int32'):`."
+    )
+  with _ROUTE(route):
     yield
-  finally:
-    if old is None:
-      os.environ.pop("JAXMEM_INT8_DOT", None)
-    else:
-      os.environ["JAXMEM_INT8_DOT"] = old
-    jax.clear_caches()
 
 
 @functools.cache
@@ -154,11 +199,12 @@ def _cpu_has_native_bf16() -> bool:
   return False
 
 
-def _integer_op(op, xq, wq, labels, splittable=True):
+def _integer_op(op, xq, wq, labels, splittable=True, route=None):
   """``op(xq, wq, acc_dtype)`` of integer-valued operands, as exact float32 integers.
 
   ``xq`` holds rounded activations in float32, ``wq`` int8 values, ``labels`` the
-  (lhs, rhs, out) axis labels. The bf16 route (module docstring) splits the largest
+  (lhs, rhs, out) axis labels, ``route`` the integer-dot route (None: the thread's
+  ``int8_dot_route`` context value). The bf16 route (module docstring) splits the largest
   contracted axis into exact chunks unless ``splittable`` is False (grouped convolutions),
   in which case contractions over 1040 elements stay on the int32 route.
   """
@@ -190,7 +236,7 @@ def _integer_op(op, xq, wq, labels, splittable=True):
       acc = part if acc is None else acc + part
     return acc.astype(jnp.float32)
 
-  mode = _int8_dot_mode()
+  mode = route if route is not None else _ROUTE.value
   exact_bf16 = k <= _EXACT_BF16_K or step is not None
   if mode == "int32" or not exact_bf16 or (mode == "auto" and not _cpu_has_native_bf16()):
     return int32_route(xq, wq)
@@ -234,15 +280,18 @@ def _to_layout(s: jax.Array, src: Sequence[str], dst: Sequence[str]) -> jax.Arra
 
 
 def _quantized_op(
-    op, lhs, rhs, labels, act_axes, *, dtype, out_dtype, kind, path, splittable=True
+    op, lhs, rhs, labels, act_axes, *, dtype, out_dtype, kind, path, splittable=True,
+    int8_route=None,
 ):
   """Runs a bilinear ``op(a, b, acc)`` with a float ``lhs`` and a (compressed) ``rhs``.
 
   ``labels`` = (lhs, rhs, output) axis labels: an rhs label absent from the output is a
   contracted axis, and the scales travel to the output layout by label. ``act_axes`` are
   the lhs axes sharing one activation scale under W8A8. ``op(a, b, acc)`` runs with
-  ``preferred_element_type=acc`` (None for the float op).
+  ``preferred_element_type=acc`` (None for the float op). ``int8_route`` picks the
+  W8A8 integer-dot route (None: the thread's :func:`int8_dot_route` value).
   """
+  _check_route(int8_route, f"{kind} '{path}': int8_route")
   if not isinstance(rhs, QArray):
     if isinstance(rhs, Compressed):
       rhs = rhs.materialize()
@@ -265,7 +314,7 @@ def _quantized_op(
     return (y * _to_layout(ws, rhs_labels, out_labels)).astype(out_dtype)
   if rhs.act_bits == 8:
     xq, xs = _round_activations(lhs, act_axes, rhs.act_bits)
-    acc = _integer_op(op, xq, int_values(rhs), labels, splittable)
+    acc = _integer_op(op, xq, int_values(rhs), labels, splittable, int8_route)
     scale = _to_layout(xs, lhs_labels, out_labels) * _to_layout(ws, rhs_labels, out_labels)
     return (acc * scale).astype(out_dtype)
   if ws is None:  # e.g. group-wise scales along a contracted axis
@@ -296,13 +345,15 @@ def quantized_dot_general(
     *,
     dtype=None,
     path: str = "kernel",
+    int8_route: str | None = None,
 ) -> jax.Array:
   """``lax.dot_general(lhs, rhs, ...)`` where ``rhs`` may be a quantized weight.
 
   W8A8 weights run an integer dot: ``int8 x int8 -> int32``, or, on CPUs with native
   bf16 dots (AVX512_BF16/AMX), the same products as bf16 dots accumulating in f32 in
   exact chunks of <= 1040 contracted elements, bit-identical and faster on XLA:CPU
-  (:func:`jaxmem.int8_dot_route` or ``JAXMEM_INT8_DOT=int32|bf16|auto`` force a route).
+  (``int8_route=``, :func:`jaxmem.int8_dot_route` or ``JAXMEM_INT8_DOT`` pick a route;
+  see the module docstring).
   W8A16 weights (``act_bits=16``) run ``bf16 x bf16 -> f32`` on bf16-rounded activations.
 
   Args:
@@ -314,6 +365,9 @@ def quantized_dot_general(
     preferred_element_type: dtype of the result (like ``lax.dot_general``).
     dtype: computation dtype (default: the promoted type of ``lhs`` and ``rhs.dtype``).
     path: the weight's path, for error messages.
+    int8_route: W8A8 integer-dot route, ``"int32"``, ``"bf16"`` or ``"auto"``; None
+      (default) takes the enclosing :func:`jaxmem.int8_dot_route` block's route
+      (outside one: ``$JAXMEM_INT8_DOT`` at import, else ``"auto"``). Static.
 
   Returns:
     The product in ``lax.dot_general``'s layout: batch, lhs free, rhs free axes.
@@ -347,7 +401,7 @@ def quantized_dot_general(
 
   return _quantized_op(
       op, lhs, rhs, (lhs_labels, rhs_labels, out_labels), lc, dtype=dtype,
-      out_dtype=preferred_element_type, kind="dot_general", path=path,
+      out_dtype=preferred_element_type, kind="dot_general", path=path, int8_route=int8_route,
   )
 
 
@@ -393,13 +447,15 @@ def quantized_einsum(
     preferred_element_type=None,
     dtype=None,
     path: str = "kernel",
+    int8_route: str | None = None,
 ) -> jax.Array:
   """``jnp.einsum(subscripts, lhs, rhs)`` where ``rhs`` may be a quantized weight.
 
   The weight's contracted axes are its labels absent from the output. Weight-only
   weights run on their integer values with the scale applied to the output; W8A8
   weights run an ``int8 x int8 -> int32`` einsum with per-row activation scales (one
-  per output position of ``lhs``'s kept labels).
+  per output position of ``lhs``'s kept labels), on the route ``int8_route`` picks
+  (as in :func:`quantized_dot_general`).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxmem
@@ -419,7 +475,7 @@ def quantized_einsum(
   lhs_contracted = tuple(i for i, c in enumerate(a) if c not in out)
   return _quantized_op(
       op, lhs, rhs, (a, b, out), lhs_contracted, dtype=dtype,
-      out_dtype=preferred_element_type, kind="einsum", path=path,
+      out_dtype=preferred_element_type, kind="einsum", path=path, int8_route=int8_route,
   )
 
 
@@ -440,13 +496,15 @@ def quantized_conv(
     *,
     dtype=None,
     path: str = "kernel",
+    int8_route: str | None = None,
 ) -> jax.Array:
   """``lax.conv_general_dilated`` where ``rhs`` (the kernel) may be a quantized weight.
 
   The kernel's scale must be 1 on its input-feature and spatial axes to factor out
   (per output channel, the default for ``HWIO`` kernels, or per tensor); otherwise a
   weight-only kernel is dequantized inside the traced function. W8A8 kernels run an
-  ``int8`` convolution accumulating in ``int32``, with one activation scale per example.
+  ``int8`` convolution accumulating in ``int32``, with one activation scale per example,
+  on the route ``int8_route`` picks (as in :func:`quantized_dot_general`).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxmem
@@ -485,7 +543,7 @@ def quantized_conv(
   return _quantized_op(
       op, lhs, rhs, (lhs_labels, rhs_labels, out_labels), per_example, dtype=dtype,
       out_dtype=preferred_element_type, kind="conv", path=path,
-      splittable=feature_group_count == 1,
+      splittable=feature_group_count == 1, int8_route=int8_route,
   )
 
 
