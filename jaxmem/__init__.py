@@ -106,9 +106,11 @@ from jaxmem._src.qat import qat_weights as qat_weights
 # --- checkpointing (issue 6)
 from jaxmem._src.checkpoint import CheckpointCorruptError as CheckpointCorruptError
 from jaxmem._src.checkpoint import CheckpointFallbackWarning as CheckpointFallbackWarning
+from jaxmem._src.checkpoint import CheckpointLockedError as CheckpointLockedError
 from jaxmem._src.checkpoint import CheckpointManager as CheckpointManager
 from jaxmem._src.checkpoint import abstract_target as abstract_target
 from jaxmem._src.checkpoint import checkpoint_layout as checkpoint_layout
+from jaxmem._src.checkpoint import register_checkpoint_type as register_checkpoint_type
 
 __version__ = "0.1.0"
 

@@ -290,14 +290,14 @@ def test_truncated_latest_step_falls_back_with_warning(tmp_path):
   mgr.close()
 
 
-def test_wrong_bytes_are_caught_by_fingerprint(tmp_path):
+def test_wrong_bytes_are_caught_by_checksum(tmp_path):
   mgr, trees = _three_steps(tmp_path)
   mgr.close()
   # Step 2's data replaced by step 1's: Orbax reads it without complaint, values are wrong.
   shutil.rmtree(tmp_path / "2" / "state")
   shutil.copytree(tmp_path / "1" / "state", tmp_path / "2" / "state")
   with jaxmem.CheckpointManager(tmp_path, max_to_keep=5) as mgr:
-    with pytest.raises(jaxmem.CheckpointCorruptError, match="fingerprint"):
+    with pytest.raises(jaxmem.CheckpointCorruptError, match="Dense_0/bias.*crc32c checksum"):
       mgr.restore(2)
     with pytest.warns(jaxmem.CheckpointFallbackWarning):
       _assert_same(mgr.restore(), trees[1])
@@ -326,10 +326,10 @@ def test_max_to_keep_and_existing_step(tmp_path):
 def test_checkpoint_layout_document():
   q = jaxmem.transform(jaxmem.quantize_weights(4), _params())
   layout = jaxmem.checkpoint_layout({"params": q})
-  assert layout["format"] == "jaxmem.checkpoint/1"
+  assert layout["format"] == "jaxmem.checkpoint/2"
   node = dict(dict(layout["tree"]["items"])["params"]["items"])["Dense_0"]
   kernel = dict(node["items"])["kernel"]
-  assert kernel["class"] == "jaxmem._src.qarray:QArray"
+  assert kernel["class"] == "jaxmem.QArray"  # the registered name, not an import path
   assert kernel["static"]["bits"] == 4 and kernel["static"]["packed"] is True
   assert dict(kernel["items"])["qvalue"]["dtype"] == "uint8"
 
@@ -370,3 +370,83 @@ def test_gradual_prune_optimizer_state_with_masks_roundtrip(tmp_path):
   a, _ = opt.update(grads, state, params)
   b, _ = opt.update(grads, restored["opt_state"], restored["params"])
   _assert_same(a, b)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_default_registry_covers_jaxmem_and_optax_states(tmp_path):
+  """Restore builds only registered types; jaxmem's and optax's states need no registration."""
+  params = {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}
+  opt = optax.chain(
+      optax.masked(optax.adamw(1e-3), {"dense": {"kernel": True, "bias": False}}),
+      optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9),
+      optax.apply_if_finite(optax.scale_by_rms(bias_correction=True), 3),
+      jaxmem.gradual_prune(0.5, 0, 2, update_every=1),
+  )
+  lbfgs = optax.lbfgs()  # a state NamedTuple optax does not export (ZoomLinesearchState)
+  state = {
+      "opt": opt.init(params),
+      "multi": optax.MultiSteps(optax.lion(1e-3), 2).init(params),
+      "train": jaxmem.init_train_state(params, optax.adam(1e-3)),
+      "lbfgs": lbfgs.init(params),
+      "free": optax.contrib.schedule_free_adamw(1e-3).init(params),
+      "tx": jaxmem.chain(jaxmem.magnitude_prune(0.5), jaxmem.quantize_int8()).init(params),
+  }
+  with jaxmem.CheckpointManager(tmp_path / "c", async_save=False) as mgr:
+    mgr.save(0, state)
+    restored = mgr.restore()
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  assert isinstance(restored["train"], jaxmem.TrainState)
+  opt.update(params, restored["opt"], params)  # the restored state keeps working
+
+
+# ----------------------------------------------------------------------------- format 1
+
+V1_FIXTURE = pathlib.Path(__file__).parent / "data" / "checkpoint_v1"
+
+
+def _listing(directory):
+  return sorted((str(p.relative_to(directory)), p.stat().st_size) for p in directory.rglob("*"))
+
+
+def test_format1_checkpoint_still_restores(tmp_path):
+  """tests/data/checkpoint_v1/ckpt was written by the format 1 code (see make_checkpoint.py)."""
+  expected = dict(np.load(V1_FIXTURE / "expected.npz"))
+  before = _listing(V1_FIXTURE)
+  with jaxmem.CheckpointManager(V1_FIXTURE / "ckpt", read_only=True) as reader:
+    assert reader.all_steps() == [7]
+    assert reader.read_layout()["format"] == "jaxmem.checkpoint/1"
+    abstract = reader.abstract_state()
+    restored = reader.restore()
+  assert _listing(V1_FIXTURE) == before  # a reader writes nothing, not even a lock file
+  shutil.copytree(V1_FIXTURE / "ckpt", tmp_path / "ckpt")
+  with jaxmem.CheckpointManager(tmp_path / "ckpt") as mgr:  # a writer reads it the same way
+    _assert_same(mgr.restore(7), restored)
+
+  int8, int4 = restored["int8"]["kernel"], restored["int4"]["kernel"]
+  assert isinstance(int8, jaxmem.QArray) and int8.bits == 8 and int8.qvalue.dtype == jnp.int8
+  assert isinstance(int4, jaxmem.QArray)
+  assert (int4.bits, int4.packed, int4.group_size) == (4, True, 8)
+  assert int4.qvalue.dtype == jnp.uint8 and int4.shape == (16, 8)
+  sparse = restored["sparse"]["kernel"]
+  assert isinstance(sparse, jaxmem.SparseArray) and sparse.shape == (16, 8)
+  assert type(restored["opt_state"][0][0]) is optax.ScaleByAdamState
+  assert isinstance(restored["opt_state"][1], jaxmem.GradualPruneState)
+  assert restored["opt_state"][1].masks["bias"] is None
+  assert restored["step"] == 7 and type(restored["step"]) is int
+  assert (restored["name"], restored["nothing"]) == ("v1-fixture", None)
+  assert isinstance(restored["pair"], tuple) and restored["pair"][1].dtype == jnp.bool_
+  assert isinstance(abstract["int4"]["kernel"], jaxmem.QArray)
+  assert abstract["int4"]["kernel"].qvalue == jax.ShapeDtypeStruct((64,), jnp.uint8)
+
+  flat = jax.tree_util.tree_flatten_with_path(restored)[0]
+  got = {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat}
+  assert sorted(got) == sorted(expected)
+  for key, want in expected.items():
+    if key != "['step']":  # a Python int: compared above
+      assert got[key].dtype == want.dtype, key
+    np.testing.assert_array_equal(got[key], want, err_msg=key)
+  # The restored compressed values still work.
+  assert jaxmem.dequantize(int4).shape == (16, 8)
+  np.testing.assert_array_equal(sparse.materialize(), jaxmem.sparse_unpack(sparse))

@@ -33,8 +33,8 @@ EXPECTED = {
     "remat_policy", "scan_layers", "DataParallel", "TrainState", "data_parallel",
     "init_train_state", "mesh_from_axes", "train_step", "ProcessInfo", "initialize", "shutdown",
     # checkpoints
-    "CheckpointCorruptError", "CheckpointFallbackWarning", "CheckpointManager",
-    "abstract_target", "checkpoint_layout",
+    "CheckpointCorruptError", "CheckpointFallbackWarning", "CheckpointLockedError",
+    "CheckpointManager", "abstract_target", "checkpoint_layout", "register_checkpoint_type",
     # test helpers
     "testing",
 }

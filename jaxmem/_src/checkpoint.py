@@ -8,15 +8,50 @@
   on disk next to its float32 ``scale``; no float copy of a compressed leaf is written.
   Keys follow the tree: ``params/Dense_0/kernel/qvalue``; tuple and list entries are
   named by their index, NamedTuple and dataclass fields by their name.
-* ``layout``: a JSON document (format ``"jaxmem.checkpoint/1"``) holding the full tree
-  structure: container kinds (dict, list, tuple, NamedTuple class, dataclass class such
-  as ``jaxmem._src.qarray:QArray`` with its static fields like ``bits``, ``shape``,
-  ``packed``), and for each array its shape, dtype and a 32-bit fingerprint of its bytes.
+* ``layout``: a JSON document (format ``"jaxmem.checkpoint/2"``) holding the full tree
+  structure: container kinds (dict, list, tuple, NamedTuple, dataclass), each class by its
+  *registered name* (``jaxmem.QArray``, ``optax.ScaleByAdamState``; see
+  :func:`register_checkpoint_type`) with its static fields (``bits``, ``shape``,
+  ``packed``), and for each array its shape, dtype and crc32c checksum.
 
 On restore the layout gives the abstract target, so users never hand-build one: a
 checkpoint of int8 params restores as QArrays, an optimizer state as the optax
 NamedTuples it was, gradual-pruning masks as the masks they were. A target can still be
 given (e.g. ``abstract_target(tx, params)``); it is checked against the layout first.
+
+What restore trusts (a checkpoint directory may come from anywhere):
+
+* **Types come only from a registry**, looked up by name; restore never imports a module
+  or resolves an attribute named in a file. It builds ``None``, ``str``, Python
+  ``bool``/``int``/``float``, ``dict``, ``list``, ``tuple``, arrays of numeric dtypes, and
+  the registered classes: jaxmem's compressed types (``QArray``, ``SparseArray``) and its
+  NamedTuple states (transform, pruning, distillation, train states), every state
+  NamedTuple defined in optax, ``collections.OrderedDict``, ``flax.core.FrozenDict``, and
+  whatever you register with :func:`register_checkpoint_type`. A registered class is
+  called with the fields stored in the file (NamedTuples and dataclasses: register only
+  types whose constructor has no side effects). A name that is not registered, a class
+  used as the wrong node kind (a NamedTuple as a dataclass), fields that differ from the
+  class's, an unknown node kind or a non-numeric dtype make the step corrupt.
+* **Orbax and TensorStore read the array files**: their metadata is JSON, handlers come
+  from Orbax's own registry (jaxmem always passes them explicitly), and nothing is
+  unpickled.
+
+Integrity:
+
+* Every array carries a crc32c of its bytes, dtype and shape; the layout document carries
+  a crc32c of itself (canonical JSON: structure, class names, static fields, shapes,
+  dtypes and the array checksums). So a flipped bit in a data file, a dtype edited from
+  float32 to bfloat16, a QArray's ``bits`` edited from 8 to 4, or a removed checksum is
+  caught. A checksum is not a signature: someone who can write the directory can
+  recompute it. What makes a hostile checkpoint harmless is the registry above.
+* Format 1 checkpoints (written before the registry, ``"jaxmem.checkpoint/1"``) still
+  restore: their classes, spelled ``module:Qualname``, are mapped to registered classes
+  (never imported), and each array is checked against its 32-bit fingerprint as before.
+  Their layout has no checksum, so an edit of a static field (``bits``) or of a
+  fingerprint there is not detected.
+* Checksums need host bytes: each array is copied to the host once at save and at
+  restore (``jax.device_get``; arrays spread over several processes are gathered with
+  ``multihost_utils.process_allgather``, whole, on every host).
 
 Safety rules:
 
@@ -24,13 +59,19 @@ Safety rules:
   (the classic case: a float checkpoint restored into a quantized model, which Orbax would
   cast f32 -> int8 without quantizing), restore raises a ``ValueError`` naming the path and
   the fix: restore the float tree, then quantize explicitly with ``jaxmem.transform``.
-* **No silently wrong params.** Every restored array is checked against its fingerprint.
-  A step that fails to read (truncated or missing file, bad layout, fingerprint mismatch)
-  raises :class:`CheckpointCorruptError` when that step was asked for explicitly. When the
+* **No silently wrong params.** A step that fails to read (truncated or missing file, bad
+  layout, unregistered type, checksum mismatch) raises :class:`CheckpointCorruptError`
+  naming the step and the path when that step was asked for explicitly. When the
   *latest* step is requested (``step=None``), the manager falls back to the newest step
   that restores cleanly and emits a :class:`CheckpointFallbackWarning` naming the bad
   step; a later ``save`` of that step number replaces the bad one. If no step restores,
   :class:`CheckpointCorruptError` lists each step's failure.
+* **One writer per directory.** A manager opened for writing holds an exclusive
+  ``fcntl.flock`` on ``<directory>/.jaxmem-writer.lock`` (its pid and host written in it)
+  until :meth:`CheckpointManager.close`; the OS releases it if the process dies. A second
+  writer fails at once with :class:`CheckpointLockedError`. Readers take no lock:
+  ``CheckpointManager(directory, read_only=True)``. In a multi-process JAX job only
+  process 0 takes the lock. Not enforced on Windows nor for URL directories (``gs://``).
 * **Any device count.** Arrays are restored with the sharding you pass (one
   ``jax.sharding.Sharding`` for all, or a function ``(path, ShapeDtypeStruct) -> Sharding``),
   else the target's shardings, else on the first local device. What sharding the
@@ -42,20 +83,36 @@ values back with ``nnx.replace_by_pure_dict``.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib
+import json
+import os
+import pkgutil
+import socket
+import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import google_crc32c
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxmem._src import base
 
+try:  # POSIX only; elsewhere the one-writer rule is not enforced (documented above).
+  import fcntl
+except ImportError:  # pragma: no cover (Windows)
+  fcntl = None
+
 PyTree = Any
-FORMAT = "jaxmem.checkpoint/1"
+FORMAT = "jaxmem.checkpoint/2"
+FORMAT_V1 = "jaxmem.checkpoint/1"
+LOCK_FILE = ".jaxmem-writer.lock"
 _STATE = "state"
 _LAYOUT = "layout"
 
@@ -68,31 +125,250 @@ class CheckpointFallbackWarning(UserWarning):
   """The latest checkpoint step was unreadable; an older step was restored instead."""
 
 
-# ----------------------------------------------------------------------------- layout
+class CheckpointLockedError(ValueError):
+  """Another :class:`CheckpointManager` has the directory open for writing."""
 
 
-def _class_name(cls: type) -> str:
+# ----------------------------------------------------------------------------- type registry
+
+_KIND_WORDS = {"namedtuple": "NamedTuple", "dataclass": "dataclass", "dict": "Mapping"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  name: str  # the stable name written in layouts
+  cls: type
+  kind: str  # the layout node kind: "namedtuple", "dataclass" or "dict"
+
+
+class _Registry:
+  def __init__(self):
+    self.lock = threading.RLock()
+    self.by_name: dict[str, _Entry] = {}
+    self.by_class: dict[type, _Entry] = {}
+    self.legacy: dict[str, str] = {}  # format 1 spelling 'module:Qualname' -> registered name
+    self.loaded = False
+
+
+_REGISTRY = _Registry()
+
+# The classes format 1 wrote for jaxmem's own types, frozen here so that those checkpoints
+# keep restoring when a class moves to another module.
+_V1_NAMES = {
+    "jaxmem._src.qarray:QArray": "jaxmem.QArray",
+    "jaxmem._src.sparse:SparseArray": "jaxmem.SparseArray",
+    "jaxmem._src.base:EmptyState": "jaxmem.EmptyState",
+    "jaxmem._src.gradual:GradualPruneState": "jaxmem.GradualPruneState",
+    "jaxmem._src.gradual:KeepMasksState": "jaxmem.KeepMasksState",
+    "jaxmem._src.parallel:TrainState": "jaxmem.TrainState",
+    "jaxmem._src.distill:DistillState": "jaxmem.DistillState",
+    "jaxmem._src.qat:QATWeights": "jaxmem.QATWeights",
+}
+
+# Optax namespaces whose NamedTuples are registered (each imported if it exists).
+_OPTAX_NAMESPACES = (
+    "optax", "optax.transforms", "optax.schedules", "optax.contrib", "optax.experimental",
+    "optax.microbatching",
+)
+# NamedTuples that hold functions, not state.
+_NOT_STATE = {("optax._src.base", "GradientTransformation"),
+              ("optax._src.base", "GradientTransformationExtraArgs"),
+              ("jaxmem._src.base", "ParamTransform")}
+
+
+def _legacy_name(cls: type) -> str:
   return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _resolve_class(name: str, path: str) -> type:
-  module, _, qualname = name.partition(":")
-  try:
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-      obj = getattr(obj, part)
-  except (ImportError, AttributeError) as e:
+def _kind_of(cls: Any) -> str | None:
+  """The layout node kind a class is saved as (same order as :func:`_encode`), or None."""
+  if not isinstance(cls, type):
+    return None
+  if issubclass(cls, tuple) and hasattr(cls, "_fields"):
+    return "namedtuple"
+  if issubclass(cls, Mapping) and cls is not dict:
+    return "dict"
+  if dataclasses.is_dataclass(cls):
+    return "dataclass"
+  return None
+
+
+def _add(cls: type, name: str) -> _Entry:
+  reg = _REGISTRY
+  kind = _kind_of(cls)
+  if kind is None:
+    raise TypeError(
+        f"register_checkpoint_type: {cls!r} is not a NamedTuple class, a dataclass or a "
+        "Mapping subclass; only those can be rebuilt from a checkpoint. Save its arrays in "
+        "a dict instead."
+    )
+  if not isinstance(name, str) or not name or ":" in name or name != name.strip():
     raise ValueError(
-        f"checkpoint layout at '{path}' names class {name!r}, which cannot be imported here "
-        f"({e}). Install/import the code that defines it, or pass an explicit `target`."
-    ) from e
-  if not isinstance(obj, type):
-    raise ValueError(f"checkpoint layout at '{path}': {name!r} is not a class.")
-  return obj
+        f"register_checkpoint_type: name {name!r} must be a non-empty string without ':' "
+        "or surrounding spaces, e.g. 'my_project.EmaState'."
+    )
+  with reg.lock:
+    old = reg.by_name.get(name)
+    if old is not None and old.cls is not cls:
+      if _legacy_name(old.cls) != _legacy_name(cls):
+        raise ValueError(
+            f"register_checkpoint_type: the name {name!r} is already registered for "
+            f"{_legacy_name(old.cls)}; pass another name=... for {_legacy_name(cls)}."
+        )
+      del reg.by_class[old.cls]  # the same class defined again (module reload, notebook cell)
+    prev = reg.by_class.get(cls)
+    if prev is not None and prev.name != name:
+      raise ValueError(
+          f"register_checkpoint_type: {_legacy_name(cls)} is already registered as "
+          f"{prev.name!r}; a class has one checkpoint name. Omit name= or pass {prev.name!r}."
+      )
+    entry = _Entry(name, cls, kind)
+    reg.by_name[name] = entry
+    reg.by_class[cls] = entry
+    reg.legacy[_legacy_name(cls)] = name
+    return entry
+
+
+def _namedtuples(module: Any, defined_here: bool) -> list[tuple[str, type]]:
+  out = []
+  for attr, obj in sorted(vars(module).items()):
+    if attr.startswith("_") or _kind_of(obj) != "namedtuple":
+      continue
+    if (obj.__module__, obj.__qualname__) in _NOT_STATE:
+      continue
+    if defined_here and obj.__module__ != module.__name__:
+      continue
+    out.append((attr, obj))
+  return out
+
+
+def _load_defaults() -> None:
+  """Registers jaxmem's, optax's and the plain container types (once, on first use)."""
+  import jaxmem._src as src
+
+  # jaxmem: every NamedTuple state and compressed dataclass in jaxmem._src (the package's
+  # own module list, not names from a file), named ``jaxmem.<Class>``.
+  for info in sorted(pkgutil.iter_modules(src.__path__), key=lambda i: i.name):
+    try:
+      module = importlib.import_module(f"{src.__name__}.{info.name}")
+    except ImportError:  # an optional dependency of that module is missing
+      continue
+    for attr, obj in sorted(vars(module).items()):
+      if not isinstance(obj, type) or obj.__module__ != module.__name__:
+        continue
+      state = _kind_of(obj) == "namedtuple" and (obj.__module__, obj.__qualname__) not in _NOT_STATE
+      compressed = dataclasses.is_dataclass(obj) and issubclass(obj, base.Compressed)
+      if (state or compressed) and obj not in _REGISTRY.by_class:
+        short = f"jaxmem.{obj.__qualname__}"
+        _add(obj, short if short not in _REGISTRY.by_name else f"{module.__name__}.{attr}")
+  # optax: the public namespaces first (``optax.ScaleByAdamState``), then the NamedTuples
+  # of every loaded optax module that no namespace exports (``optax._src.transform.X``).
+  for ns in _OPTAX_NAMESPACES:
+    try:
+      module = importlib.import_module(ns)
+    except ImportError:
+      continue
+    for attr, obj in _namedtuples(module, defined_here=False):
+      if obj.__module__.split(".")[0] == "optax" and obj not in _REGISTRY.by_class:
+        own = getattr(module, obj.__qualname__, None) is obj
+        _add(obj, f"{ns}.{obj.__qualname__ if own else attr}")
+  for name in sorted(m for m in sys.modules if m.split(".")[0] == "optax"):
+    module = sys.modules.get(name)
+    if module is None or name.endswith("_test"):
+      continue
+    for _, obj in _namedtuples(module, defined_here=True):
+      if obj not in _REGISTRY.by_class:
+        _add(obj, f"{name}.{obj.__qualname__}")
+  _add(collections.OrderedDict, "collections.OrderedDict")
+  try:
+    from flax.core import FrozenDict
+  except ImportError:  # pragma: no cover (flax is a dependency)
+    pass
+  else:
+    _add(FrozenDict, "flax.core.FrozenDict")
+  for old, new in _V1_NAMES.items():
+    if new in _REGISTRY.by_name:
+      _REGISTRY.legacy.setdefault(old, new)
+
+
+def _registry() -> _Registry:
+  reg = _REGISTRY
+  if not reg.loaded:
+    with reg.lock:
+      if not reg.loaded:
+        _load_defaults()
+        reg.loaded = True
+  return reg
+
+
+def register_checkpoint_type(cls: type, name: str | None = None) -> type:
+  """Lets checkpoints save and restore ``cls`` (a NamedTuple, dataclass or Mapping subclass).
+
+  Restore builds only registered classes, looked up by ``name`` (never by importing a name
+  found in a file). jaxmem's own types, optax's states, ``OrderedDict`` and flax's
+  ``FrozenDict`` are registered already; saving any other NamedTuple, registered-pytree
+  dataclass or Mapping subclass raises a ``TypeError`` until it is registered. Register
+  before saving and, in the restoring program, before restoring. The class is called with
+  the fields stored in the checkpoint: register only types whose constructor has no side
+  effects.
+
+  Args:
+    cls: the class. A dataclass must also be a pytree
+      (``jax.tree_util.register_dataclass``); its non-array fields are saved in the
+      layout (None, bool, int, float, str, tuples/lists of those, dtypes).
+    name: the stable name written in layouts (default ``'<module>.<Qualname>'``). Pass one
+      (e.g. ``'my_project.EmaState'``) so checkpoints survive moving the class.
+
+  Returns:
+    ``cls`` (so it can be used as a decorator).
+
+  Raises:
+    TypeError: ``cls`` is not a NamedTuple, dataclass or Mapping subclass.
+    ValueError: ``name`` is taken by another class, or ``cls`` has another name already.
+
+  Example:
+    >>> import tempfile, typing, jax, jax.numpy as jnp, jaxmem
+    >>> class EmaState(typing.NamedTuple):
+    ...   ema: jax.Array
+    >>> _ = jaxmem.register_checkpoint_type(EmaState, name='docs.EmaState')
+    >>> with jaxmem.CheckpointManager(tempfile.mkdtemp(), async_save=False) as mgr:
+    ...   _ = mgr.save(0, {'ema': EmaState(jnp.ones(3))})
+    ...   type(mgr.restore()['ema']).__name__
+    'EmaState'
+  """
+  _registry()
+  return _add(cls, name if name is not None else f"{cls.__module__}.{cls.__qualname__}").cls
+
+
+def _entry_by_name(name: str, version: str) -> _Entry | None:
+  reg = _registry()
+  if ":" not in name:
+    return reg.by_name.get(name)
+  if version != FORMAT_V1:  # 'module:Qualname' is format 1's spelling only
+    return None
+  known = reg.legacy.get(name)
+  if known is not None:
+    return reg.by_name.get(known)
+  # Moved since it was saved (e.g. another optax version): the one registered class of that
+  # package and qualified name, if exactly one.
+  module, _, qualname = name.partition(":")
+  matches = {
+      e.cls: e for e in reg.by_name.values()
+      if e.cls.__qualname__ == qualname
+      and e.cls.__module__.split(".")[0] == module.split(".")[0]
+  }
+  return next(iter(matches.values())) if len(matches) == 1 else None
+
+
+# ----------------------------------------------------------------------------- layout
 
 
 def _is_namedtuple(x: Any) -> bool:
   return isinstance(x, tuple) and hasattr(type(x), "_fields")
+
+
+def _where(path: str) -> str:
+  return f"'{path}'" if path else "the root"
 
 
 def _encode_static(v: Any, path: str) -> Any:
@@ -112,13 +388,13 @@ def _encode_static(v: Any, path: str) -> Any:
 
 
 def _decode_static(v: Any) -> Any:
+  """Inverse of :func:`_encode_static` (on a value :func:`_check_static` accepted)."""
   if isinstance(v, dict):
     if "tuple" in v:
       return tuple(_decode_static(a) for a in v["tuple"])
     if "list" in v:
       return [_decode_static(a) for a in v["list"]]
-    if "dtype" in v:
-      return np.dtype(v["dtype"])
+    return np.dtype(v["dtype"])
   return v
 
 
@@ -132,6 +408,19 @@ def _join(path: str, key: Any) -> str:
 
 def _is_array_like(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+def _registered_name(x: Any, path: str, what: str) -> str:
+  cls = type(x)
+  entry = _registry().by_class.get(cls)
+  if entry is None:
+    raise TypeError(
+        f"checkpoint: {_where(path)} is a {cls.__name__} {what} ({cls.__module__}."
+        f"{cls.__qualname__}) that is not registered for checkpoints, so restore could not "
+        f"rebuild it. Call jaxmem.register_checkpoint_type({cls.__name__}) once, in the saving "
+        "and in the restoring program, or save its arrays in a plain dict."
+    )
+  return entry.name
 
 
 def _encode(x: Any, path: str, arrays: list[tuple[str, Any]]) -> dict:
@@ -149,7 +438,7 @@ def _encode(x: Any, path: str, arrays: list[tuple[str, Any]]) -> dict:
   if _is_namedtuple(x):
     return {
         "kind": "namedtuple",
-        "class": _class_name(type(x)),
+        "class": _registered_name(x, path, "NamedTuple"),
         "items": [[f, _encode(getattr(x, f), _join(path, f), arrays)] for f in x._fields],
     }
   if isinstance(x, (tuple, list)):
@@ -175,9 +464,14 @@ def _encode(x: Any, path: str, arrays: list[tuple[str, Any]]) -> dict:
             "on-disk layout uses as separator. Rename the key."
         )
       items.append([k, _encode(v, _join(path, k), arrays)])
+    if len({str(k) for k, _ in items}) != len(items):
+      raise TypeError(
+          f"checkpoint: the dict at {_where(path)} has keys that are equal as strings (e.g. "
+          "1 and '1'); they would share a path on disk. Rename one of them."
+      )
     node = {"kind": "dict", "items": items}
     if type(x) is not dict:
-      node["class"] = _class_name(type(x))
+      node["class"] = _registered_name(x, path, "mapping")
     return node
   if dataclasses.is_dataclass(x) and not isinstance(x, type):
     children, treedef = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)
@@ -186,14 +480,16 @@ def _encode(x: Any, path: str, arrays: list[tuple[str, Any]]) -> dict:
           f"checkpoint: '{path}' is a {type(x).__name__} dataclass that is not a registered "
           "pytree; register it with jax.tree_util.register_dataclass or save its arrays."
       )
-    data_fields = [base.path_str(p) for p, _ in children]
+    name = _registered_name(x, path, "dataclass")
+    data_fields = [p[0].name if isinstance(p[0], jax.tree_util.GetAttrKey) else str(p[0])
+                   for p, _ in children]
     static = {}
     for f in dataclasses.fields(x):
       if f.name not in data_fields and f.init:
         static[f.name] = _encode_static(getattr(x, f.name), _join(path, f.name))
     return {
         "kind": "dataclass",
-        "class": _class_name(type(x)),
+        "class": name,
         "static": static,
         "items": [[f, _encode(getattr(x, f), _join(path, f), arrays)] for f in data_fields],
     }
@@ -202,36 +498,6 @@ def _encode(x: Any, path: str, arrays: list[tuple[str, Any]]) -> dict:
       "scalars, strings, None, dict/list/tuple, NamedTuples (optax states), registered dataclasses "
       "(jaxmem.QArray and other compressed types). For NNX, save nnx.to_pure_dict(state)."
   )
-
-
-def _decode(node: dict, path: str, arrays: list) -> Any:
-  """Inverse of :func:`_encode`; consumes ``arrays`` (an iterator) in tree order."""
-  kind = node["kind"]
-  if kind == "none":
-    return None
-  if kind == "str":
-    return node["value"]
-  if kind == "array":
-    x = next(arrays)
-    py = node.get("python")
-    if py is not None and not isinstance(x, jax.ShapeDtypeStruct):
-      return {"int": int, "float": float, "bool": bool}[py](np.asarray(x).item())
-    return x
-  if kind in ("list", "tuple"):
-    vals = [_decode(n, _join(path, i), arrays) for i, n in enumerate(node["items"])]
-    return vals if kind == "list" else tuple(vals)
-  if kind == "namedtuple":
-    cls = _resolve_class(node["class"], path)
-    return cls(**{f: _decode(n, _join(path, f), arrays) for f, n in node["items"]})
-  if kind == "dict":
-    d = {k: _decode(n, _join(path, k), arrays) for k, n in node["items"]}
-    return _resolve_class(node["class"], path)(d) if "class" in node else d
-  if kind == "dataclass":
-    cls = _resolve_class(node["class"], path)
-    fields = {f: _decode(n, _join(path, f), arrays) for f, n in node["items"]}
-    static = {k: _decode_static(v) for k, v in node["static"].items()}
-    return cls(**fields, **static)
-  raise ValueError(f"checkpoint layout at '{path}': unknown node kind {kind!r}.")
 
 
 def _array_nodes(node: dict, path: str = "") -> list[tuple[str, dict]]:
@@ -251,26 +517,11 @@ def _array_nodes(node: dict, path: str = "") -> list[tuple[str, dict]]:
   return out
 
 
-def _fingerprint(x: jax.Array) -> jax.Array:
-  """A uint32 checksum of the array's bytes: sum of (word * odd position weight) mod 2**32.
-
-  Any single changed element changes it. Runs as a jitted reduction, so it works on
-  sharded arrays without gathering them.
-  """
-  if x.dtype == jnp.bool_ or np.dtype(x.dtype).itemsize * 8 < 8:
-    x = x.astype(jnp.uint8)
-  bits = np.dtype(x.dtype).itemsize * 8
-  if bits == 64:
-    u = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  else:
-    u = jax.lax.bitcast_convert_type(x, {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[bits])
-  u = u.reshape(-1).astype(jnp.uint32)
-  w = jnp.arange(u.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
-  u = u ^ (u >> jnp.uint32(16))
-  return jnp.sum(u * w, dtype=jnp.uint32)
-
-
-_fingerprints = jax.jit(lambda xs: [_fingerprint(x) for x in xs])
+def _stored_dtype(x: Any) -> np.dtype:
+  """The dtype ``x`` is written with (NumPy and Python values go through ``jnp.asarray``)."""
+  if isinstance(x, (np.ndarray, np.generic)):
+    return np.dtype(jax.dtypes.canonicalize_dtype(x.dtype))
+  return np.dtype(x.dtype)
 
 
 def _encode_with_arrays(tree: PyTree) -> tuple[dict, list[tuple[str, Any]]]:
@@ -278,7 +529,7 @@ def _encode_with_arrays(tree: PyTree) -> tuple[dict, list[tuple[str, Any]]]:
   node = _encode(tree, "", arrays)
   for (_, x), (_, n) in zip(arrays, _array_nodes(node), strict=True):
     n["shape"] = list(x.shape)
-    n["dtype"] = _dtype_name(x.dtype)
+    n["dtype"] = _dtype_name(_stored_dtype(x))
   return node, arrays
 
 
@@ -308,17 +559,301 @@ def checkpoint_layout(tree: PyTree) -> dict:
   """The JSON layout document of ``tree`` (structure, static metadata, shapes, dtypes).
 
   This is what :class:`CheckpointManager` writes next to the arrays (without the
-  fingerprints, which need concrete values).
+  checksums, which need concrete values). Classes appear by their registered name
+  (:func:`register_checkpoint_type`); an unregistered one is a ``TypeError``.
 
   Example:
     >>> import jax.numpy as jnp, jaxmem
     >>> q = jaxmem.transform(jaxmem.quantize_int8(), {'kernel': jnp.ones((4, 2))})
     >>> node = jaxmem.checkpoint_layout(q)['tree']['items'][0][1]
     >>> node['class'], node['static']['bits'], node['items'][0][1]['dtype']
-    ('jaxmem._src.qarray:QArray', 8, 'int8')
+    ('jaxmem.QArray', 8, 'int8')
   """
   node, _ = _encode_with_arrays(tree)
   return {"format": FORMAT, "tree": node}
+
+
+# ----------------------------------------------------------------------------- reading a layout
+
+
+class _LayoutError(Exception):
+  """A layout that cannot be trusted; turned into CheckpointCorruptError with the step."""
+
+  def __init__(self, path: str, msg: str):
+    super().__init__(f"layout at '{path}' {msg}" if path else f"the layout {msg}")
+
+
+def _allowed_dtypes() -> dict[str, bool]:
+  """Array dtype names restore accepts -> whether format 1 could write them."""
+  names = [
+      "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+      "float16", "float32", "float64", "complex64", "complex128", "bfloat16",
+  ]
+  names += sorted(n for n in dir(jnp) if n.startswith("float8_"))
+  out = {n: True for n in names if hasattr(jnp, n) or hasattr(np, n)}
+  for n in ("int4", "uint4", "int2", "uint2", "float4_e2m1fn"):  # format 1 could not save these
+    if hasattr(jnp, n):
+      out[n] = False
+  return {n: v for n, v in out.items() if np.dtype(getattr(jnp, n, n)).name == n}
+
+
+_DTYPES = _allowed_dtypes()
+_NODE_KEYS = {
+    "none": {"kind"},
+    "str": {"kind", "value"},
+    "list": {"kind", "items"},
+    "tuple": {"kind", "items"},
+    "namedtuple": {"kind", "class", "items"},
+    "dict": {"kind", "class", "items"},
+    "dataclass": {"kind", "class", "static", "items"},
+}
+_ARRAY_KEYS = {
+    FORMAT_V1: {"kind", "shape", "dtype", "python", "fingerprint"},
+    FORMAT: {"kind", "shape", "dtype", "python", "crc32c"},
+}
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_static(v: Any, path: str) -> Any:
+  if v is None or isinstance(v, (bool, int, float, str)):
+    return v
+  if isinstance(v, dict) and len(v) == 1:
+    (k, inner), = v.items()
+    if k in ("tuple", "list") and isinstance(inner, list):
+      return {k: [_check_static(a, path) for a in inner]}
+    if k == "dtype" and isinstance(inner, str) and inner in _DTYPES:
+      return v
+  raise _LayoutError(path, f"has a static value {v!r} that no jaxmem version writes")
+
+
+def _parse_array(node: dict, path: str, version: str) -> dict:
+  extra = set(node) - _ARRAY_KEYS[version]
+  if extra:
+    raise _LayoutError(path, f"has unexpected keys {sorted(extra)} for an array")
+  shape, dtype = node.get("shape"), node.get("dtype")
+  if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    raise _LayoutError(path, f"has an invalid shape {shape!r}")
+  if not isinstance(dtype, str) or dtype not in _DTYPES or (
+      version == FORMAT_V1 and not _DTYPES[dtype]
+  ):
+    raise _LayoutError(path, f"has a dtype {dtype!r} that jaxmem never writes")
+  out = {"kind": "array", "shape": shape, "dtype": dtype}
+  py = node.get("python")
+  if py is not None:
+    if py not in ("int", "float", "bool") or shape:
+      raise _LayoutError(path, f"has an invalid Python scalar type {py!r}")
+    out["python"] = py
+  for key in ("fingerprint", "crc32c"):
+    if key in node:
+      if not _is_int(node[key]) or not 0 <= node[key] < 2**32:
+        raise _LayoutError(path, f"has an invalid {key} {node[key]!r}")
+      out[key] = node[key]
+  return out
+
+
+def _resolve(name: Any, kind: str, path: str, version: str) -> _Entry:
+  entry = _entry_by_name(name, version) if isinstance(name, str) else None
+  if entry is None:
+    raise _LayoutError(
+        path,
+        f"names the type {name!r}, which is not registered for checkpoints. Restore builds "
+        "only registered types and imports nothing a checkpoint names. If it is a class "
+        "from your own code, call jaxmem.register_checkpoint_type on it before restoring; "
+        "otherwise the layout was edited or is corrupt",
+    )
+  if entry.kind != kind:
+    raise _LayoutError(
+        path,
+        f"uses {entry.name} (a {_KIND_WORDS[entry.kind]}) as a {kind!r} node; the layout "
+        "was edited or is corrupt",
+    )
+  return entry
+
+
+def _parse_node(node: Any, path: str, version: str) -> dict:
+  """A validated copy of a layout node, class names resolved to registered names."""
+  if not isinstance(node, dict):
+    raise _LayoutError(path, f"is a {type(node).__name__}, not a layout node")
+  kind = node.get("kind")
+  if kind == "array":
+    return _parse_array(node, path, version)
+  if not isinstance(kind, str) or kind not in _NODE_KEYS:
+    raise _LayoutError(path, f"has an unknown node kind {kind!r}")
+  extra = set(node) - _NODE_KEYS[kind]
+  missing = _NODE_KEYS[kind] - set(node) - ({"class"} if kind == "dict" else set())
+  if extra or missing:
+    raise _LayoutError(path, f"is a {kind!r} node with keys {sorted(node)}")
+  if kind == "none":
+    return {"kind": "none"}
+  if kind == "str":
+    if not isinstance(node["value"], str):
+      raise _LayoutError(path, "is a 'str' node without a string value")
+    return {"kind": "str", "value": node["value"]}
+  items = node["items"]
+  if not isinstance(items, list):
+    raise _LayoutError(path, "has no list of items")
+  if kind in ("list", "tuple"):
+    return {"kind": kind, "items": [_parse_node(n, _join(path, i), version)
+                                    for i, n in enumerate(items)]}
+  pairs = []
+  for item in items:
+    ok = isinstance(item, list) and len(item) == 2
+    key = item[0] if ok else None
+    if not ok or not (_is_int(key) or (isinstance(key, str) and key and "/" not in key)):
+      raise _LayoutError(path, f"has an invalid entry {str(item)[:80]}")
+    if kind != "dict" and not isinstance(key, str):
+      raise _LayoutError(path, f"has a field named {key!r}")
+    pairs.append([key, _parse_node(item[1], _join(path, key), version)])
+  if len({str(k) for k, _ in pairs}) != len(pairs):
+    raise _LayoutError(path, "has duplicate keys")
+  out: dict = {"kind": kind}
+  if kind != "dict" or "class" in node:
+    entry = _resolve(node["class"], kind, path, version)
+    out["class"] = entry.name
+    fields = [k for k, _ in pairs]
+    if kind == "namedtuple" and tuple(fields) != tuple(entry.cls._fields):
+      raise _LayoutError(
+          path, f"lists the fields {fields}, but {entry.name} has {list(entry.cls._fields)}"
+      )
+    if kind == "dataclass":
+      static = node["static"]
+      if not isinstance(static, dict):
+        raise _LayoutError(path, "has no dict of static fields")
+      out["static"] = {k: _check_static(v, _join(path, k)) for k, v in static.items()}
+      init = {f.name for f in dataclasses.fields(entry.cls) if f.init}
+      required = {
+          f.name for f in dataclasses.fields(entry.cls)
+          if f.init and f.default is dataclasses.MISSING
+          and f.default_factory is dataclasses.MISSING
+      }
+      names = fields + list(static)
+      if len(set(names)) != len(names) or not required <= set(names) <= init:
+        raise _LayoutError(
+            path, f"lists the fields {sorted(names)}, but {entry.name} takes {sorted(init)}"
+        )
+  out["items"] = pairs
+  return out
+
+
+def _canonical_json(doc: dict) -> bytes:
+  return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _layout_crc32c(doc: dict) -> int:
+  """crc32c of the canonical JSON of the layout document without its own checksum."""
+  return google_crc32c.value(_canonical_json({k: v for k, v in doc.items() if k != "crc32c"}))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  version: str
+  tree: dict  # validated, class names resolved to registered names
+  paths: list[str]
+
+
+def _parse_layout(doc: Any) -> _Layout:
+  if not isinstance(doc, dict) or doc.get("format") not in (FORMAT_V1, FORMAT):
+    fmt = doc.get("format") if isinstance(doc, dict) else None
+    raise _LayoutError(
+        "", f"is not a jaxmem layout document (format {fmt!r}; written by another tool?). "
+        "Read it with orbax.checkpoint directly"
+    )
+  version = doc["format"]
+  allowed = {"format", "paths", "tree"} | ({"crc32c"} if version == FORMAT else set())
+  if set(doc) != allowed:
+    raise _LayoutError("", f"has the top-level keys {sorted(doc)}; expected {sorted(allowed)}")
+  if version == FORMAT and doc["crc32c"] != _layout_crc32c(doc):
+    raise _LayoutError(
+        "", "does not match its crc32c checksum: the layout file was edited or is corrupt"
+    )
+  tree = _parse_node(doc["tree"], "", version)
+  paths = [p for p, _ in _array_nodes(tree)]
+  if doc["paths"] != paths:
+    raise _LayoutError("", "lists array paths that differ from its tree")
+  keys = set()
+  for p in paths:
+    if p in keys or any(p.startswith(q + "/") for q in keys if q):
+      raise _LayoutError(p, "collides with another array's path")
+    keys.add(p)
+  return _Layout(version, tree, paths)
+
+
+def _construct(cls: type, path: str, name: str, *args: Any, **kwargs: Any) -> Any:
+  try:
+    return cls(*args, **kwargs)
+  except Exception as e:  # whatever a registered constructor rejects
+    raise _LayoutError(path, f"cannot be rebuilt as {name} ({type(e).__name__}: {e})") from e
+
+
+def _decode(node: dict, path: str, arrays: Any) -> Any:
+  """Inverse of :func:`_encode` on a parsed layout; consumes ``arrays`` in tree order."""
+  kind = node["kind"]
+  if kind == "none":
+    return None
+  if kind == "str":
+    return node["value"]
+  if kind == "array":
+    x = next(arrays)
+    py = node.get("python")
+    if py is not None and not isinstance(x, jax.ShapeDtypeStruct):
+      return {"int": int, "float": float, "bool": bool}[py](np.asarray(x).item())
+    return x
+  if kind in ("list", "tuple"):
+    vals = [_decode(n, _join(path, i), arrays) for i, n in enumerate(node["items"])]
+    return vals if kind == "list" else tuple(vals)
+  vals = {k: _decode(n, _join(path, k), arrays) for k, n in node["items"]}
+  if kind == "dict" and "class" not in node:
+    return vals
+  entry = _registry().by_name[node["class"]]
+  if kind == "dict":
+    return _construct(entry.cls, path, entry.name, vals)
+  if kind == "dataclass":
+    vals.update({k: _decode_static(v) for k, v in node["static"].items()})
+  return _construct(entry.cls, path, entry.name, **vals)
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def _host_array(x: Any) -> np.ndarray:
+  """The full array on this host (gathered from all processes when it spans several)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
+def _array_crc32c(a: np.ndarray) -> int:
+  """crc32c of an array's dtype, shape and C-order bytes."""
+  a = np.ascontiguousarray(a)
+  header = f"{a.dtype.name}{list(a.shape)}".encode()
+  return google_crc32c.extend(google_crc32c.value(header), a.reshape(-1).view(np.uint8))
+
+
+def _fingerprint(x: jax.Array) -> jax.Array:
+  """Format 1's uint32 checksum: sum of (word * odd position weight) mod 2**32.
+
+  Only used to verify format 1 checkpoints. (It is weak: every constant array of 65536
+  or more elements has the fingerprint 0, which is why format 2 uses crc32c.)
+  """
+  if x.dtype == jnp.bool_ or np.dtype(x.dtype).itemsize * 8 < 8:
+    x = x.astype(jnp.uint8)
+  bits = np.dtype(x.dtype).itemsize * 8
+  if bits == 64:
+    u = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  else:
+    u = jax.lax.bitcast_convert_type(x, {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[bits])
+  u = u.reshape(-1).astype(jnp.uint32)
+  w = jnp.arange(u.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+  u = u ^ (u >> jnp.uint32(16))
+  return jnp.sum(u * w, dtype=jnp.uint32)
+
+
+_fingerprints = jax.jit(lambda xs: [_fingerprint(x) for x in xs])
 
 
 def abstract_target(tx: base.ParamTransform, params: PyTree) -> PyTree:
@@ -343,13 +878,13 @@ def _describe(node: dict) -> str:
   if kind == "array":
     return f"{node.get('dtype')}{tuple(node.get('shape', ()))} array"
   if kind in ("dataclass", "namedtuple") or "class" in node:
-    return node["class"].rsplit(":", 1)[-1]
+    return node["class"].rsplit(".", 1)[-1]
   return kind
 
 
 def _check_compatible(saved: dict, want: dict, path: str) -> None:
   """Raises a ValueError naming the first place ``want`` (the target) differs from disk."""
-  where = f"'{path}'" if path else "the root"
+  where = _where(path)
   sk, wk = saved["kind"], want["kind"]
   if sk == "array" and wk == "dataclass":
     raise ValueError(
@@ -370,7 +905,8 @@ def _check_compatible(saved: dict, want: dict, path: str) -> None:
         "the target. Restore with target=None to get what was saved."
     )
   if sk == "array":
-    if saved["dtype"] != want["dtype"]:
+    s_dtype = _dtype_name(jax.dtypes.canonicalize_dtype(saved["dtype"]))
+    if s_dtype != want["dtype"]:
       raise ValueError(
           f"restore: {where} is stored as {saved['dtype']} but the target asks for "
           f"{want['dtype']}; Orbax would cast silently. Restore with the stored dtype "
@@ -408,9 +944,75 @@ def _check_compatible(saved: dict, want: dict, path: str) -> None:
     _check_compatible(s, w, _join(path, k))
 
 
+# ----------------------------------------------------------------------------- writer lock
+
+
+class _WriterLock:
+  """An exclusive ``flock`` on ``<directory>/.jaxmem-writer.lock`` holding the owner's pid/host."""
+
+  def __init__(self, directory: str):
+    self.path = os.path.join(directory, LOCK_FILE)
+    self._fd: int | None = None
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      raise CheckpointLockedError(self._held_message(directory)) from None
+    except BaseException:
+      os.close(fd)
+      raise
+    os.ftruncate(fd, 0)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    os.write(fd, (json.dumps(info) + "\n").encode())
+    self._fd = fd
+
+  def _held_message(self, directory: str) -> str:
+    try:
+      with open(self.path) as f:
+        info = json.loads(f.read() or "{}")
+    except (OSError, ValueError):
+      info = {}
+    pid, host = info.get("pid", "?"), info.get("host", "?")
+    since = info.get("since")
+    when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since)) if since else ""
+    who = f"pid {pid} on host {host!r}{when}"
+    if pid == os.getpid() and host == socket.gethostname():
+      who = f"another CheckpointManager in this process ({who}); close() it first"
+    return (
+        f"CheckpointManager: {directory} is already open for writing by {who}. One writer "
+        "per directory: wait for that run to finish or stop it, or write to another "
+        "directory; to only read checkpoints, open it with "
+        "CheckpointManager(directory, read_only=True), which takes no lock."
+    )
+
+  def release(self) -> None:
+    fd, self._fd = self._fd, None
+    if fd is not None:
+      try:
+        os.ftruncate(fd, 0)
+      finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+  def __del__(self):  # a manager dropped without close() (the OS also releases it at exit)
+    try:
+      self.release()
+    except Exception:
+      pass
+
+
 # ----------------------------------------------------------------------------- manager
 
 ShardingSpec = None | jax.sharding.Sharding | Callable[[str, jax.ShapeDtypeStruct], Any]
+
+
+def _tracer_type() -> type:
+  tracer = getattr(jax.core, "Tracer", None)
+  if tracer is None:  # pragma: no cover (if a future JAX drops the public alias)
+    from jax._src import core
+
+    tracer = core.Tracer
+  return tracer
 
 
 class CheckpointManager:
@@ -422,17 +1024,29 @@ class CheckpointManager:
     save_interval_steps: ``save`` only writes steps divisible by this (unless ``force``).
     async_save: write in a background thread (call :meth:`wait_until_finished` or
       :meth:`close` before reading the files from another process).
-    verify: check every restored array against the fingerprint stored at save time.
+    verify: check every restored array against the checksum stored at save time (a
+      missing checksum is then corrupt). Checksums are always written.
+    read_only: only read: takes no lock (any number of readers, also while a writer
+      runs), creates nothing, never deletes; :meth:`save` raises.
+
+  Raises:
+    CheckpointLockedError: another manager (this or another process) has ``directory``
+      open for writing; the message names its pid and host.
+    FileNotFoundError: ``read_only`` and ``directory`` does not exist.
 
   Example:
     >>> import tempfile, jax.numpy as jnp, jaxmem
     >>> params = jaxmem.transform(jaxmem.quantize_int8(), {'kernel': jnp.ones((8, 4))})
-    >>> with jaxmem.CheckpointManager(tempfile.mkdtemp(), max_to_keep=2) as mgr:
+    >>> workdir = tempfile.mkdtemp()
+    >>> with jaxmem.CheckpointManager(workdir, max_to_keep=2) as mgr:
     ...   _ = mgr.save(0, {'params': params})
     ...   mgr.wait_until_finished()
     ...   restored = mgr.restore()
     >>> restored['params']['kernel'].qvalue.dtype
     dtype('int8')
+    >>> with jaxmem.CheckpointManager(workdir, read_only=True) as reader:
+    ...   reader.all_steps()
+    [0]
   """
 
   def __init__(
@@ -443,23 +1057,45 @@ class CheckpointManager:
       save_interval_steps: int = 1,
       async_save: bool = True,
       verify: bool = True,
+      read_only: bool = False,
   ):
     import orbax.checkpoint as ocp
 
     self._ocp = ocp
     self.directory = str(directory)
     self.verify = verify
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        save_interval_steps=save_interval_steps,
-        enable_async_checkpointing=async_save,
-        create=True,
-    )
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=(_STATE, _LAYOUT)
-    )
+    self.read_only = bool(read_only)
     self._bad_steps: set[int] = set()
-    self._max_to_keep = max_to_keep
+    self._max_to_keep = None if read_only else max_to_keep
+    self._lock: _WriterLock | None = None
+    self._closed = False
+    local = "://" not in self.directory
+    if read_only:
+      if local and not os.path.isdir(self.directory):
+        raise FileNotFoundError(
+            f"CheckpointManager: {self.directory} does not exist (read_only=True creates "
+            "nothing); check the path."
+        )
+    else:
+      if local:
+        os.makedirs(self.directory, exist_ok=True)
+      if local and fcntl is not None and jax.process_index() == 0:
+        self._lock = _WriterLock(self.directory)
+    try:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=self._max_to_keep,
+          save_interval_steps=0 if read_only else save_interval_steps,
+          enable_async_checkpointing=async_save,
+          create=not read_only,
+          read_only=self.read_only,
+      )
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=options, item_names=(_STATE, _LAYOUT)
+      )
+    except BaseException:
+      if self._lock is not None:
+        self._lock.release()
+      raise
 
   # -- context manager
   def __enter__(self) -> CheckpointManager:
@@ -469,9 +1105,16 @@ class CheckpointManager:
     self.close()
 
   def close(self) -> None:
-    """Waits for pending saves and releases Orbax's resources."""
-    self.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves, releases Orbax's resources and the writer lock."""
+    if self._closed:
+      return
+    try:
+      self.wait_until_finished()
+      self._manager.close()
+    finally:
+      self._closed = True
+      if self._lock is not None:
+        self._lock.release()
 
   def wait_until_finished(self) -> None:
     """Blocks until every started save is on disk, then trims to ``max_to_keep`` steps.
@@ -480,7 +1123,7 @@ class CheckpointManager:
     crash mid-save always leaves ``max_to_keep`` complete steps.)
     """
     self._manager.wait_until_finished()
-    if self._max_to_keep is not None:
+    if self._max_to_keep is not None and not self.read_only:
       steps = self.all_steps()
       for s in steps[: max(len(steps) - self._max_to_keep, 0)]:
         self._manager.delete(s)
@@ -500,20 +1143,50 @@ class CheckpointManager:
 
   def should_save(self, step: int) -> bool:
     """Whether ``save(step)`` would write (interval policy, step not already saved)."""
-    return self._manager.should_save(step)
+    return not self.read_only and self._manager.should_save(step)
 
   def save(self, step: int, state: PyTree, *, force: bool = False) -> bool:
     """Starts saving ``state`` (any pytree of arrays and compressed values) as ``step``.
 
     Returns True if a save was started (False when the interval policy skips ``step``).
     With ``async_save`` the arrays are copied off-device before this returns; writing
-    continues in the background.
+    continues in the background. Call it outside ``jax.jit``, on concrete arrays.
 
     Raises:
-      TypeError: a node the layout cannot describe (the message names its path).
-      ValueError: ``step`` already exists (and was not found corrupt by a restore).
+      TypeError: a node the layout cannot describe, a class that is not registered
+        (:func:`register_checkpoint_type`), or a traced/abstract array; the message names
+        its path.
+      ValueError: ``step`` already exists (and was not found corrupt by a restore), or the
+        manager is ``read_only``.
     """
+    tracer = _tracer_type()
+    if isinstance(step, tracer):
+      raise TypeError(
+          "CheckpointManager.save: `step` is a traced value (save was called inside jax.jit "
+          "or another transformation). Call save outside jit, with a Python int step and "
+          "concrete arrays (return the state from the jitted function, then save it)."
+      )
+    if self.read_only:
+      raise ValueError(
+          f"CheckpointManager.save: {self.directory} was opened with read_only=True. Open "
+          "it without read_only to save (one writer per directory)."
+      )
     step = int(step)
+    node, arrays = _encode_with_arrays(state)
+    for path, x in arrays:
+      if isinstance(x, tracer):
+        raise TypeError(
+            f"CheckpointManager.save: {_where(path)} is a traced value (save was called "
+            "inside jax.jit or another transformation). Call save outside jit, with concrete "
+            "arrays: return the state from the jitted function, then save it."
+        )
+      if isinstance(x, jax.ShapeDtypeStruct):
+        raise TypeError(
+            f"CheckpointManager.save: {_where(path)} is an abstract ShapeDtypeStruct, which "
+            "has no values to write. Save concrete arrays."
+        )
+    if len({p for p, _ in arrays}) != len(arrays):
+      raise TypeError("CheckpointManager.save: two arrays of the tree share one path.")
     if step in self._bad_steps and step in self.all_steps():
       self._manager.wait_until_finished()
       self._manager.delete(step)
@@ -525,16 +1198,16 @@ class CheckpointManager:
       )
     if not force and not self._manager.should_save(step):
       return False
-    node, arrays = _encode_with_arrays(state)
     if not arrays:
       raise ValueError("CheckpointManager.save: the tree holds no arrays; nothing to save.")
     values = [jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x for _, x in arrays]
-    if self.verify:
-      prints = _fingerprints(values)
-      for (_, n), fp in zip(_array_nodes(node), prints, strict=True):
-        n["fingerprint"] = int(fp)
+    for (_, n), v in zip(_array_nodes(node), values, strict=True):
+      a = _host_array(v)
+      n["dtype"], n["shape"] = a.dtype.name, list(a.shape)
+      n["crc32c"] = _array_crc32c(a)
     plain = _nest([(p, v) for (p, _), v in zip(arrays, values, strict=True)])
     layout = {"format": FORMAT, "paths": [p for p, _ in arrays], "tree": node}
+    layout["crc32c"] = _layout_crc32c(layout)
     ocp = self._ocp
     return bool(
         self._manager.save(
@@ -546,42 +1219,59 @@ class CheckpointManager:
         )
     )
 
-  def read_layout(self, step: int | None = None) -> dict:
-    """The JSON layout document of a step (default: latest)."""
-    step = self._resolve_step(step)
+  def _corrupt(self, step: int, detail: str) -> CheckpointCorruptError:
+    return CheckpointCorruptError(f"checkpoint step {step} in {self.directory}: {detail}")
+
+  def _check_step(self, step: int | None) -> int:
+    """``step`` (default: latest) if it exists, else FileNotFoundError listing the steps."""
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f"no checkpoint steps in {self.directory}.")
+      return steps[-1]
+    step = int(step)
+    if step not in steps and not os.path.isdir(os.path.join(self.directory, str(step))):
+      raise FileNotFoundError(
+          f"checkpoint step {step} does not exist in {self.directory}; the steps there are "
+          f"{steps}."
+      )
+    return step
+
+  def _read(self, step: int) -> tuple[dict, _Layout]:
     try:
       out = self._manager.restore(
           step, args=self._ocp.args.Composite(**{_LAYOUT: self._ocp.args.JsonRestore()})
       )
-      layout = out[_LAYOUT]
+      doc = out[_LAYOUT]
     except Exception as e:  # Orbax/tensorstore raise many types for unreadable files.
-      raise CheckpointCorruptError(
-          f"checkpoint step {step} in {self.directory}: the layout file cannot be read ({e})."
-      ) from e
-    if not isinstance(layout, dict) or layout.get("format") != FORMAT:
-      raise CheckpointCorruptError(
-          f"checkpoint step {step} in {self.directory}: layout is not a {FORMAT!r} document "
-          "(written by another tool?). Read it with orbax.checkpoint directly."
-      )
-    return layout
+      raise self._corrupt(step, f"the layout file cannot be read ({e}).") from e
+    try:
+      return doc, _parse_layout(doc)
+    except _LayoutError as e:
+      raise self._corrupt(step, f"{e}.") from None
+    except Exception as e:  # a malformed document that slipped past the checks above
+      raise self._corrupt(step, f"the layout is malformed ({type(e).__name__}: {e}).") from e
+
+  def read_layout(self, step: int | None = None) -> dict:
+    """The JSON layout document of a step (default: latest), after checking it.
+
+    Raises:
+      CheckpointCorruptError: the layout is unreadable, fails its checksum or names an
+        unregistered type.
+      FileNotFoundError: the step does not exist (the message lists the steps that do).
+    """
+    return self._read(self._check_step(step))[0]
 
   def abstract_state(self, step: int | None = None) -> PyTree:
     """The saved tree with ``ShapeDtypeStruct`` leaves (QArrays etc. rebuilt); no array reads.
 
     Handy to inspect a checkpoint (``jaxmem.memory_report(mgr.abstract_state())``).
     """
-    layout = self.read_layout(step)
-    nodes = _array_nodes(layout["tree"])
+    step = self._check_step(step)
+    layout = self._read(step)[1]
+    nodes = _array_nodes(layout.tree)
     sds = iter([jax.ShapeDtypeStruct(tuple(n["shape"]), np.dtype(n["dtype"])) for _, n in nodes])
-    return _decode(layout["tree"], "", sds)
-
-  def _resolve_step(self, step: int | None) -> int:
-    if step is not None:
-      return int(step)
-    latest = self.latest_step()
-    if latest is None:
-      raise FileNotFoundError(f"no checkpoint steps in {self.directory}.")
-    return latest
+    return self._decode(step, layout.tree, sds)
 
   def restore(
       self,
@@ -606,10 +1296,10 @@ class CheckpointManager:
       ValueError: the target differs from the checkpoint (e.g. a float checkpoint into
         a quantized target); the message says how to convert explicitly.
       CheckpointCorruptError: the step (or every step, when ``step=None``) is unreadable.
-      FileNotFoundError: no steps exist.
+      FileNotFoundError: no steps exist, or ``step`` does not (the message lists them).
     """
     if step is not None:
-      return self._restore_step(int(step), target, sharding)
+      return self._restore_step(self._check_step(step), target, sharding)
     steps = self.all_steps()
     if not steps:
       raise FileNotFoundError(f"no checkpoint steps in {self.directory}.")
@@ -635,8 +1325,8 @@ class CheckpointManager:
     )
 
   def _restore_step(self, step: int, target: PyTree | None, sharding: ShardingSpec) -> PyTree:
-    layout = self.read_layout(step)
-    tree = layout["tree"]
+    layout = self._read(step)[1]
+    tree = layout.tree
     nodes = _array_nodes(tree)
     target_arrays: list[Any] = [None] * len(nodes)
     if target is not None:
@@ -656,7 +1346,7 @@ class CheckpointManager:
       else:
         sh = default_device
       abstract.append(jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sh))
-    paths = layout["paths"]
+    paths = layout.paths
     ocp = self._ocp
     try:
       out = self._manager.restore(
@@ -667,15 +1357,53 @@ class CheckpointManager:
       )
       values = _flat(out[_STATE], paths)
     except Exception as e:  # tensorstore/Orbax raise many types for truncated or missing data.
-      raise CheckpointCorruptError(
-          f"checkpoint step {step} in {self.directory} cannot be read ({type(e).__name__}: {e})."
-      ) from e
+      raise self._corrupt(step, f"cannot be read ({type(e).__name__}: {e}).") from e
     if self.verify:
-      prints = _fingerprints(values)
+      self._verify(step, layout, nodes, values)
+    return self._decode(step, tree, iter(values))
+
+  def _decode(self, step: int, tree: dict, arrays: Any) -> PyTree:
+    try:
+      return _decode(tree, "", arrays)
+    except _LayoutError as e:
+      raise self._corrupt(step, f"{e}.") from None
+    except Exception as e:  # defensive: any other decoding failure is a bad step too
+      raise self._corrupt(step, f"the tree cannot be rebuilt ({type(e).__name__}: {e}).") from e
+
+  def _verify(self, step: int, layout: _Layout, nodes: list, values: list) -> None:
+    """Checks every restored array against its checksum (``verify=True``)."""
+    key = "fingerprint" if layout.version == FORMAT_V1 else "crc32c"
+    for path, n in nodes:
+      if key not in n:
+        hint = (
+            " (format 1 wrote none when saving with verify=False; if this step was saved "
+            "that way, a manager opened with verify=False restores it unverified)"
+            if layout.version == FORMAT_V1 else ""
+        )
+        raise self._corrupt(
+            step, f"array '{path}' has no {key} in the layout, so it cannot be verified{hint}."
+        )
+    if layout.version == FORMAT_V1:
+      try:
+        prints = [int(p) for p in _fingerprints(values)]
+      except Exception as e:  # e.g. a dtype edited into one format 1 never wrote
+        raise self._corrupt(step, f"the arrays cannot be fingerprinted ({e}).") from e
       for (path, n), fp in zip(nodes, prints, strict=True):
-        if "fingerprint" in n and int(fp) != n["fingerprint"]:
-          raise CheckpointCorruptError(
-              f"checkpoint step {step} in {self.directory}: array '{path}' does not match the "
-              "fingerprint written at save time (the data files are corrupt)."
+        if fp != n["fingerprint"]:
+          raise self._corrupt(
+              step, f"array '{path}' does not match the fingerprint written at save time "
+              "(the data files are corrupt)."
           )
-    return _decode(tree, "", iter(values))
+      return
+    for (path, n), x in zip(nodes, values, strict=True):
+      a = _host_array(x)
+      if a.dtype.name != n["dtype"] or list(a.shape) != n["shape"]:
+        raise self._corrupt(
+            step, f"array '{path}' was read back as {a.dtype.name}{list(a.shape)}, but the "
+            f"layout says {n['dtype']}{n['shape']}."
+        )
+      if _array_crc32c(a) != n["crc32c"]:
+        raise self._corrupt(
+            step, f"array '{path}' does not match its crc32c checksum written at save time "
+            "(the data files are corrupt)."
+        )
