@@ -18,12 +18,20 @@ Which leaves a transform touches is chosen by ``where``:
 * a predicate ``(path: str, leaf) -> bool``.
 
 Integer and bool leaves are never touched: a regex that selects one is an error.
+
+Non-finite weights: the quantizers and pruners take ``check_finite=True`` (the default)
+and raise a ``ValueError`` naming the leaf's path when a selected leaf holds NaN or Inf
+(see :func:`require_finite`): at once on concrete params, and inside ``jax.jit`` when the
+compiled function runs (there the error reaches you as a ``jax.errors.JaxRuntimeError``
+whose text holds the same message, raised by the call or by ``block_until_ready``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -33,6 +41,15 @@ import numpy as np
 
 PyTree = Any
 Where = None | str | Sequence[str] | Callable[[str, Any], bool]
+
+
+def _array_op(symbol: str):
+  """A Compressed operator method that raises the "not an array" TypeError."""
+
+  def op(self, *args):
+    raise self._not_an_array(f"`{symbol}`")
+
+  return op
 
 
 class Compressed:
@@ -47,6 +64,7 @@ class Compressed:
   """
 
   __slots__ = ()
+  _dense_hint = "w.materialize()"  # how to get the dense array, for error messages
 
   @property
   def ndim(self) -> int:
@@ -65,6 +83,38 @@ class Compressed:
 
   def materialize(self):
     raise NotImplementedError(f"{type(self).__name__} does not implement materialize().")
+
+  # A compressed value is not an array: array operations raise a TypeError saying what to
+  # call instead (numpy's ufuncs and binary operators defer here through __array_ufunc__).
+  __array_ufunc__ = None
+
+  def _not_an_array(self, op: str) -> TypeError:
+    return TypeError(
+        f"{op}: a jaxmem.{type(self).__name__} is a compressed parameter, not an array, so "
+        "array operations do not run on it. Run a Flax model on compressed params with "
+        "jaxmem.apply(model, variables, *inputs); multiply a raw array by it with "
+        "jaxmem.quantized_dot_general(x, w, dimension_numbers) (or jaxmem.quantized_einsum); "
+        f"or get the dense float array with {self._dense_hint}."
+    )
+
+  def __jax_array__(self):
+    raise self._not_an_array("a jax.numpy operation (x @ w, jnp.dot, jnp.asarray, ...)")
+
+  def __array__(self, dtype=None, copy=None):
+    raise self._not_an_array("np.asarray")
+
+  def __getitem__(self, index):
+    raise self._not_an_array("indexing (w[...])")
+
+  __matmul__ = __rmatmul__ = _array_op("@")
+  __add__ = __radd__ = _array_op("+")
+  __sub__ = __rsub__ = _array_op("-")
+  __mul__ = __rmul__ = _array_op("*")
+  __truediv__ = __rtruediv__ = _array_op("/")
+  __floordiv__ = __rfloordiv__ = _array_op("//")
+  __pow__ = __rpow__ = _array_op("**")
+  __neg__ = _array_op("unary -")
+  __abs__ = _array_op("abs()")
 
 
 def is_compressed(x: Any) -> bool:
@@ -91,6 +141,15 @@ class ParamTransform(NamedTuple):
 def transform(tx: ParamTransform, params: PyTree) -> PyTree:
   """Runs a param transform once (``init`` then ``update``) and returns the new params.
 
+  Args:
+    tx: the transform, e.g. ``jaxmem.quantize_int8()``.
+    params: the params pytree: Linen ``variables['params']``, an NNX
+      ``nnx.state(model, nnx.Param)`` or any pytree of arrays (not a module).
+
+  Raises:
+    TypeError: ``tx`` is not a :class:`ParamTransform` (e.g. the arguments are swapped),
+      or ``params`` is a Flax module rather than its params.
+
   Example:
     >>> import jax.numpy as jnp, jaxmem
     >>> params = {'dense': {'kernel': jnp.ones((4, 3)), 'bias': jnp.zeros(3)}}
@@ -98,8 +157,177 @@ def transform(tx: ParamTransform, params: PyTree) -> PyTree:
     >>> type(q['dense']['kernel']).__name__
     'QArray'
   """
+  if not isinstance(tx, ParamTransform):
+    if isinstance(params, ParamTransform):
+      raise TypeError(
+          f"transform: the arguments are swapped (got a {type(tx).__name__} first and the "
+          "ParamTransform second); call jaxmem.transform(tx, params), e.g. "
+          "jaxmem.transform(jaxmem.quantize_int8(), params)."
+      )
+    hint = (
+        " It looks like an optax transformation (jaxmem.gradual_prune / keep_masks are): "
+        "use it in optax.chain with an optimizer instead."
+        if hasattr(tx, "init") and hasattr(tx, "update") else ""
+    )
+    raise TypeError(
+        f"transform: the first argument must be a jaxmem.ParamTransform (e.g. "
+        f"jaxmem.quantize_int8()), got {type(tx).__name__}; call "
+        f"jaxmem.transform(tx, params).{hint}"
+    )
+  check_params(params, "transform")
   new_params, _ = tx.update(params, tx.init(params))
   return new_params
+
+
+def check_params(params: PyTree, name: str) -> None:
+  """Raises a TypeError when ``params`` is a Flax module (or a transform), not a params pytree."""
+  nnx = sys.modules.get("flax.nnx")
+  linen = sys.modules.get("flax.linen")
+  if nnx is not None and isinstance(params, nnx.Module):
+    raise TypeError(
+        f"{name}: got an nnx.Module ({type(params).__name__}), not its params. Transform the "
+        "params state and run the model on it: state = nnx.state(model, nnx.Param); "
+        "q = jaxmem.transform(tx, state); y = jaxmem.apply(model, q, x)."
+    )
+  if linen is not None and isinstance(params, linen.Module):
+    raise TypeError(
+        f"{name}: got a flax.linen Module ({type(params).__name__}), not its params. Pass "
+        "params = model.init(rng, x)['params'] and run the model with "
+        "jaxmem.apply(model, {'params': q}, x)."
+    )
+  if isinstance(params, ParamTransform):
+    raise TypeError(
+        f"{name}: got a ParamTransform where the params go; call jaxmem.transform(tx, params)."
+    )
+
+
+def check_bool(name: str, **values: Any) -> None:
+  """Raises a TypeError unless every keyword value is a real bool (not ``'yes'``, not 1)."""
+  for arg, v in values.items():
+    if not isinstance(v, (bool, np.bool_)):
+      raise TypeError(f"{name}: {arg} must be True or False, got {v!r}.")
+
+
+def check_int(name: str, arg: str, v: Any, *, minimum: int | None = None) -> None:
+  """Raises a TypeError unless ``v`` is an int (not a bool), a ValueError if below ``minimum``."""
+  if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+    raise TypeError(f"{name}: {arg} must be an int, got {v!r}.")
+  if minimum is not None and v < minimum:
+    raise ValueError(f"{name}: {arg}={v}; it must be >= {minimum}.")
+
+
+def check_axes(name: str, arg: str, axes: Any) -> None:
+  """Raises a TypeError unless ``axes`` is None or a sequence of ints."""
+  if axes is None:
+    return
+  if isinstance(axes, (str, bytes)) or not isinstance(axes, Sequence) or any(
+      isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)) for a in axes
+  ):
+    raise TypeError(f"{name}: {arg} must be a sequence of ints (e.g. (-1,)) or None, got {axes!r}.")
+
+
+def check_group_size(name: str, group_size: Any) -> None:
+  """Validates a group size: None (per channel) or a positive int."""
+  if group_size is None:
+    return
+  if isinstance(group_size, (bool, np.bool_)) or not isinstance(group_size, (int, np.integer)):
+    raise TypeError(
+        f"{name}: group_size must be a positive int (e.g. 64) or None, got {group_size!r}."
+    )
+  if group_size <= 0:
+    raise ValueError(
+        f"{name}: group_size={group_size}; it is the number of consecutive inputs sharing a "
+        "scale, so pass a positive int dividing the kernels' input size (e.g. 32, 64, 128), "
+        "or None for one scale per output channel."
+    )
+
+
+# ----------------------------------------------------------------------------- finite check
+
+
+def _all_finite(x: Any):
+  if isinstance(x, np.ndarray):
+    return np.isfinite(x).all()
+  return jnp.isfinite(x).all()
+
+
+def _nonfinite_message(name, path, source, what, reason, fix, traced):
+  if traced:  # only a flag came back from the device
+    count, where = "", (
+        " Found while the traced (jitted) transform ran; check_finite=False turns the check off."
+    )
+  else:
+    bad = np.count_nonzero(~np.isfinite(np.asarray(source)))
+    count, where = f" ({bad} of {math.prod(source.shape)} entries)", ""
+  return f"{name} '{path}': {what} holds NaN or Inf{count}{reason}; {fix}.{where}"
+
+
+def _raise_nonfinite(name, paths, what, reason, fix, ok):
+  """Host side of the traced check (a ``jax.debug.callback``); under vmap once per example."""
+  ok = np.asarray(ok).reshape(-1, len(paths)).all(axis=0)
+  for path, leaf_ok in zip(paths, ok):
+    if not leaf_ok:
+      raise ValueError(_nonfinite_message(name, path, None, what, reason, fix, True))
+
+
+def require_finite(
+    items: Sequence[tuple[str, Any] | tuple[str, Any, Any]],
+    name: str,
+    *,
+    what: str = "the tensor",
+    reason: str = "",
+    fix: str = "fix the params, or exclude this leaf with `where`",
+) -> None:
+  """Raises a ValueError naming the first ``(path, leaf)`` of ``items`` holding NaN or Inf.
+
+  Concrete arrays are checked at once. Traced arrays (under ``jit``, ``vmap``, ``grad``)
+  are checked when the traced function runs: one ``jax.debug.callback`` for all of them,
+  carrying the paths, raises the ValueError on the host. Under ``jax.jit`` that error
+  reaches the caller wrapped in a ``jax.errors.JaxRuntimeError`` whose text holds this
+  message, raised by the call (CPU) or at the latest by ``block_until_ready`` (async
+  backends), so no result of that call can be read. Abstract leaves
+  (``jax.ShapeDtypeStruct``, ``jax.eval_shape``) and non-float leaves are skipped.
+
+  Cost: one ``isfinite`` reduction over each checked array and, under ``jit``, one host
+  callback per call (a small device-to-host sync). The quantizers check their scales
+  instead of the weights (a NaN/Inf weight makes the max-abs of its scale group, so the
+  scale, NaN/Inf), which costs next to nothing; the pruners read each pruned weight once
+  more. Turn it off with the transforms' ``check_finite=False``, e.g. in a function
+  exported with ``jax.export`` (host callbacks do not serialize).
+
+  Args:
+    items: ``(path, leaf)`` pairs, or ``(path, proxy, leaf)`` triples where ``proxy`` is
+      non-finite exactly when ``leaf`` is (e.g. its scales) and is checked instead; the
+      message counts the entries of ``leaf``.
+    name: the transform's name, for the message.
+    what: what the leaf is, for the message.
+    reason: why non-finite values are a problem here (appended after the count).
+    fix: how to fix the call.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> require_finite([('dense/kernel', jnp.array([1.0, jnp.nan]))], 'quantize_int8')
+    Traceback (most recent call last):
+    ...
+    ValueError: quantize_int8 'dense/kernel': the tensor holds NaN or Inf (1 of 2 entries)...
+  """
+  concrete, traced = [], []
+  for path, x, *source in items:
+    if not is_float_leaf(x):
+      continue
+    if isinstance(x, jax.core.Tracer):
+      traced.append((path, x))
+    elif isinstance(x, (jax.Array, np.ndarray)):
+      concrete.append((path, x, source[0] if source else x))
+  if concrete:
+    oks = jax.device_get([_all_finite(x) for _, x, _ in concrete])
+    for (path, _, src), ok in zip(concrete, oks):
+      if not ok:
+        raise ValueError(_nonfinite_message(name, path, src, what, reason, fix, False))
+  if traced:
+    ok = jnp.stack([_all_finite(x) for _, x in traced])
+    paths = tuple(p for p, _ in traced)
+    jax.debug.callback(functools.partial(_raise_nonfinite, name, paths, what, reason, fix), ok)
 
 
 # ----------------------------------------------------------------------------- paths
@@ -152,6 +380,55 @@ def _describe_paths(tree: PyTree, limit: int = 12) -> str:
   return ", ".join(paths[:limit]) + more
 
 
+class _NoMatchError(ValueError):
+  """A ``where`` pattern matched no leaf (lets partition/masked say the match is scoped)."""
+
+  def __init__(self, name: str, pattern: str, paths: str):
+    super().__init__(
+        f"{name}: pattern {pattern!r} matches no leaf (patterns are re.fullmatch'ed on "
+        f"'a/b/kernel' paths). Paths are: {paths}"
+    )
+    self.name, self.pattern, self.paths = name, pattern, paths
+
+
+def compile_patterns(patterns: Sequence[str], name: str, what: str = "`where`") -> list[re.Pattern]:
+  """``re.compile`` of each pattern; a bad regex is a ValueError naming ``name`` and the pattern."""
+  out = []
+  for p in patterns:
+    if not isinstance(p, str):
+      raise TypeError(f"{name}: {what} patterns must be regex strings, got {p!r}.")
+    try:
+      out.append(re.compile(p))
+    except re.error as e:
+      raise ValueError(
+          f"{name}: {what} pattern {p!r} is not a valid regular expression ({e}). Patterns "
+          "are re.fullmatch'ed on 'a/b/kernel' paths, e.g. r'.*/kernel' or r'Dense_0/.*'; "
+          "escape literal brackets and dots with a backslash."
+      ) from None
+  return out
+
+
+def _patterns(where: Where, name: str) -> list[re.Pattern] | None:
+  """The compiled patterns of ``where`` (None for None or a predicate), validating its type."""
+  if where is None or callable(where):
+    return None
+  if isinstance(where, str):
+    return compile_patterns([where], name)
+  if isinstance(where, bytes) or not isinstance(where, Sequence):
+    raise TypeError(
+        f"{name}: `where` must be None, a regex string, a sequence of them or a predicate "
+        f"(path, leaf) -> bool; got {type(where).__name__}."
+    )
+  if not where:
+    raise ValueError(f"{name}: `where` is an empty list of patterns; pass None for the default.")
+  return compile_patterns(list(where), name)
+
+
+def check_where(where: Where, name: str) -> None:
+  """Validates ``where`` when a transform is built (type, and every regex compiles)."""
+  _patterns(where, name)
+
+
 def select(
     tree: PyTree,
     where: Where,
@@ -169,19 +446,18 @@ def select(
     name: the transform's name, for error messages.
 
   Raises:
-    ValueError: a regex matches no leaf, or selects an integer/bool leaf.
+    ValueError: a regex is invalid, matches no leaf, or selects an integer/bool leaf.
+    TypeError: ``tree`` is a Flax module instead of its params.
   """
+  check_params(tree, name)
+  compiled = _patterns(where, name)
   items = leaves_with_paths(tree)
   if where is None:
     pred = default or (lambda p, x: is_float_leaf(x))
     chosen = [bool(pred(p, x)) and (is_float_leaf(x) or is_compressed(x)) for p, x in items]
-  elif callable(where):
+  elif compiled is None:
     chosen = [bool(where(p, x)) and (is_float_leaf(x) or is_compressed(x)) for p, x in items]
   else:
-    patterns = [where] if isinstance(where, str) else list(where)
-    if not patterns:
-      raise ValueError(f"{name}: `where` is an empty list of patterns; pass None for the default.")
-    compiled = [re.compile(p) for p in patterns]
     chosen = []
     hits = [0] * len(compiled)
     for p, x in items:
@@ -198,12 +474,27 @@ def select(
       chosen.append(hit)
     for rx, n in zip(compiled, hits):
       if n == 0:
-        raise ValueError(
-            f"{name}: pattern {rx.pattern!r} matches no leaf (patterns are re.fullmatch'ed on "
-            f"'a/b/kernel' paths). Paths are: {_describe_paths(tree)}"
-        )
+        raise _NoMatchError(name, rx.pattern, _describe_paths(tree))
   treedef = jax.tree.structure(tree, is_leaf=is_compressed)
   return jax.tree.unflatten(treedef, chosen)
+
+
+def _scoped(name: str, kind: str, scope: str, route: str, sub: PyTree, fn: Callable, *args: Any):
+  """``fn(sub, *args)``; an inner ``where`` matching nothing is re-raised as scoped to ``sub``.
+
+  ``kind`` is the combinator (``"partition"``), ``scope`` what routed ``sub``
+  (``"rule 'a/.*'"``), ``route`` how to route another leaf there.
+  """
+  try:
+    return fn(sub, *args)
+  except _NoMatchError as e:
+    raise ValueError(
+        f"{name}: {scope} routes only the leaves [{_describe_paths(sub)}] to its transform, "
+        f"so that transform's own `where` is scoped to them: {e.name}'s pattern "
+        f"{e.pattern!r} matches none of them. {route}, or apply that transform outside "
+        f"{kind}, e.g. jaxmem.chain(jaxmem.{kind}(...), tx), where its `where` sees the "
+        "whole tree."
+    ) from None
 
 
 def _hole(tree: PyTree, mask: PyTree) -> PyTree:
@@ -228,8 +519,17 @@ def leafwise(
     *,
     default: Callable[[str, Any], bool] | None = None,
     name: str = "leafwise",
+    check_finite: bool = False,
 ) -> ParamTransform:
   """A stateless transform applying ``fn(path, leaf)`` to each selected leaf.
+
+  Args:
+    fn: ``(path, leaf) -> new leaf``.
+    where: leaves to transform (see the module docstring); None: ``default``.
+    default: the selection used when ``where`` is None; default: float leaves.
+    name: the transform's name, for error messages.
+    check_finite: first check the selected float leaves for NaN/Inf, also under ``jit``
+      (see :func:`require_finite`).
 
   Example:
     >>> import jax.numpy as jnp, jaxmem
@@ -238,12 +538,18 @@ def leafwise(
     Array([0.5, 0.5], dtype=float32)
   """
 
+  check_where(where, name)
+  check_bool(name, check_finite=check_finite)
+
   def init(params):
     select(params, where, default=default, name=name)  # validate rules early
     return EmptyState()
 
   def update(params, state):
     mask = select(params, where, default=default, name=name)
+    if check_finite:
+      flat_mask = jax.tree.leaves(mask)
+      require_finite([i for i, m in zip(leaves_with_paths(params), flat_mask) if m], name)
     new = map_with_path(lambda p, x, m: fn(p, x) if m else x, params, mask)
     return new, state
 
@@ -253,17 +559,25 @@ def leafwise(
 def masked(tx: ParamTransform, where: Where, *, name: str = "masked") -> ParamTransform:
   """Applies ``tx`` to the selected leaves only; the others pass through unchanged.
 
-  ``tx`` sees the params with unselected leaves replaced by ``None``.
+  ``tx`` sees the params with unselected leaves replaced by ``None``, so its own
+  ``where`` is matched against the selected leaves only.
   """
+  if not isinstance(tx, ParamTransform):
+    raise TypeError(f"{name}: tx is a {type(tx).__name__}, not a ParamTransform.")
+  check_where(where, name)
+  scope = f"`where` {where!r}" if isinstance(where, str) else "`where`"
+  route = "Select the leaf with masked's own `where` instead"
 
   def init(params):
     mask = select(params, where, name=name)
-    return tx.init(_hole(params, mask))
+    sub = _hole(params, mask)
+    return _scoped(name, "masked", scope, route, sub, tx.init)
 
   def update(params, state):
     mask = select(params, where, name=name)
-    sub, state = tx.update(_hole(params, mask), state)
-    return _fill(sub, params, mask), state
+    sub = _hole(params, mask)
+    new, state = _scoped(name, "masked", scope, route, sub, tx.update, state)
+    return _fill(new, params, mask), state
 
   return ParamTransform(init, update)
 
@@ -302,6 +616,9 @@ def chain(*txs: ParamTransform) -> ParamTransform:
   return ParamTransform(init, update)
 
 
+_ROUTE = "Route the leaf to this transform with the rule's own pattern instead"
+
+
 def partition(
     rules: Sequence[tuple[str, ParamTransform | None]], *, name: str = "partition"
 ) -> ParamTransform:
@@ -320,7 +637,18 @@ def partition(
     >>> type(q['embed']['embedding']).__name__, type(q['out']['kernel']).__name__
     ('ArrayImpl', 'QArray')
   """
-  compiled = [(re.compile(p), t) for p, t in rules]
+  if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+    raise TypeError(f"{name}: rules must be a list of (regex, transform or None) pairs.")
+  for i, rule in enumerate(rules):
+    if not (isinstance(rule, tuple | list) and len(rule) == 2) or not (
+        rule[1] is None or isinstance(rule[1], ParamTransform)
+    ):
+      raise TypeError(
+          f"{name}: rule {i} is {rule!r}; each rule is a (regex, ParamTransform or None) pair, "
+          "e.g. ('.*kernel', jaxmem.quantize_int8())."
+      )
+  patterns = compile_patterns([p for p, _ in rules], name, what="rule")
+  compiled = list(zip(patterns, [t for _, t in rules]))
 
   def labels(params):
     items = leaves_with_paths(params)
@@ -348,21 +676,26 @@ def partition(
     return [jax.tree.map(lambda lab_i, i=i: lab_i == i, lab) for i in range(len(compiled))]
 
   def init(params):
-    return tuple(
-        t.init(_hole(params, m)) if t is not None else EmptyState()
-        for (_, t), m in zip(compiled, masks(params))
-    )
+    states = []
+    for (rx, t), m in zip(compiled, masks(params)):
+      if t is None:
+        states.append(EmptyState())
+        continue
+      sub = _hole(params, m)
+      states.append(_scoped(name, "partition", f"rule {rx.pattern!r}", _ROUTE, sub, t.init))
+    return tuple(states)
 
   def update(params, state):
     ms = masks(params)
     new_states = []
     out = params
-    for (_, t), m, s in zip(compiled, ms, state):
+    for (rx, t), m, s in zip(compiled, ms, state):
       if t is None:
         new_states.append(s)
         continue
-      sub, s = t.update(_hole(params, m), s)
-      out = _fill(sub, out, m)
+      sub = _hole(params, m)
+      new, s = _scoped(name, "partition", f"rule {rx.pattern!r}", _ROUTE, sub, t.update, s)
+      out = _fill(new, out, m)
       new_states.append(s)
     return out, tuple(new_states)
 

@@ -23,7 +23,6 @@ The per-kernel solve runs on the host in float64 numpy (outside ``jit``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -34,9 +33,19 @@ import numpy as np
 
 from jaxmem._src import base, lowbit
 from jaxmem._src.qarray import QArray, pack, quantize
-from jaxmem._src.quantize import default_channel_axes, default_quant_where
+from jaxmem._src.quantize import default_channel_axes, default_quant_where, quantizing_leafwise
 
 _CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def _check_damp(damp: float, name: str) -> None:
+  if isinstance(damp, bool) or not isinstance(damp, int | float | np.floating):
+    raise TypeError(f"{name}: damp must be a float (e.g. 0.01), got {damp!r}.")
+  if not 0.0 <= float(damp) < np.inf:
+    raise ValueError(
+        f"{name}: damp={damp}; it is added to the Hessian's diagonal as a fraction of its mean, "
+        "so pass a finite value >= 0 (e.g. 0.01)."
+    )
 
 
 def gptq_kernel(
@@ -81,22 +90,35 @@ def gptq_kernel(
     True
   """
   lowbit.check_bits(bits, "gptq_kernel")
+  base.check_group_size("gptq_kernel", group_size)
+  base.check_bool("gptq_kernel", act_order=act_order, clip_search=clip_search)
+  base.check_int("gptq_kernel", "block_size", block_size, minimum=1)
+  _check_damp(damp, "gptq_kernel")
   w = np.array(w, dtype=np.float64)
   h = np.array(hessian, dtype=np.float64)
   if w.ndim != 2:
     raise ValueError(f"gptq '{path}': needs an (in, out) kernel, got shape {w.shape}.")
   n_in, n_out = w.shape
+  if w.size == 0:
+    raise ValueError(
+        f"gptq '{path}': the kernel is empty (shape {w.shape}); there is nothing to quantize. "
+        "Leave it out with `where` and drop its Hessian."
+    )
   if h.shape != (n_in, n_in):
     raise ValueError(
         f"gptq '{path}': Hessian shape {h.shape} does not match the kernel's input size {n_in}; "
         "collect it from this layer's inputs (input_hessians)."
     )
-  if group_size is not None and (group_size <= 0 or n_in % group_size):
+  if group_size is not None and n_in % group_size:
     raise ValueError(
-        f"gptq '{path}': {n_in} input rows are not divisible by group_size={group_size}."
+        f"gptq '{path}': {n_in} input rows are not divisible by group_size={group_size}; pick "
+        f"a divisor of {n_in}, or group_size=None (one scale per output column)."
     )
-  if not (np.isfinite(w).all() and np.isfinite(h).all()):
-    raise ValueError(f"gptq '{path}': the kernel or its Hessian holds NaN/Inf.")
+  base.require_finite([(path, w)], "gptq", what="the kernel")
+  base.require_finite(
+      [(path, h)], "gptq", what="its Hessian (X^T X)",
+      fix="collect it again with jaxmem.input_hessians from finite calibration inputs",
+  )
   qmax = 2 ** (bits - 1) - 1
   dead = np.diag(h) == 0
   h[dead, dead] = 1.0
@@ -202,7 +224,7 @@ def input_hessians(
     (['kernel'], (4, 4), 2.0)
   """
   patterns = [where] if isinstance(where, str) else list(where or [])
-  compiled = [re.compile(p) for p in patterns]
+  compiled = base.compile_patterns(patterns, "input_hessians")
 
   def wanted(kpath):
     return not compiled or any(rx.fullmatch(kpath) for rx in compiled)
@@ -247,6 +269,7 @@ def quantize_gptq(
     where: base.Where = None,
     *,
     damp: float = 0.01,
+    check_finite: bool = True,
 ) -> base.ParamTransform:
   """Weight-only PTQ: GPTQ for kernels with a Hessian, round-to-nearest for other leaves.
 
@@ -260,6 +283,8 @@ def quantize_gptq(
     group_size: input rows per scale group, or None (per output channel).
     where: leaves to quantize; default: ``kernel``/``embedding`` leaves with ndim >= 2.
     damp: Hessian damping (fraction of the mean diagonal).
+    check_finite: raise a ValueError naming the leaf when a selected leaf holds NaN/Inf
+      (kernels solved by GPTQ and their Hessians are always checked).
 
   Example:
     >>> import numpy as np, jax.numpy as jnp, jaxmem
@@ -269,7 +294,17 @@ def quantize_gptq(
     >>> q['dense']['kernel'].packed
     True
   """
-  lowbit.check_bits(bits, "quantize_gptq")
+  name = "quantize_gptq"
+  if not isinstance(hessians, Mapping):
+    raise TypeError(
+        f"{name}: hessians must be a mapping {{kernel_path: X^T X}} (from jaxmem.input_hessians), "
+        f"got {type(hessians).__name__}."
+    )
+  lowbit.check_bits(bits, name)
+  base.check_group_size(name, group_size)
+  _check_damp(damp, name)
+  base.check_bool(name, check_finite=check_finite)
+  base.check_where(where, name)
 
   def fn(path, x):
     if isinstance(x, base.Compressed):
@@ -281,14 +316,15 @@ def quantize_gptq(
         raise ValueError(f"quantize_gptq '{path}': GPTQ needs a 2-d (in, out) kernel.")
       return gptq_kernel(x, hessians[path], bits, group_size=group_size, damp=damp, path=path)
     layout = lowbit.leaf_layout(path, x, group_size=group_size)
-    return quantize(x, bits, path=path, **layout)
+    return quantize(x, bits, path=path, check_finite=False, **layout)  # scales checked
 
-  tx = base.leafwise(fn, where, default=default_quant_where, name=f"quantize_gptq_int{bits}")
+  tx_name = f"quantize_gptq_int{bits}"
+  tx = quantizing_leafwise(fn, where, name=tx_name, check_finite=check_finite)
 
   def init(params):
     chosen = {p for p, m in zip(
         [p for p, _ in base.leaves_with_paths(params)],
-        jax.tree.leaves(base.select(params, where, default=default_quant_where)),
+        jax.tree.leaves(base.select(params, where, default=default_quant_where, name=tx_name)),
     ) if m}
     unused = sorted(set(hessians) - chosen)
     if unused:

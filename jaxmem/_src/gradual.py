@@ -128,8 +128,11 @@ def _masked_updates(flat, flat_u, new_masks):
   return out
 
 
-def _initial_masks(params: PyTree, where: base.Where, name: str) -> PyTree:
-  chosen = dict(pr._selected(params, where, name))  # validates selection and dtypes
+def _initial_masks(params: PyTree, where: base.Where, name: str, check_finite: bool) -> PyTree:
+  selected = pr._selected(params, where, name)  # validates selection and dtypes
+  if check_finite:
+    pr.check_finite_leaves(selected, name)
+  chosen = dict(selected)
   return base.map_with_path(
       lambda p, x: jnp.ones(x.shape, jnp.bool_) if p in chosen else None, params
   )
@@ -144,6 +147,7 @@ def gradual_prune(
     initial_sparsity: float = 0.0,
     scope: str = "global",
     where: base.Where = None,
+    check_finite: bool = True,
 ) -> optax.GradientTransformation:
   """Gradual magnitude pruning (Zhu & Gupta 2017) as an optax transformation; put it last.
 
@@ -162,6 +166,11 @@ def gradual_prune(
     initial_sparsity: sparsity at ``begin_step``.
     scope: ``'global'`` (one magnitude threshold over all pruned leaves) or ``'layer'``.
     where: leaves to prune; default: ``kernel`` leaves with ndim >= 2.
+    check_finite: raise a ValueError naming the leaf when the weights a mask is computed
+      from hold NaN or Inf (NaN would rank largest and be kept): the params at ``init``,
+      and ``params + updates`` at each mask-update step, also inside a jitted train step
+      (one ``jax.debug.callback`` per mask update, none at other steps; the error arrives
+      as a ``jax.errors.JaxRuntimeError`` holding the same text). Pass False to skip it.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, jaxmem
@@ -178,13 +187,16 @@ def gradual_prune(
   name = "gradual_prune"
   _check_schedule(final_sparsity, begin_step, end_step, update_every, initial_sparsity, name)
   pr._check_scope(scope, name)
+  base.check_where(where, name)
+  base.check_bool(name, check_finite=check_finite)
   schedule = sparsity_schedule(
       final_sparsity, begin_step, end_step, update_every=update_every,
       initial_sparsity=initial_sparsity,
   )
 
   def init(params):
-    return GradualPruneState(jnp.zeros([], jnp.int32), _initial_masks(params, where, name))
+    masks = _initial_masks(params, where, name, check_finite)
+    return GradualPruneState(jnp.zeros([], jnp.int32), masks)
 
   def num_prune(s, n, t):
     return jnp.where(t >= end_step, pr.num_pruned(final_sparsity, n), pr.num_pruned(s, n))
@@ -205,6 +217,13 @@ def gradual_prune(
     s = schedule(t)
 
     def recompute(cands):
+      if check_finite:
+        base.require_finite(
+            [(flat[i][0], c) for i, c in zip(sel, cands)], name,
+            what="the leaf after this step's update (params + updates)", reason=pr.RANKING,
+            fix="check the loss and learning rate (e.g. optax.clip_by_global_norm, or wrap "
+            "the optimizer in optax.apply_if_finite)",
+        )
       if scope == "layer":
         return [
             pr.keep_largest(jnp.abs(c).astype(jnp.float32).reshape(-1), num_prune(s, c.size, t))
@@ -251,6 +270,7 @@ def keep_masks(masks: PyTree) -> optax.GradientTransformation:
     for p, x, mk in flat:
       if mk is not None:
         pr.check_prunable(p, x, name)
+    pr.check_finite_leaves([(p, x) for p, x, mk in flat if mk is not None], name, masks=True)
     treedef = jax.tree.structure(params, is_leaf=base.is_compressed)
     return KeepMasksState(jax.tree.unflatten(treedef, [jnp.asarray(mk) if mk is not None else None
                                                         for _, _, mk in flat]))

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from jaxmem._src import base
-from jaxmem._src.qarray import SUPPORTED_BITS, QArray, quantize
-from jaxmem._src.quantize import default_channel_axes, default_quant_where
+from jaxmem._src.qarray import QArray, check_bits, quantize, scalar_group_error
+from jaxmem._src.quantize import default_channel_axes, quantizing_leafwise
 
 
 def _is_embedding(path: str) -> bool:
@@ -52,10 +52,12 @@ def leaf_layout(
     ``dict(channel_axes=..., group_size=..., group_axis=...)``.
 
   Raises:
-    ValueError: the group axis is not divisible by ``group_size`` (naming the leaf).
+    ValueError: the group axis is not divisible by ``group_size``, or a 0-d leaf gets
+      groups (naming the leaf).
   """
+  base.check_group_size(f"quantize '{path}'", group_size)
   ndim = len(x.shape)
-  if per_tensor:
+  if per_tensor or ndim == 0:  # a scalar has one scale
     axes: tuple[int, ...] = ()
   elif channel_axes is not None:
     axes = tuple(a % ndim for a in channel_axes)
@@ -63,23 +65,20 @@ def leaf_layout(
     axes = default_channel_axes(path, ndim)
   if group_size is None:
     return dict(channel_axes=axes, group_size=None, group_axis=0)
+  if ndim == 0:
+    raise scalar_group_error(path, group_size)
   if group_axis is None:
     group_axis = ndim - 1 if _is_embedding(path) else 0
   group_axis %= ndim
   axes = tuple(a for a in axes if a != group_axis)
   n = x.shape[group_axis]
-  if group_size <= 0 or n % group_size:
+  if n % group_size:
     raise ValueError(
         f"quantize '{path}': axis {group_axis} of shape {tuple(x.shape)} has {n} elements, not "
         f"divisible by group_size={group_size}. Pick a divisor of {n}, or leave this leaf out "
         "(`where`) and quantize it per channel (group_size=None) in a separate transform."
     )
   return dict(channel_axes=axes, group_size=group_size, group_axis=group_axis)
-
-
-def check_bits(bits: int, name: str) -> None:
-  if bits not in SUPPORTED_BITS:
-    raise ValueError(f"{name}: bits={bits} is not supported; use one of {SUPPORTED_BITS}.")
 
 
 def quantize_grouped(
@@ -90,6 +89,7 @@ def quantize_grouped(
     group_axis: int | None = None,
     channel_axes: Sequence[int] | None = None,
     per_tensor: bool = False,
+    check_finite: bool = True,
 ) -> base.ParamTransform:
   """Weight-only symmetric quantization to ``bits`` with group-wise scales.
 
@@ -104,6 +104,8 @@ def quantize_grouped(
     group_axis: override the per-leaf group axis.
     channel_axes: override the per-leaf channel axes.
     per_tensor: no per-channel scales (one per group, or per tensor without groups).
+    check_finite: raise a ValueError naming the leaf when a selected leaf holds NaN/Inf,
+      under ``jit`` too (see :func:`jaxmem.quantize_weights`).
 
   Example:
     >>> import jax.numpy as jnp, jaxmem
@@ -112,7 +114,31 @@ def quantize_grouped(
     >>> q.qvalue.dtype, q.qvalue.shape, q.scale.shape
     (dtype('uint8'), (256,), (4, 1, 8))
   """
-  check_bits(bits, "quantize_grouped")
+  return grouped_transform(
+      "quantize_grouped", bits, group_size, where, group_axis=group_axis,
+      channel_axes=channel_axes, per_tensor=per_tensor, check_finite=check_finite,
+  )
+
+
+def grouped_transform(
+    factory: str,
+    bits: int,
+    group_size: int | None,
+    where: base.Where,
+    *,
+    group_axis: int | None = None,
+    channel_axes: Sequence[int] | None = None,
+    per_tensor: bool = False,
+    check_finite: bool = True,
+) -> base.ParamTransform:
+  """:func:`quantize_grouped`, with its arguments validated in the name of ``factory``."""
+  check_bits(bits, factory)
+  base.check_group_size(factory, group_size)
+  if group_axis is not None:
+    base.check_int(factory, "group_axis", group_axis)
+  base.check_axes(factory, "channel_axes", channel_axes)
+  base.check_bool(factory, per_tensor=per_tensor, check_finite=check_finite)
+  base.check_where(where, factory)
 
   def fn(path: str, x: Any) -> QArray:
     if isinstance(x, base.Compressed):
@@ -128,12 +154,15 @@ def quantize_grouped(
         channel_axes=channel_axes,
         per_tensor=per_tensor,
     )
-    return quantize(x, bits, path=path, **layout)
+    return quantize(x, bits, path=path, check_finite=False, **layout)  # scales checked
 
-  return base.leafwise(fn, where, default=default_quant_where, name=f"quantize_int{bits}")
+  name = f"quantize_int{bits}" if factory == "quantize_grouped" else factory
+  return quantizing_leafwise(fn, where, name=name, check_finite=check_finite)
 
 
-def quantize_int4(group_size: int | None = 64, where: base.Where = None) -> base.ParamTransform:
+def quantize_int4(
+    group_size: int | None = 64, where: base.Where = None, *, check_finite: bool = True
+) -> base.ParamTransform:
   """Weight-only int4 PTQ with group-wise scales, packed two values per byte.
 
   A kernel ``(in, out)`` gets one float32 scale per ``group_size`` inputs and output
@@ -144,6 +173,8 @@ def quantize_int4(group_size: int | None = 64, where: base.Where = None) -> base
   Args:
     group_size: 32/64/128..., or None for one scale per output channel.
     where: leaves to quantize; default: ``kernel``/``embedding`` leaves with ndim >= 2.
+    check_finite: raise a ValueError naming the leaf when a selected leaf holds NaN/Inf,
+      under ``jit`` too (see :func:`jaxmem.quantize_weights`).
 
   Example:
     >>> import jax.numpy as jnp, jaxmem
@@ -152,4 +183,4 @@ def quantize_int4(group_size: int | None = 64, where: base.Where = None) -> base
     >>> q['dense']['kernel'].qvalue.nbytes, q['dense']['kernel'].scale.shape
     (1024, (2, 1, 16))
   """
-  return quantize_grouped(4, group_size, where)
+  return grouped_transform("quantize_int4", 4, group_size, where, check_finite=check_finite)

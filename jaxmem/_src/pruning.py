@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmem._src import base
-from jaxmem._src.sparse import SparseArray, sparse_pack
+from jaxmem._src.qarray import check_bits
+from jaxmem._src.sparse import ENCODINGS, SparseArray, sparse_pack
 
 PyTree = Any
 SCOPES = ("layer", "global")
@@ -61,12 +62,23 @@ def check_prunable(path: str, x, name: str) -> None:
         f"{name} '{path}': dtype {getattr(x, 'dtype', type(x).__name__)} is not float; only float "
         "leaves are pruned. Exclude it with `where`."
     )
-  if not isinstance(x, jax.core.Tracer) and isinstance(x, (jax.Array, np.ndarray)):
-    if not bool(jnp.isfinite(x).all()):
-      raise ValueError(
-          f"{name} '{path}': the tensor holds NaN or Inf, so its magnitude ranking is undefined; "
-          "fix the params or exclude the leaf with `where`."
-      )
+
+
+RANKING = ", so its magnitude ranking is undefined (NaN would rank largest and be kept)"
+
+
+MASK_FIX = "fix the params, or give this leaf a None mask"
+
+
+def check_finite_leaves(items: Sequence[tuple[str, Any]], name: str, *, masks: bool = False):
+  """NaN/Inf in leaves to be pruned is an error naming the path, under ``jit`` too.
+
+  ``masks``: the leaves come with given masks (nothing is ranked; the fix is a None mask).
+  """
+  if masks:
+    base.require_finite(items, name, fix=MASK_FIX)
+  else:
+    base.require_finite(items, name, reason=RANKING)
 
 
 def num_pruned(sparsity, size: int):
@@ -199,7 +211,12 @@ def global_masks(leaves: Sequence[jax.Array], num_prune) -> list[jax.Array]:
 
 
 def magnitude_masks(
-    params: PyTree, sparsity: float, where: base.Where = None, *, scope: str = "layer"
+    params: PyTree,
+    sparsity: float,
+    where: base.Where = None,
+    *,
+    scope: str = "layer",
+    check_finite: bool = True,
 ) -> PyTree:
   """Keep-masks of magnitude pruning (``None`` at leaves that are not pruned).
 
@@ -210,6 +227,8 @@ def magnitude_masks(
     scope: ``'layer'``: each leaf loses ``round(sparsity * size)`` entries;
       ``'global'``: one threshold over all selected leaves, which together lose
       ``round(sparsity * total)`` entries.
+    check_finite: raise a ValueError naming the leaf when a selected leaf holds NaN/Inf
+      (its ranking is undefined), under ``jit`` too (see :func:`jaxmem.magnitude_prune`).
 
   Example:
     >>> import jax.numpy as jnp, jaxmem
@@ -222,7 +241,10 @@ def magnitude_masks(
   name = "magnitude_prune"
   sparsity = check_sparsity(sparsity, name)
   _check_scope(scope, name)
+  base.check_bool(name, check_finite=check_finite)
   chosen = _selected(params, where, name)
+  if check_finite:
+    check_finite_leaves(chosen, name)
   if scope == "layer":
     by_path = {p: magnitude_mask(x, sparsity) for p, x in chosen}
   else:
@@ -233,9 +255,18 @@ def magnitude_masks(
 
 
 def nm_masks(
-    params: PyTree, n: int, m: int, where: base.Where = None, *, axis: int = -2, pad: bool = False
+    params: PyTree,
+    n: int,
+    m: int,
+    where: base.Where = None,
+    *,
+    axis: int = -2,
+    pad: bool = False,
+    check_finite: bool = True,
 ) -> PyTree:
   """Keep-masks of N:M pruning along the input axis (``None`` at leaves that are not pruned).
+
+  Arguments as :func:`jaxmem.nm_prune`.
 
   Example:
     >>> import jax.numpy as jnp, jaxmem
@@ -245,7 +276,10 @@ def nm_masks(
   """
   name = "nm_prune"
   check_nm(n, m, name)
+  base.check_bool(name, pad=pad, check_finite=check_finite)
   chosen = _selected(params, where, name)
+  if check_finite:
+    check_finite_leaves(chosen, name)
   by_path = {p: nm_mask(x, n, m, axis=axis, pad=pad, path=p) for p, x in chosen}
   return _masks_tree(params, by_path)
 
@@ -295,8 +329,10 @@ def flatten_masks(params: PyTree, masks: PyTree, name: str) -> list[tuple[str, A
   return out
 
 
-def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+def apply_masks(params: PyTree, masks: PyTree, *, check_finite: bool = True) -> PyTree:
   """Zeroes the pruned entries: ``where(mask, x, 0)`` at every leaf whose mask is not None.
+
+  ``check_finite``: NaN/Inf in a masked leaf is an error naming its path, under ``jit`` too.
 
   Example:
     >>> import jax.numpy as jnp, jaxmem
@@ -305,9 +341,13 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     [[0.0, -2.0], [3.0, 0.0]]
   """
   flat = flatten_masks(params, masks, "apply_masks")
+  base.check_bool("apply_masks", check_finite=check_finite)
   for p, x, mk in flat:
     if mk is not None:
       check_prunable(p, x, "apply_masks")
+  if check_finite:
+    items = [(p, x) for p, x, mk in flat if mk is not None]
+    check_finite_leaves(items, "apply_masks", masks=True)
   treedef = jax.tree.structure(params, is_leaf=base.is_compressed)
   return jax.tree.unflatten(
       treedef, [x if mk is None else jnp.where(mk, x, jnp.zeros((), x.dtype)) for _, x, mk in flat]
@@ -315,7 +355,7 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
 
 
 def magnitude_prune(
-    sparsity: float, where: base.Where = None, *, scope: str = "layer"
+    sparsity: float, where: base.Where = None, *, scope: str = "layer", check_finite: bool = True
 ) -> base.ParamTransform:
   """One-shot magnitude pruning: exactly ``round(sparsity * n)`` smallest weights set to zero.
 
@@ -327,6 +367,12 @@ def magnitude_prune(
     where: leaves to prune; default: ``kernel`` leaves with ndim >= 2.
     scope: ``'layer'`` (each leaf hits ``sparsity``) or ``'global'`` (one magnitude
       threshold over all selected leaves; the total hits ``sparsity``).
+    check_finite: raise a ValueError naming the leaf when a selected leaf holds NaN or
+      Inf (NaN would rank largest and be kept). Concrete params are checked at once; under
+      ``jax.jit`` one ``jax.debug.callback`` per call checks them when the compiled
+      function runs, and the error arrives as a ``jax.errors.JaxRuntimeError`` holding the
+      same text. Cost: one ``isfinite`` reduction per pruned leaf and one host callback per
+      call; pass False to skip it (e.g. for ``jax.export``).
 
   Example:
     >>> import jax.numpy as jnp, jaxmem
@@ -335,21 +381,31 @@ def magnitude_prune(
     >>> out['kernel'].tolist()
     [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [7.0, 8.0]]
   """
-  check_sparsity(sparsity, "magnitude_prune")
-  _check_scope(scope, "magnitude_prune")
+  name = "magnitude_prune"
+  check_sparsity(sparsity, name)
+  _check_scope(scope, name)
+  base.check_where(where, name)
+  base.check_bool(name, check_finite=check_finite)
 
   def init(params):
-    _selected(params, where, "magnitude_prune")
+    _selected(params, where, name)
     return base.EmptyState()
 
   def update(params, state):
-    return apply_masks(params, magnitude_masks(params, sparsity, where, scope=scope)), state
+    masks = magnitude_masks(params, sparsity, where, scope=scope, check_finite=check_finite)
+    return apply_masks(params, masks, check_finite=False), state  # checked by the masks
 
   return base.ParamTransform(init, update)
 
 
 def nm_prune(
-    n: int, m: int, where: base.Where = None, *, axis: int = -2, pad: bool = False
+    n: int,
+    m: int,
+    where: base.Where = None,
+    *,
+    axis: int = -2,
+    pad: bool = False,
+    check_finite: bool = True,
 ) -> base.ParamTransform:
   """One-shot N:M pruning: ``n`` of every ``m`` consecutive weights along the input axis are kept.
 
@@ -361,6 +417,8 @@ def nm_prune(
       ``(..., in, out)`` kernels.
     pad: an axis length not divisible by ``m`` is an error unless ``pad=True``, which
       treats the last, short group as zero-padded (it keeps ``min(n, length)``).
+    check_finite: raise a ValueError naming the leaf when a selected leaf holds NaN/Inf,
+      under ``jit`` too (see :func:`jaxmem.magnitude_prune`).
 
   Example:
     >>> import jax.numpy as jnp, jaxmem
@@ -368,14 +426,19 @@ def nm_prune(
     >>> jaxmem.transform(jaxmem.nm_prune(2, 4), p)['kernel'][:, 0].tolist()
     [0.0, -4.0, 3.0, 0.0]
   """
-  check_nm(n, m, "nm_prune")
+  name = "nm_prune"
+  check_nm(n, m, name)
+  base.check_int(name, "axis", axis)
+  base.check_bool(name, pad=pad, check_finite=check_finite)
+  base.check_where(where, name)
 
   def init(params):
-    _selected(params, where, "nm_prune")
+    _selected(params, where, name)
     return base.EmptyState()
 
   def update(params, state):
-    return apply_masks(params, nm_masks(params, n, m, where, axis=axis, pad=pad)), state
+    masks = nm_masks(params, n, m, where, axis=axis, pad=pad, check_finite=check_finite)
+    return apply_masks(params, masks, check_finite=False), state  # checked by the masks
 
   return base.ParamTransform(init, update)
 
@@ -387,6 +450,7 @@ def sparsify(
     channel_axes: Sequence[int] | None = None,
     per_tensor: bool = False,
     encoding: str = "auto",
+    check_finite: bool = True,
 ) -> base.ParamTransform:
   """Packs the selected (pruned) leaves into :class:`jaxmem.SparseArray` storage.
 
@@ -402,6 +466,8 @@ def sparsify(
     channel_axes: axes with their own scale; default: the last axis.
     per_tensor: one scale per tensor.
     encoding: ``'auto'``, ``'bitmask'`` or ``'rice'``.
+    check_finite: raise a ValueError naming the leaf when a selected float leaf holds
+      NaN/Inf (NaN is nonzero, so it would be stored).
 
   Example:
     >>> import jax.numpy as jnp, jaxmem
@@ -411,8 +477,14 @@ def sparsify(
     >>> s.nnz, s.values.dtype, bool(jnp.abs(s.materialize()[-1] - p['kernel'][-1]).max() < 0.5)
     (6, dtype('int8'), True)
   """
-  if bits is not None and bits not in range(2, 9):
-    raise ValueError(f"sparsify: bits={bits}; use 2..8 or None (float values).")
+  name = "sparsify"
+  if bits is not None:
+    check_bits(bits, name)
+  base.check_axes(name, "channel_axes", channel_axes)
+  base.check_bool(name, per_tensor=per_tensor, check_finite=check_finite)
+  if encoding not in ENCODINGS:
+    raise ValueError(f"{name}: encoding={encoding!r}; use one of {ENCODINGS}.")
+  base.check_where(where, name)
 
   def fn(path, x):
     if isinstance(x, SparseArray):
@@ -422,7 +494,9 @@ def sparsify(
     axes = () if per_tensor else (tuple(channel_axes) if channel_axes is not None else (-1,))
     return sparse_pack(x, bits=bits, channel_axes=axes, encoding=encoding, path=path)
 
-  return base.leafwise(fn, where, default=default_prune_where, name="sparsify")
+  return base.leafwise(
+      fn, where, default=default_prune_where, name=name, check_finite=check_finite
+  )
 
 
 def tree_sparsity(params: PyTree, where: base.Where = None) -> float:

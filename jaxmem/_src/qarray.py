@@ -26,9 +26,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmem._src.base import Compressed
+from jaxmem._src.base import Compressed, check_bool, check_group_size, require_finite
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def check_bits(bits: int, name: str) -> None:
+  """Raises a ValueError unless ``bits`` is an int in :data:`SUPPORTED_BITS`."""
+  if isinstance(bits, bool) or not isinstance(bits, int | np.integer) or bits not in SUPPORTED_BITS:
+    raise ValueError(f"{name}: bits={bits!r} is not supported; use one of {SUPPORTED_BITS}.")
+
+
+def scalar_group_error(path: str, group_size: int) -> ValueError:
+  """The error for group-wise scales on a 0-d leaf."""
+  return ValueError(
+      f"quantize '{path}': the leaf is 0-d (a scalar), so it has no axis to split into groups "
+      f"of group_size={group_size}. Leave it out with `where`, or quantize it in a separate "
+      "transform with group_size=None."
+  )
 
 
 def _values_per_byte(bits: int) -> int:
@@ -65,6 +80,8 @@ class QArray(Compressed):
   group_axis: int = dataclasses.field(default=0, metadata=dict(static=True))
   packed: bool = dataclasses.field(default=False, metadata=dict(static=True))
   act_bits: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+  _dense_hint = "jaxmem.dequantize(w)"  # for Compressed's "not an array" TypeError
 
   def dequantize(self) -> jax.Array:
     return dequantize(self)
@@ -143,6 +160,7 @@ def quantize(
     pack_bits: bool | None = None,
     act_bits: int | None = None,
     path: str = "array",
+    check_finite: bool = True,
 ) -> QArray:
   """Symmetric round-to-nearest quantization.
 
@@ -159,9 +177,14 @@ def quantize(
       dynamic int8 per token (W8A8), 16 = rounded to bfloat16 (W8A16: integer weights are
       exact in bf16, products accumulate in f32); None: weight-only, float activations.
     path: the leaf's path, for error messages.
+    check_finite: raise a ValueError naming ``path`` when a concrete ``x`` holds NaN/Inf.
+      This array function does not check traced values (it runs inside QAT training
+      steps); the param transforms (:func:`jaxmem.quantize_int8` and the others) check
+      under ``jit`` too, see their ``check_finite``.
 
-  Note: ``quantize`` checks for NaN/Inf when ``x`` is concrete; under ``jit`` a
-  non-finite input gives a NaN scale (use :func:`jaxmem.testing` checks on results).
+  Raises:
+    ValueError: unsupported ``bits``/``act_bits``/``group_size``, an empty ``x``, NaN/Inf
+      in a concrete ``x``, or an already-quantized ``x``, naming ``path``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -169,10 +192,9 @@ def quantize(
     >>> q.qvalue.tolist(), q.scale.shape
     ([[127, -64], [64, 127]], (1, 2))
   """
-  if bits not in SUPPORTED_BITS:
-    raise ValueError(
-        f"quantize '{path}': bits={bits} is not supported; use one of {SUPPORTED_BITS}."
-    )
+  check_bits(bits, f"quantize '{path}'")
+  check_group_size(f"quantize '{path}'", group_size)
+  check_bool(f"quantize '{path}'", check_finite=check_finite)
   if act_bits not in (None, 8, 16):
     raise ValueError(
         f"quantize '{path}': act_bits={act_bits}; use 8 (int8 activations per token, W8A8), "
@@ -186,23 +208,25 @@ def quantize(
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"quantize '{path}': dtype {x.dtype} is not float; only floats quantize.")
-  if not isinstance(x, jax.core.Tracer):
-    if not bool(jnp.isfinite(x).all()):
-      raise ValueError(
-          f"quantize '{path}': the tensor holds NaN or Inf; fix the params (or exclude this "
-          "leaf with `where`) before quantizing."
-      )
+  if x.size == 0:
+    raise ValueError(
+        f"quantize '{path}': the leaf is empty (shape {tuple(x.shape)}): there is nothing to "
+        "quantize and no scale to compute. Leave it out with `where` (the default selections "
+        "skip empty leaves)."
+    )
+  if check_finite and not isinstance(x, jax.core.Tracer):
+    require_finite([(path, x)], "quantize")
   ndim = x.ndim
   # A scalar has one scale whatever channel_axes says.
   caxes = _norm_axes(channel_axes or (), ndim, f"quantize '{path}'") if ndim else ()
   if group_size is not None:
     if ndim == 0:
-      raise ValueError(f"quantize '{path}': group_size needs at least a 1-d array.")
+      raise scalar_group_error(path, group_size)
     group_axis = group_axis % ndim
     if group_axis in caxes:
       raise ValueError(f"quantize '{path}': group_axis {group_axis} is also a channel axis.")
     n = x.shape[group_axis]
-    if group_size <= 0 or n % group_size:
+    if n % group_size:
       raise ValueError(
           f"quantize '{path}': axis {group_axis} has {n} elements, not divisible by "
           f"group_size={group_size}; pick a divisor of {n} or group_size=None (per-channel)."

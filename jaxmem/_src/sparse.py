@@ -77,6 +77,8 @@ class SparseArray(Compressed):
   channel_axes: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
   packed: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
+  _dense_hint = "jaxmem.sparse_unpack(w)"  # for Compressed's "not an array" TypeError
+
   @property
   def density(self) -> float:
     """``nnz / size``."""
