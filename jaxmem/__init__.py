@@ -5,6 +5,8 @@ transforms (fn -> fn), the quantized array type, memory accounting and
 checkpointing. See README.md for a tour.
 """
 
+from importlib import metadata as _metadata
+
 from jaxmem._src.base import Compressed as Compressed
 from jaxmem._src.base import EmptyState as EmptyState
 from jaxmem._src.base import ParamTransform as ParamTransform
@@ -112,6 +114,7 @@ from jaxmem._src.checkpoint import abstract_target as abstract_target
 from jaxmem._src.checkpoint import checkpoint_layout as checkpoint_layout
 from jaxmem._src.checkpoint import register_checkpoint_type as register_checkpoint_type
 
-__version__ = "0.1.0"
+# The number lives in pyproject.toml only; installed metadata carries it here.
+__version__ = _metadata.version("jaxmem")
 
 from jaxmem import testing as testing  # noqa: E402  (chex assertions for users' tests)

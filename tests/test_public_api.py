@@ -57,3 +57,13 @@ def test_every_public_function_and_class_has_a_docstring():
     if inspect.isfunction(obj) or inspect.isclass(obj):
       assert (obj.__doc__ or "").strip(), f"jaxmem.{name} has no docstring"
       assert obj.__module__.startswith("jaxmem"), name
+
+
+def test_version_comes_from_pyproject():
+  import importlib.metadata
+  import pathlib
+  import tomllib
+
+  pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+  expected = tomllib.loads(pyproject.read_text())["project"]["version"]
+  assert jaxmem.__version__ == importlib.metadata.version("jaxmem") == expected
