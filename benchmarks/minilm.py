@@ -42,6 +42,7 @@ import jax
 import numpy as np
 
 import jaxmem
+from jaxmem._src import qdot  # cpu_summary: the CPU line under each table
 from jaxmem.models import minilm
 
 S32 = "_s32"  # suffix: the same recipe with its W8A8 dots forced onto the int32 route
@@ -121,8 +122,10 @@ def main(argv=None):
   fp32 = next((r for r in rows if r["method"] == "fp32"), None)
   print(
     f"all-MiniLM-L6-v2, {args.sentences} sentences, batch {args.batch}, "
-    f"{jax.devices()[0].device_kind}, median of {args.repeats} passes interleaved per batch"
+    f"{jax.devices()[0].device_kind}, jax {jax.__version__}, median of {args.repeats} passes "
+    "interleaved per batch"
   )
+  print(qdot.cpu_summary())
   head = (
     f"{'method':<20} {'param_bytes':>12} {'ratio':>6} {'sent/s':>8} {'speedup':>8} "
     f"{'cos_mean':>9} {'cos_min':>8}"

@@ -185,18 +185,37 @@ def int8_dot_route(route: str):
     yield
 
 
+# The host CPU features that decide which integer route is fast (and that benchmark tables
+# print beside their numbers: a speed ratio measured on one CPU does not hold on another).
+_ROUTE_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
 @functools.cache
-def _cpu_has_native_bf16() -> bool:
-  """Whether this host's CPU advertises AVX512_BF16 or AMX-BF16 (Linux ``/proc/cpuinfo``)."""
+def cpu_info() -> tuple[str, frozenset[str]]:
+  """``(model name, flags)`` of this host's CPU from Linux ``/proc/cpuinfo`` (empty if absent)."""
+  model, flags = "", frozenset()
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
-        if line.startswith("flags"):
-          flags = set(line.split(":", 1)[1].split())
-          return bool(flags & {"avx512_bf16", "amx_bf16"})
+        if line.startswith("model name") and not model:
+          model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+          flags = frozenset(line.split(":", 1)[1].split())
   except OSError:
     pass
-  return False
+  return model, flags
+
+
+def cpu_summary() -> str:
+  """One line naming the CPU and which route-relevant features it has, for benchmark tables."""
+  model, flags = cpu_info()
+  have = [f for f in _ROUTE_CPU_FLAGS if f in flags]
+  return f"CPU: {model or 'unknown'}; flags: {' '.join(have) or 'none of ' + str(_ROUTE_CPU_FLAGS)}"
+
+
+def _cpu_has_native_bf16() -> bool:
+  """Whether this host's CPU advertises AVX512_BF16 or AMX-BF16 (Linux ``/proc/cpuinfo``)."""
+  return bool(cpu_info()[1] & {"avx512_bf16", "amx_bf16"})
 
 
 def _integer_op(op, xq, wq, labels, splittable=True, route=None):
