@@ -818,13 +818,19 @@ def _decode(node: dict, path: str, arrays: Any) -> Any:
 # ----------------------------------------------------------------------------- checksums
 
 
-def _host_array(x: Any) -> np.ndarray:
-  """The full array on this host (gathered from all processes when it spans several)."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
+def _host_arrays(xs: list[Any]) -> list[np.ndarray]:
+  """The full arrays on this host (gathered from all processes when one spans several).
 
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
+  One ``jax.device_get`` for all of them, so the device-to-host copies overlap.
+  """
+  from jax.experimental import multihost_utils
+
+  xs = [
+      multihost_utils.process_allgather(x, tiled=True)
+      if isinstance(x, jax.Array) and not x.is_fully_addressable else x
+      for x in xs
+  ]
+  return [np.asarray(a) for a in jax.device_get(xs)]
 
 
 def _array_crc32c(a: np.ndarray) -> int:
@@ -1201,8 +1207,7 @@ class CheckpointManager:
     if not arrays:
       raise ValueError("CheckpointManager.save: the tree holds no arrays; nothing to save.")
     values = [jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x for _, x in arrays]
-    for (_, n), v in zip(_array_nodes(node), values, strict=True):
-      a = _host_array(v)
+    for (_, n), a in zip(_array_nodes(node), _host_arrays(values), strict=True):
       n["dtype"], n["shape"] = a.dtype.name, list(a.shape)
       n["crc32c"] = _array_crc32c(a)
     plain = _nest([(p, v) for (p, _), v in zip(arrays, values, strict=True)])
@@ -1395,8 +1400,7 @@ class CheckpointManager:
               "(the data files are corrupt)."
           )
       return
-    for (path, n), x in zip(nodes, values, strict=True):
-      a = _host_array(x)
+    for (path, n), a in zip(nodes, _host_arrays(values), strict=True):
       if a.dtype.name != n["dtype"] or list(a.shape) != n["shape"]:
         raise self._corrupt(
             step, f"array '{path}' was read back as {a.dtype.name}{list(a.shape)}, but the "
