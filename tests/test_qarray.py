@@ -20,7 +20,12 @@ def _bound_ok(x, q):
   return np.abs(x - d) <= s / 2 + 1e-6 * np.maximum(np.abs(x), s)
 
 
-floats = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
+# No subnormals: XLA:CPU flushes them to zero, so a leaf of subnormals quantizes to 0 with an
+# error of up to 1.2e-38 (found by hypothesis: x=[9.68e-39], bits=2; the same before and after
+# the bad-input work), which is no error bound's concern.
+floats = st.floats(
+    -1e4, 1e4, allow_nan=False, allow_infinity=False, allow_subnormal=False, width=32
+)
 
 
 @settings(max_examples=40, deadline=None)
