@@ -31,6 +31,8 @@ from jaxmem._src.quantize import dequantize_params as dequantize_params
 from jaxmem._src.quantize import quantize_dynamic_int8 as quantize_dynamic_int8
 from jaxmem._src.quantize import quantize_int8 as quantize_int8
 from jaxmem._src.quantize import quantize_weights as quantize_weights
+from jaxmem._src.quantize import set_act_bits as set_act_bits
+from jaxmem._src.sharding import partition_specs as partition_specs
 
 # --- execution (issue 2): apply / quantized layers
 from jaxmem._src.execution import apply as apply

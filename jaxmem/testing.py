@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmem._src import base
-from jaxmem._src.qarray import QArray, dequantize, grouped_shape
+from jaxmem._src.qarray import QArray, dequantize, expand_blocks
 
 __all__ = [
     "assert_eval_shape_matches",
@@ -107,9 +107,7 @@ def assert_quantized_within_bound(qparams: Any, params: Any, *, slack: float = 1
     n += 1
     x = np.asarray(x, np.float32)
     d = np.asarray(dequantize(q, jnp.float32))
-    s = np.broadcast_to(
-        np.asarray(q.scale), grouped_shape(q.shape, q.group_size, q.group_axis)
-    ).reshape(q.shape)
+    s = np.broadcast_to(np.asarray(expand_blocks(q.scale, q.shape)), q.shape)
     bound = s / 2 + slack * np.maximum(np.abs(x), s)
     err = np.abs(x - d)
     if not (err <= bound).all():

@@ -257,11 +257,12 @@ def _sparse():
         lambda w: 1 + w,
         lambda w: w * 2.0,
         lambda w: -w,
-        lambda w: w[0],
+        lambda w: w[0, 0],
+        lambda w: w[..., 0],
         lambda w: np.asarray(w),
         lambda w: jnp.asarray(w),
     ],
-    ids=["x@w", "w@x", "np@w", "jnp.dot", "einsum", "w+1", "1+w", "w*2", "-w", "w[0]",
+    ids=["x@w", "w@x", "np@w", "jnp.dot", "einsum", "w+1", "1+w", "w*2", "-w", "w[0,0]", "w[...,0]",
          "np.asarray", "jnp.asarray"],
 )
 @pytest.mark.parametrize("kind", ["QArray", "SparseArray"])
@@ -270,6 +271,14 @@ def test_array_ops_on_compressed_values_say_what_to_call(op, kind):
   dense = "jaxmem.dequantize" if kind == "QArray" else "jaxmem.sparse_unpack"
   with pytest.raises(TypeError, match=f"a jaxmem.{kind} {HINT}.*{dense}\\(w\\)"):
     op(w)
+
+
+def test_indexing_a_layer_of_a_qarray_is_the_one_supported_index():
+  # q[i] over a leading axis is a QArray (layer i of a stacked param); a SparseArray has none.
+  row = _qarray()[0]
+  assert isinstance(row, jaxmem.QArray) and row.shape == (4,)
+  with pytest.raises(TypeError, match=f"a jaxmem.SparseArray {HINT}"):
+    _sparse()[0]
 
 
 def test_flax_models_run_without_jaxmem_apply_get_the_hint():

@@ -1,5 +1,6 @@
 """Checkpoint round-trips of every compressed type, resharding, no silent casts, corruption."""
 
+import json
 import os
 import pathlib
 import shutil
@@ -326,11 +327,12 @@ def test_max_to_keep_and_existing_step(tmp_path):
 def test_checkpoint_layout_document():
   q = jaxmem.transform(jaxmem.quantize_weights(4), _params())
   layout = jaxmem.checkpoint_layout({"params": q})
-  assert layout["format"] == "jaxmem.checkpoint/2"
+  assert layout["format"] == "jaxmem.checkpoint/3"
   node = dict(dict(layout["tree"]["items"])["params"]["items"])["Dense_0"]
   kernel = dict(node["items"])["kernel"]
   assert kernel["class"] == "jaxmem.QArray"  # the registered name, not an import path
-  assert kernel["static"]["bits"] == 4 and kernel["static"]["packed"] is True
+  assert kernel["static"]["bits"] == 4 and kernel["static"]["pack_axis"] == -2
+  assert "shape" not in kernel["static"]  # derived from the leaves, never stored
   assert dict(kernel["items"])["qvalue"]["dtype"] == "uint8"
 
 
@@ -438,15 +440,79 @@ def test_format1_checkpoint_still_restores(tmp_path):
   assert (restored["name"], restored["nothing"]) == ("v1-fixture", None)
   assert isinstance(restored["pair"], tuple) and restored["pair"][1].dtype == jnp.bool_
   assert isinstance(abstract["int4"]["kernel"], jaxmem.QArray)
-  assert abstract["int4"]["kernel"].qvalue == jax.ShapeDtypeStruct((64,), jnp.uint8)
+  # Format 1 stored packed values as one flat vector; they come back in today's layout.
+  assert abstract["int4"]["kernel"].qvalue == jax.ShapeDtypeStruct((8, 8), jnp.uint8)
+  assert restored["int4"]["kernel"].scale.shape == (2, 8)
 
   flat = jax.tree_util.tree_flatten_with_path(restored)[0]
   got = {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat}
+  legacy = {  # the QArrays' arrays as saved (old layout), checked by hand below
+      k for k in expected if k.startswith(("['int4']['kernel']", "['int8']['kernel']"))}
   assert sorted(got) == sorted(expected)
   for key, want in expected.items():
+    if key in legacy:
+      continue
     if key != "['step']":  # a Python int: compared above
       assert got[key].dtype == want.dtype, key
     np.testing.assert_array_equal(got[key], want, err_msg=key)
+  # A hand-written reading of format 1's QArrays: flat packed nibbles (low first), grouped
+  # scales of shape (in/g, 1, out); the converted QArrays dequantize to the same numbers.
+  qv = expected["['int4']['kernel'].qvalue"]
+  nib = np.stack([qv & 15, qv >> 4], -1).reshape(-1).astype(np.int8)
+  ints = np.where(nib > 7, nib - 16, nib).reshape(16, 8)
+  old_int4 = (ints.reshape(2, 8, 8) * expected["['int4']['kernel'].scale"]).reshape(16, 8)
+  np.testing.assert_array_equal(np.asarray(int4.dequantize()), old_int4)
+  old_int8 = expected["['int8']['kernel'].qvalue"] * expected["['int8']['kernel'].scale"]
+  np.testing.assert_array_equal(np.asarray(int8.dequantize()), old_int8)
   # The restored compressed values still work.
   assert jaxmem.dequantize(int4).shape == (16, 8)
   np.testing.assert_array_equal(sparse.materialize(), jaxmem.sparse_unpack(sparse))
+
+
+V2_FIXTURE = pathlib.Path(__file__).parent / "data" / "checkpoint_v2"
+
+
+def test_format2_checkpoint_with_old_qarray_layout_restores(tmp_path):
+  """tests/data/checkpoint_v2 was written by the format 2 code (see make_checkpoint.py)."""
+  expected = dict(np.load(V2_FIXTURE / "expected.npz"))
+  with jaxmem.CheckpointManager(V2_FIXTURE / "ckpt", read_only=True) as reader:
+    assert reader.read_layout()["format"] == "jaxmem.checkpoint/2"
+    abstract = reader.abstract_state()
+    restored = reader.restore()
+  dense = jax.tree_util.tree_flatten_with_path(restored, is_leaf=jaxmem.is_compressed)[0]
+  seen = 0
+  for p, x in dense:
+    key = "dense:" + jax.tree_util.keystr(p)
+    if key in expected:  # every compressed leaf: exactly the dense value the old code had
+      seen += 1
+      np.testing.assert_array_equal(np.asarray(x.materialize()), expected[key], err_msg=key)
+  assert seen == 6
+  stacked = restored["extra"]["stacked_int8"]
+  assert stacked.shape == (3, 16, 8) and stacked.scale.shape == (3, 1, 8)
+  np.testing.assert_array_equal(  # it slices per layer now
+      np.asarray(stacked[1].dequantize()), expected["dense:['extra']['stacked_int8']"][1])
+  table = restored["extra"]["int2_table"]["embedding"]
+  assert (table.bits, table.group_size, table.qvalue.shape) == (2, 4, (16, 2))
+  assert restored["extra"]["w8a8"]["kernel"].act_bits == 8
+  assert jax.tree.structure(abstract) == jax.tree.structure(restored)
+  # Restored with a target in today's layout, and re-saved: it is written as format 3.
+  target = jax.tree.map(lambda x: x, restored)
+  with jaxmem.CheckpointManager(V2_FIXTURE / "ckpt", read_only=True) as reader:
+    again = reader.restore(target=target)
+  _assert_same(again, restored)
+  with jaxmem.CheckpointManager(tmp_path / "ckpt") as mgr:
+    mgr.save(7, restored)
+    mgr.wait_until_finished()
+    assert mgr.read_layout()["format"] == "jaxmem.checkpoint/3"
+    _assert_same(mgr.restore(), restored)
+  # A format-2 layout whose QArray's static fields were edited does not convert: corrupt.
+  bad = tmp_path / "bad"
+  shutil.copytree(V2_FIXTURE / "ckpt", bad)
+  meta = bad / "7" / "layout" / "metadata"
+  doc = json.loads(meta.read_text())
+  doc["tree"] = json.loads(json.dumps(doc["tree"]).replace('"group_size": 8', '"group_size": 3'))
+  doc["crc32c"] = jaxmem._src.checkpoint._layout_crc32c(doc)
+  meta.write_text(json.dumps(doc))
+  with jaxmem.CheckpointManager(bad, read_only=True) as reader:
+    with pytest.raises(jaxmem.CheckpointCorruptError, match="format-1/2 QArray that does not"):
+      reader.restore(7)

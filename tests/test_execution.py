@@ -506,21 +506,27 @@ class ScanRemat(nn.Module):
     return nn.remat(nn.Dense)(8)(x)
 
 
-def test_lifted_transforms():
-  """nn.remat keeps the integer path; nn.scan slices params, so its kernels are materialized."""
+@pytest.mark.parametrize("stacked", [True, False], ids=["stack_axes", "shared_scales"])
+def test_lifted_transforms(stacked):
+  """nn.remat keeps the integer path. nn.scan slices params per layer: kernels quantized with
+  per-layer scales (stack_axes) run W8A8 on each layer's QArray; a kernel whose scales are
+  shared across the stacked layers cannot be sliced, so it is materialized (float)."""
   x = jax.random.normal(_key(1), (2, 16))
   model = ScanRemat()
   params = model.init(_key(0), x)["params"]
-  q = jaxmem.transform(jaxmem.quantize_dynamic_int8(), params)
+  (scan_name,) = [k for k in params if k.startswith("Scan")]
+  tx = jaxmem.quantize_dynamic_int8(stack_axes={f"{scan_name}/.*": 1} if stacked else 0)
+  q = jaxmem.transform(tx, params)
+  assert q[scan_name]["Dense_0"]["kernel"].scale.shape == ((3, 1, 16) if stacked else (1, 1, 16))
   call = jax.jit(functools.partial(jaxmem.apply, model))
   out = call({"params": q}, x)
   deq = jaxmem.transform(jaxmem.dequantize_params(), q)
-  # The scanned blocks run in float on the dequantized kernels; the remat'd head is W8A8.
-  (scan_name,) = [k for k in deq if k.startswith("Scan")]
+  # The remat'd head is W8A8; the scanned blocks are W8A8 per layer, or float (materialized).
   blocks, head = deq[scan_name]["Dense_0"], deq["CheckpointDense_0"]
   h = np.asarray(x)
   for i in range(3):
-    h = np.maximum(h @ np.asarray(blocks["kernel"][i]) + np.asarray(blocks["bias"][i]), 0)
+    a = fake_quant_rows(h, (1,)) if stacked else h
+    h = np.maximum(a @ np.asarray(blocks["kernel"][i]) + np.asarray(blocks["bias"][i]), 0)
   ref = fake_quant_rows(h, (1,)) @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
   assert_close(out, ref, tol=1e-4)
   text = call.lower({"params": q}, x).as_text()

@@ -17,18 +17,26 @@ import jaxmem
 VALUES_PER_BYTE = {2: 4, 3: 2, 4: 2}
 
 
-def _pack_reference(values: np.ndarray, bits: int) -> np.ndarray:
-  """Hand-written packing: value i of each byte occupies bits [i*w, (i+1)*w), two's complement."""
+def _pack_reference(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
+  """Hand-written packing along ``axis``: byte k of a line holds its values k*per .. k*per+per-1
+  (adjacent values share a byte), value i of the byte in bits [i*w, (i+1)*w), two's complement;
+  a line whose length the packing factor does not divide is padded with zero fields."""
   per = VALUES_PER_BYTE[bits]
   w = 8 // per
-  flat = values.reshape(-1).astype(np.int64)
-  out = []
-  for start in range(0, flat.size, per):
+  axis %= values.ndim
+  n = values.shape[axis]
+  nbytes = -(-n // per)
+  out = np.zeros(values.shape[:axis] + (nbytes,) + values.shape[axis + 1 :], np.uint8)
+  for idx in np.ndindex(*out.shape):
+    k = idx[axis]
     byte = 0
-    for i, v in enumerate(flat[start : start + per]):
-      byte |= (int(v) & ((1 << w) - 1)) << (i * w)
-    out.append(byte)
-  return np.array(out, np.uint8)
+    for i in range(per):
+      j = k * per + i
+      if j < n:
+        v = int(values[idx[:axis] + (j,) + idx[axis + 1 :]])
+        byte |= (v & ((1 << w) - 1)) << (i * w)
+    out[idx] = byte
+  return out
 
 
 @st.composite
@@ -42,15 +50,19 @@ def _int_values(draw):
   return bits, values
 
 
-@settings(max_examples=40, deadline=None)
-@given(_int_values())
-def test_pack_matches_reference_and_unpacks_exactly(case):
+@settings(max_examples=20, deadline=None)
+@given(_int_values(), st.data())
+def test_pack_matches_reference_and_unpacks_exactly(case, data):
   bits, values = case
-  packed = jaxmem.pack(jnp.asarray(values), bits)
+  axis = data.draw(st.integers(-values.ndim, values.ndim - 1), label="axis")
+  packed = jaxmem.pack(jnp.asarray(values), bits, axis=axis)
   assert packed.dtype == jnp.uint8
-  assert packed.shape == (math.ceil(values.size / VALUES_PER_BYTE[bits]),)
-  np.testing.assert_array_equal(np.asarray(packed), _pack_reference(values, bits))
-  back = jaxmem.unpack(packed, bits, values.shape)
+  # Only the packed axis shrinks (rounded up); the rank and the other axes are kept.
+  want = list(values.shape)
+  want[axis] = math.ceil(values.shape[axis] / VALUES_PER_BYTE[bits])
+  assert packed.shape == tuple(want)
+  np.testing.assert_array_equal(np.asarray(packed), _pack_reference(values, bits, axis))
+  back = jaxmem.unpack(packed, bits, axis=axis, size=values.shape[axis])
   assert back.dtype == jnp.int8
   np.testing.assert_array_equal(np.asarray(back), values)
 
@@ -65,10 +77,23 @@ def test_pack_known_bytes():
   assert jaxmem.pack(jnp.array([3, -3, 5], jnp.int8), 4).tolist() == [0xD3, 0x05]
 
 
+def test_pack_known_bytes_along_an_axis():
+  # Along axis 0 of a (4, 2) array: rows 0 and 1 share byte row 0, rows 2 and 3 byte row 1.
+  v = jnp.array([[-1, 1], [7, 2], [-8, 0], [1, -2]], jnp.int8)
+  assert jaxmem.pack(v, 4, axis=0).tolist() == [[0x7F, 0x21], [0x18, 0xE0]]
+  # int2, four rows per byte: column 0 holds -1, 1, 0, -2 (0b11, 0b01, 0b00, 0b10, low first).
+  v2 = jnp.array([[-1, 1], [1, 0], [0, -2], [-2, -1]], jnp.int8)
+  assert jaxmem.pack(v2, 2, axis=0).tolist() == [[0b10_00_01_11, 0b11_10_00_01]]
+  assert jaxmem.unpack(jaxmem.pack(v2, 2, axis=0), 2, axis=0).tolist() == v2.tolist()
+
+
 def test_pack_unpack_under_jit():
   v = jnp.arange(-7, 8, dtype=jnp.int8)
-  back = jax.jit(lambda x: jaxmem.unpack(jaxmem.pack(x, 4), 4, x.shape))(v)
+  back = jax.jit(lambda x: jaxmem.unpack(jaxmem.pack(x, 4), 4, size=x.shape[-1]))(v)
   np.testing.assert_array_equal(back, v)
+  m = v[:12].reshape(6, 2)
+  back = jax.jit(lambda x: jaxmem.unpack(jaxmem.pack(x, 2, axis=0), 2, axis=0, size=6))(m % 2)
+  np.testing.assert_array_equal(back, m % 2)
 
 
 def _grouped_reference(x: np.ndarray, bits: int, group_size: int):
@@ -100,10 +125,14 @@ def test_grouped_quantize_matches_reference(bits, group_size, groups, n_out, see
   q = jaxmem.quantize(jnp.asarray(x), bits, channel_axes=(1,), group_size=group_size)
   deq_ref, scales_ref = _grouped_reference(x, bits, group_size)
   assert q.packed == (bits <= 4)
-  np.testing.assert_allclose(np.asarray(q.scale)[:, 0, :], scales_ref, rtol=1e-6)
+  if q.packed:  # along the group axis, keeping the rank
+    per = VALUES_PER_BYTE[bits]
+    assert q.pack_axis == -2 and q.qvalue.shape == (group_size * groups // per, n_out)
+  assert q.scale.shape == (groups, n_out)  # same rank: one row of scales per group
+  np.testing.assert_allclose(np.asarray(q.scale), scales_ref, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(q.dequantize()), deq_ref, rtol=1e-5, atol=1e-6)
   # Round to nearest: error at most half a step of the element's own group scale.
-  step = np.repeat(np.asarray(q.scale)[:, 0, :], group_size, axis=0)
+  step = np.repeat(np.asarray(q.scale), group_size, axis=0)
   assert np.all(np.abs(x - np.asarray(q.dequantize())) <= step / 2 * (1 + 1e-5))
   # Packing is exact: the packed and unpacked forms dequantize to identical values.
   u = jaxmem.quantize(jnp.asarray(x), bits, channel_axes=(1,), group_size=group_size,
@@ -116,18 +145,20 @@ def test_quantize_int4_bytes_and_layout():
   params = {
       "dense": {"kernel": jnp.asarray(rng.normal(size=(128, 32)), jnp.float32),
                 "bias": jnp.zeros(32)},
-      "embed": {"embedding": jnp.asarray(rng.normal(size=(10, 64)), jnp.float32)},
+      "embed": {"embedding": jnp.asarray(rng.normal(size=(10, 128)), jnp.float32)},
   }
   q = jaxmem.transform(jaxmem.quantize_int4(group_size=64), params)
   k, e = q["dense"]["kernel"], q["embed"]["embedding"]
   assert (k.bits, k.packed, k.group_size, k.group_axis) == (4, True, 64, 0)
-  assert k.qvalue.shape == (128 * 32 // 2,) and k.scale.shape == (2, 1, 32)
-  # Embedding tables are grouped along features, one scale row per token.
-  assert (e.group_axis, e.scale.shape) == (1, (10, 1, 1))
+  # Packed two per byte along the input (group) axis; scales keep the rank.
+  assert (k.qvalue.shape, k.pack_axis, k.scale.shape) == ((64, 32), -2, (2, 32))
+  # Embedding tables are grouped along features (and packed along them), one row per token.
+  assert (e.group_axis, e.group_size, e.scale.shape) == (1, 64, (10, 2))
+  assert (e.qvalue.shape, e.pack_axis, e.channel_axes) == ((10, 64), -1, (0,))
   assert q["dense"]["bias"] is params["dense"]["bias"]
   report = jaxmem.memory_report(q).as_dict()
   assert report["dense/kernel"] == 128 * 32 // 2 + 4 * 2 * 32
-  assert report["embed/embedding"] == 10 * 64 // 2 + 4 * 10
+  assert report["embed/embedding"] == 10 * 128 // 2 + 4 * 10 * 2
   fp32 = 128 * 32 * 4
   assert report["dense/kernel"] / fp32 <= 0.16
 
@@ -149,8 +180,9 @@ def test_quantize_int4_indivisible_group_names_leaf():
 def test_quantize_grouped_int2_and_errors():
   x = jnp.asarray(np.random.default_rng(1).normal(size=(64, 8)), jnp.float32)
   q = jaxmem.transform(jaxmem.quantize_grouped(2, group_size=32), {"kernel": x})["kernel"]
-  assert q.qvalue.nbytes == 64 * 8 // 4
-  assert set(np.unique(np.asarray(jaxmem.unpack(q.qvalue, 2, q.shape)))) <= {-1, 0, 1}
+  assert q.qvalue.nbytes == 64 * 8 // 4 and q.qvalue.shape == (16, 8)  # 4 per byte on axis 0
+  values = np.asarray(jaxmem.unpack(q.qvalue, 2, q.pack_axis))
+  assert values.shape == q.shape and set(np.unique(values)) <= {-1, 0, 1}
   with pytest.raises(ValueError, match="bits=1"):
     jaxmem.quantize_grouped(1)
   with pytest.raises(ValueError, match="already a QArray"):
@@ -161,7 +193,8 @@ def test_quantize_int4_under_jit_and_eval_shape():
   params = {"kernel": jnp.ones((64, 16))}
   tx = jaxmem.quantize_int4(group_size=32)
   abstract = jax.eval_shape(lambda p: jaxmem.transform(tx, p), params)
-  assert abstract["kernel"].qvalue.shape == (512,)
+  assert abstract["kernel"].qvalue.shape == (32, 16)
+  assert abstract["kernel"].scale.shape == (2, 16) and abstract["kernel"].shape == (64, 16)
   q = jax.jit(lambda p: jaxmem.transform(tx, p))(params)
   np.testing.assert_allclose(q["kernel"].dequantize(), params["kernel"])
 
@@ -241,7 +274,8 @@ def test_gptq_reduces_output_error(group_size, act_order):
   rtn = jaxmem.quantize(jnp.asarray(w), 4, channel_axes=(1,), group_size=group_size)
   err = lambda wq: np.linalg.norm(x @ (np.asarray(wq, np.float64) - w))
   assert err(q.dequantize()) < 0.8 * err(rtn.dequantize())
-  values = np.asarray(jaxmem.unpack(q.qvalue, 4, q.shape))
+  values = np.asarray(jaxmem.unpack(q.qvalue, 4, q.pack_axis))
+  assert values.shape == (64, 16) and q.qvalue.shape == (32, 16)
   assert values.min() >= -7 and values.max() <= 7
 
 
@@ -269,3 +303,166 @@ def test_input_hessians_and_quantize_gptq_on_linen_model():
     jaxmem.transform(jaxmem.quantize_gptq({"layers_0/kernel": np.eye(3)}, 4, 32), p)
   with pytest.raises(ValueError, match="matches no Dense kernel"):
     jaxmem.input_hessians(model, variables, [(x,)], where=["layers_0/kernel", "typo/kernel"])
+
+
+# ----------------------------------------------------------------------------- asymmetric
+
+
+def _hand_dequantize(q) -> np.ndarray:
+  """``code * scale + offset`` of an unpacked per-channel QArray, broadcast by numpy."""
+  assert q.qvalue.dtype == jnp.int8 and not q.packed
+  return (np.asarray(q.qvalue, np.float64) * np.asarray(q.scale, np.float64)
+          + np.asarray(q.offset, np.float64))
+
+
+def _hand_activations(x: np.ndarray, axes, act_bits) -> np.ndarray:
+  """The activation each policy multiplies by the weight, by hand (in float32, as the kernels)."""
+  x = np.asarray(x, np.float32)
+  if act_bits is None:
+    return x.astype(np.float64)
+  if act_bits == 16:
+    return np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  s = np.abs(x).max(axis=axes, keepdims=True) / np.float32(127)  # per row (token)
+  xq = np.clip(np.round(x / np.where(s > 0, s, np.float32(1))), -127, 127)
+  return xq.astype(np.float64) * s.astype(np.float64)
+
+
+def _assert_matmul_close(y, ref):
+  y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("act_bits", [None, 16, 8])
+def test_asymmetric_weights_through_dot_general_and_einsum(act_bits):
+  rng = np.random.default_rng(3)
+  # Skewed columns (all positive, different ranges): a zero point per column pays off.
+  w = (rng.uniform(0.5, 2.0, size=(48, 16)) * rng.uniform(0.1, 3.0, size=(1, 16))).astype(
+      np.float32)
+  x = rng.normal(size=(5, 48)).astype(np.float32)
+  q = jaxmem.quantize(jnp.asarray(w), 8, channel_axes=(1,), symmetric=False, act_bits=act_bits)
+  assert (q.scale.shape, q.offset.shape, q.symmetric, q.act_bits) == ((1, 16), (1, 16), False,
+                                                                       act_bits)
+  codes = np.asarray(q.qvalue)
+  assert codes.min() == -128 and codes.max() == 127  # the full asymmetric range is used
+  deq = _hand_dequantize(q)
+  np.testing.assert_allclose(np.asarray(q.dequantize()), deq, rtol=1e-6, atol=1e-6)
+  ref = _hand_activations(x, (1,), act_bits) @ deq
+  dn = (((1,), (0,)), ((), ()))
+  y = jax.jit(lambda x, q: jaxmem.quantized_dot_general(x, q, dn))(x, q)
+  _assert_matmul_close(y, ref)
+  _assert_matmul_close(jaxmem.quantized_einsum("bi,io->bo", x, q), ref)
+  # Batched activations through einsum: one activation scale per (batch, position).
+  x3 = rng.normal(size=(2, 3, 48)).astype(np.float32)
+  _assert_matmul_close(jaxmem.quantized_einsum("btc,cd->btd", x3, q),
+                       _hand_activations(x3, (2,), act_bits) @ deq)
+  if act_bits == 8:  # both integer-dot routes give the same (exact) integer sums
+    a = jaxmem.quantized_dot_general(x, q, dn, int8_route="int32")
+    b = jaxmem.quantized_dot_general(x, q, dn, int8_route="bf16")
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("act_bits", [None, 16, 8])
+def test_asymmetric_einsum_summing_a_weight_only_axis(act_bits):
+  """'bc,cde->bd' also sums e, which the activation lacks: the zero point counts once per e."""
+  rng = np.random.default_rng(4)
+  w = (rng.normal(size=(24, 6, 3)) + 1.5).astype(np.float32)
+  x = rng.normal(size=(4, 24)).astype(np.float32)
+  q = jaxmem.quantize(jnp.asarray(w), 8, channel_axes=(1,), symmetric=False, act_bits=act_bits)
+  assert q.scale.shape == (1, 6, 1)
+  ref = np.einsum("bc,cde->bd", _hand_activations(x, (1,), act_bits), _hand_dequantize(q))
+  _assert_matmul_close(jaxmem.quantized_einsum("bc,cde->bd", x, q), ref)
+
+
+def test_asymmetric_int8_codes_shorten_the_exact_bf16_chunks():
+  """Asymmetric int8 codes reach -128: 127 * 128 * K < 2**24 holds up to K = 1032, not 1040."""
+  dn = (((1,), (0,)), ((), ()))
+  x = jnp.ones((2, 1040))
+
+  def dots(q):
+    f = jax.jit(lambda x, q: jaxmem.quantized_dot_general(x, q, dn, int8_route="bf16"))
+    return f.lower(x, q).as_text().count("dot_general")
+
+  w = jnp.asarray(np.random.default_rng(5).normal(size=(1040, 4)), jnp.float32)
+  sym = jaxmem.quantize(w, 8, act_bits=8)
+  asym = jaxmem.quantize(w, 8, act_bits=8, symmetric=False)
+  assert dots(sym) == 1 and dots(asym) == 2  # one exact dot, or two exact chunks
+  np.testing.assert_array_equal(
+      np.asarray(jaxmem.quantized_dot_general(x, asym, dn, int8_route="bf16")),
+      np.asarray(jaxmem.quantized_dot_general(x, asym, dn, int8_route="int32")))
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def test_quantize_weights_stacked_kernel_groups_along_the_input_axis():
+  w = jnp.asarray(np.random.default_rng(6).normal(size=(8, 256, 256)), jnp.float32)
+  q = jaxmem.transform(jaxmem.quantize_weights(4, group_size=64, stack_axes=1), {"kernel": w})
+  k = q["kernel"]
+  assert k.shape == (8, 256, 256) and k.scale.shape == (8, 4, 256)
+  assert (k.group_axis, k.group_size, k.channel_axes) == (1, 64, (0, 2))
+  assert (k.qvalue.shape, k.pack_axis) == ((8, 128, 256), -2)  # packed along the groups
+  for i in (0, 3, 7):
+    alone = jaxmem.transform(jaxmem.quantize_weights(4, group_size=64), {"kernel": w[i]})
+    ref, got = alone["kernel"], k[i]
+    assert (got.shape, got.pack_axis, got.bits) == (ref.shape, ref.pack_axis, ref.bits)
+    assert jax.tree.structure(got) == jax.tree.structure(ref)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_quantize_weights_groups_embedding_tables_along_features():
+  table = jnp.asarray(np.random.default_rng(7).normal(size=(50, 256)), jnp.float32)
+  model = nn.Embed(50, 256)
+  params = {"embedding": table}
+  # Grouping along the vocabulary (axis 0, 50 rows) would not divide; features do.
+  q = jaxmem.transform(jaxmem.quantize_weights(8, group_size=128), params)["embedding"]
+  assert (q.group_axis, q.group_size, q.scale.shape, q.channel_axes) == (1, 128, (50, 2), (0,))
+  s = np.repeat(np.asarray(q.scale), 128, axis=1)
+  assert np.all(np.abs(np.asarray(q.dequantize()) - np.asarray(table)) <= s / 2 * (1 + 1e-5))
+  ids = jnp.array([[0, 49, 7], [3, 3, 12]])
+  np.testing.assert_allclose(jaxmem.quantized_take(q, ids), np.asarray(q.dequantize())[ids],
+                             rtol=1e-6, atol=1e-6)
+  got = jaxmem.apply(model, {"params": {"embedding": q}}, ids)
+  np.testing.assert_allclose(got, np.asarray(q.dequantize())[ids], rtol=1e-6, atol=1e-6)
+
+
+def test_stack_axes_rule_matching_no_leaf_names_the_rule():
+  params = {"dense": {"kernel": jnp.ones((8, 4))}, "layers": {"kernel": jnp.ones((2, 8, 4))}}
+  tx = jaxmem.quantize_weights(8, stack_axes={"nomatch/.*": 1})
+  with pytest.raises(ValueError, match=r"stack_axes rule 'nomatch/\.\*' matches no selected leaf"):
+    jaxmem.transform(tx, params)
+  with pytest.raises(ValueError, match=r"'nomatch/\.\*'"):
+    tx.init(params)  # checked up front, before any leaf is quantized
+  ok = jaxmem.transform(jaxmem.quantize_weights(8, stack_axes={"layers/.*": 1}), params)
+  assert ok["layers"]["kernel"].scale.shape == (2, 1, 4) and ok["dense"]["kernel"].scale.shape == (
+      1, 4)
+
+
+def test_set_act_bits_switches_the_policy_without_requantizing():
+  set_act_bits = jaxmem._src.quantize.set_act_bits
+  model = nn.Dense(16)
+  x = jnp.asarray(np.random.default_rng(8).normal(size=(6, 32)), jnp.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+  w8a8 = jaxmem.transform(jaxmem.quantize_dynamic_int8(), params)
+  w8a16 = jaxmem.transform(set_act_bits(16), w8a8)
+  weight_only = jaxmem.transform(set_act_bits(None), w8a16)
+  k = w8a8["kernel"]
+  for p, bits in ((w8a8, 8), (w8a16, 16), (weight_only, None)):
+    assert p["kernel"].act_bits == bits
+    assert p["kernel"].qvalue is k.qvalue and p["kernel"].scale is k.scale  # shared, not redone
+    assert p["bias"] is params["bias"]
+  # The same as quantizing weight-only in the first place.
+  plain = jaxmem.transform(jaxmem.quantize_int8(), params)["kernel"]
+  assert plain.act_bits is None
+  np.testing.assert_array_equal(np.asarray(plain.qvalue), np.asarray(k.qvalue))
+  deq = np.asarray(k.qvalue, np.float64) * np.asarray(k.scale, np.float64)
+  bias = np.asarray(params["bias"], np.float64)
+  run = jax.jit(lambda p, x: jaxmem.apply(model, {"params": p}, x))
+  for p, bits in ((w8a8, 8), (w8a16, 16), (weight_only, None)):
+    ref = _hand_activations(np.asarray(x), (1,), bits) @ deq + bias
+    _assert_matmul_close(run(p, x), ref)
+  # Back to W8A8 gives the W8A8 model's outputs exactly.
+  again = jaxmem.transform(set_act_bits(8), weight_only)
+  np.testing.assert_array_equal(np.asarray(run(again, x)), np.asarray(run(w8a8, x)))
+  with pytest.raises(ValueError, match="act_bits=4"):
+    set_act_bits(4)

@@ -18,7 +18,7 @@ EXPECTED = {
     "quantize_grouped", "gptq_kernel", "input_hessians", "quantize_gptq", "leaf_sensitivity",
     "mix_leaves", "mixed_precision", "apply", "merge_compressed", "int8_dot_route",
     "quantize_activations", "quantized_conv", "quantized_dot_general", "quantized_einsum",
-    "quantized_take",
+    "quantized_take", "set_act_bits", "partition_specs",
     # pruning and sparse storage
     "GradualPruneState", "KeepMasksState", "gradual_prune", "keep_masks", "mask_sparsity",
     "sparsity_schedule", "apply_masks", "magnitude_mask", "magnitude_masks", "magnitude_prune",

@@ -136,7 +136,9 @@ def test_qat_composes_with_pruning_masks():
   converted = jaxmem.transform(qat.convert, final)
   for name in ("Dense_0", "Dense_1"):
     q = converted[name]["kernel"]
-    values = np.asarray(jaxmem.unpack(q.qvalue, 4, q.shape))
+    assert q.packed and q.qvalue.shape[q.pack_axis] * 2 == q.shape[q.pack_axis]
+    values = np.asarray(jaxmem.unpack(q.qvalue, 4, q.pack_axis))
+    assert values.shape == q.shape
     assert np.all(values[~np.asarray(masks[name]["kernel"])] == 0)  # pruned stay exactly zero
   want = model.apply({"params": qat.fake_quant(final)}, x)
   got = jaxmem.apply(model, {"params": converted}, x)
@@ -200,3 +202,25 @@ def test_errors():
     qat.fake_quant(q)
   with pytest.raises(ValueError, match="layer/kernel.*divisible by group_size=16"):
     qat.fake_quant({"layer": {"kernel": jnp.ones((24, 2))}})
+
+
+def test_qat_of_stacked_layers_keeps_per_layer_scales():
+  """stack_axes as in quantize_weights: each layer of a scanned [L, in, out] kernel alone."""
+  w = jnp.asarray(np.random.default_rng(3).normal(size=(3, 64, 8)), jnp.float32)
+  params = {"layers": {"kernel": w}, "head": {"kernel": w[0]}}
+  qat = jaxmem.qat_weights(4, group_size=32, stack_axes={"layers/.*": 1})
+  q = jaxmem.transform(qat.convert, params)
+  k = q["layers"]["kernel"]
+  assert k.scale.shape == (3, 2, 8) and (k.group_axis, k.pack_axis) == (1, -2)
+  assert q["head"]["kernel"].scale.shape == (2, 8)  # unmatched leaves: no stack axes
+  fq = qat.fake_quant(params)
+  np.testing.assert_array_equal(np.asarray(k.dequantize()), np.asarray(fq["layers"]["kernel"]))
+  tx = jaxmem.quantize_weights(4, group_size=32, stack_axes=1)
+  ref = jaxmem.transform(tx, {"kernel": w})["kernel"]
+  for a, b in zip(jax.tree.leaves(k), jax.tree.leaves(ref), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  bad = jaxmem.qat_weights(4, group_size=32, stack_axes={"nomatch/.*": 1})
+  with pytest.raises(ValueError, match=r"stack_axes rule 'nomatch/\.\*' matches no selected"):
+    bad.fake_quant(params)
+  with pytest.raises(ValueError, match=r"stack_axes rule 'nomatch/\.\*' matches no selected"):
+    jaxmem.transform(bad.convert, params)

@@ -8,11 +8,11 @@
   on disk next to its float32 ``scale``; no float copy of a compressed leaf is written.
   Keys follow the tree: ``params/Dense_0/kernel/qvalue``; tuple and list entries are
   named by their index, NamedTuple and dataclass fields by their name.
-* ``layout``: a JSON document (format ``"jaxmem.checkpoint/2"``) holding the full tree
+* ``layout``: a JSON document (format ``"jaxmem.checkpoint/3"``) holding the full tree
   structure: container kinds (dict, list, tuple, NamedTuple, dataclass), each class by its
   *registered name* (``jaxmem.QArray``, ``optax.ScaleByAdamState``; see
-  :func:`register_checkpoint_type`) with its static fields (``bits``, ``shape``,
-  ``packed``), and for each array its shape, dtype and crc32c checksum.
+  :func:`register_checkpoint_type`) with its static fields (``bits``, ``pack_axis``,
+  ``act_bits``), and for each array its shape, dtype and crc32c checksum.
 
 On restore the layout gives the abstract target, so users never hand-build one: a
 checkpoint of int8 params restores as QArrays, an optimizer state as the optax
@@ -44,9 +44,15 @@ Integrity:
   float32 to bfloat16, a QArray's ``bits`` edited from 8 to 4, or a removed checksum is
   caught. A checksum is not a signature: someone who can write the directory can
   recompute it. What makes a hostile checkpoint harmless is the registry above.
+* Format 2 checkpoints (``"jaxmem.checkpoint/2"``) differ from format 3 only in the
+  QArray layout they hold (packed values as one flat vector, grouped scales of rank + 1, a
+  static logical shape): restore converts each such QArray to today's layout (the same
+  integers and scales, re-packed along one axis), then places it with the target's or
+  ``sharding``'s placement. Saving writes format 3.
 * Format 1 checkpoints (written before the registry, ``"jaxmem.checkpoint/1"``) still
-  restore: their classes, spelled ``module:Qualname``, are mapped to registered classes
-  (never imported), and each array is checked against its 32-bit fingerprint as before.
+  restore (their QArrays converted as for format 2): their classes, spelled
+  ``module:Qualname``, are mapped to registered classes (never imported), and each array
+  is checked against its 32-bit fingerprint as before.
   Their layout has no checksum, so an edit of a static field (``bits``) or of a
   fingerprint there is not detected.
 * Checksums need host bytes: each array is copied to the host once at save and at
@@ -87,6 +93,7 @@ import collections
 import dataclasses
 import importlib
 import json
+import math
 import os
 import pkgutil
 import socket
@@ -103,6 +110,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmem._src import base
+from jaxmem._src.qarray import (
+    QArray,
+    check_bits,
+    default_pack_axis,
+    pack,
+    unpack,
+    values_per_byte,
+)
 
 try:  # POSIX only; elsewhere the one-writer rule is not enforced (documented above).
   import fcntl
@@ -110,8 +125,16 @@ except ImportError:  # pragma: no cover (Windows)
   fcntl = None
 
 PyTree = Any
-FORMAT = "jaxmem.checkpoint/2"
+FORMAT = "jaxmem.checkpoint/3"
+FORMAT_V2 = "jaxmem.checkpoint/2"
 FORMAT_V1 = "jaxmem.checkpoint/1"
+_FORMATS = (FORMAT_V1, FORMAT_V2, FORMAT)
+
+# Fields of the QArray that formats 1 and 2 wrote (before the layout that slices per layer):
+# packed values as one flat uint8 vector, grouped scales of rank + 1, a static logical shape.
+_LEGACY_QARRAY_FIELDS = {"qvalue", "scale", "bits", "shape", "dtype", "channel_axes",
+                         "group_size", "group_axis", "packed", "act_bits"}
+_LEGACY_QARRAY_REQUIRED = {"qvalue", "scale", "bits", "shape", "dtype", "channel_axes"}
 LOCK_FILE = ".jaxmem-writer.lock"
 _STATE = "state"
 _LAYOUT = "layout"
@@ -609,6 +632,7 @@ _NODE_KEYS = {
 }
 _ARRAY_KEYS = {
     FORMAT_V1: {"kind", "shape", "dtype", "python", "fingerprint"},
+    FORMAT_V2: {"kind", "shape", "dtype", "python", "crc32c"},
     FORMAT: {"kind", "shape", "dtype", "python", "crc32c"},
 }
 
@@ -729,6 +753,9 @@ def _parse_node(node: Any, path: str, version: str) -> dict:
           if f.init and f.default is dataclasses.MISSING
           and f.default_factory is dataclasses.MISSING
       }
+      if entry.name == "jaxmem.QArray" and version != FORMAT:  # converted in _decode
+        init, required = _LEGACY_QARRAY_FIELDS, _LEGACY_QARRAY_REQUIRED
+        out["legacy"] = True
       names = fields + list(static)
       if len(set(names)) != len(names) or not required <= set(names) <= init:
         raise _LayoutError(
@@ -755,17 +782,17 @@ class _Layout:
 
 
 def _parse_layout(doc: Any) -> _Layout:
-  if not isinstance(doc, dict) or doc.get("format") not in (FORMAT_V1, FORMAT):
+  if not isinstance(doc, dict) or doc.get("format") not in _FORMATS:
     fmt = doc.get("format") if isinstance(doc, dict) else None
     raise _LayoutError(
         "", f"is not a jaxmem layout document (format {fmt!r}; written by another tool?). "
         "Read it with orbax.checkpoint directly"
     )
   version = doc["format"]
-  allowed = {"format", "paths", "tree"} | ({"crc32c"} if version == FORMAT else set())
+  allowed = {"format", "paths", "tree"} | ({"crc32c"} if version != FORMAT_V1 else set())
   if set(doc) != allowed:
     raise _LayoutError("", f"has the top-level keys {sorted(doc)}; expected {sorted(allowed)}")
-  if version == FORMAT and doc["crc32c"] != _layout_crc32c(doc):
+  if version != FORMAT_V1 and doc["crc32c"] != _layout_crc32c(doc):
     raise _LayoutError(
         "", "does not match its crc32c checksum: the layout file was edited or is corrupt"
     )
@@ -812,7 +839,64 @@ def _decode(node: dict, path: str, arrays: Any) -> Any:
     return _construct(entry.cls, path, entry.name, vals)
   if kind == "dataclass":
     vals.update({k: _decode_static(v) for k, v in node["static"].items()})
+  if node.get("legacy"):
+    return _legacy_qarray(path, **vals)
   return _construct(entry.cls, path, entry.name, **vals)
+
+
+def _has_legacy(node: dict) -> bool:
+  if node.get("legacy"):
+    return True
+  if node["kind"] in ("list", "tuple"):
+    return any(_has_legacy(n) for n in node["items"])
+  if node["kind"] in ("dict", "namedtuple", "dataclass"):
+    return any(_has_legacy(n) for _, n in node["items"])
+  return False
+
+
+def _legacy_qarray(path, qvalue, scale, bits, shape, dtype, channel_axes, group_size=None,
+                   group_axis=0, packed=False, act_bits=None) -> QArray:
+  """A QArray saved by formats 1/2 in today's layout (values re-packed along one axis).
+
+  The integer values and scales are the same numbers, so it dequantizes to exactly what
+  was saved. Abstract leaves (``abstract_state``) convert abstractly.
+  """
+  try:
+    shape = tuple(int(d) for d in shape)
+    check_bits(bits, "restore")
+    channel = tuple(int(a) for a in channel_axes)
+    n = math.prod(shape)
+    per = values_per_byte(bits)
+    want_q = ((-(-n // per),) if packed else shape)
+    if tuple(qvalue.shape) != want_q:
+      raise ValueError(f"values of shape {tuple(qvalue.shape)}, expected {want_q}")
+    sshape = tuple(
+        d if a in channel else d // group_size if group_size and a == group_axis else 1
+        for a, d in enumerate(shape)
+    )
+    old_sshape = sshape if not group_size else (
+        sshape[:group_axis] + (sshape[group_axis], 1) + sshape[group_axis + 1:])
+    if tuple(scale.shape) != old_sshape:
+      raise ValueError(f"scales of shape {tuple(scale.shape)}, expected {old_sshape}")
+  except (ValueError, TypeError, ZeroDivisionError) as e:
+    raise _LayoutError(path, f"is a format-1/2 QArray that does not convert ({e})") from None
+  axis = None
+  if packed:  # where jaxmem.quantize packs this layout today
+    axis = default_pack_axis(shape, bits, channel, group_axis if group_size else None)
+
+  def convert(qvalue, scale):
+    ints = unpack(qvalue, bits, -1, size=n).reshape(shape) if packed else qvalue
+    qv = pack(ints, bits, axis) if axis is not None else ints
+    return qv, scale.reshape(sshape)
+
+  if isinstance(qvalue, jax.ShapeDtypeStruct):
+    qv, sc = jax.eval_shape(convert, qvalue, scale)
+  else:
+    qv, sc = convert(qvalue, scale)
+  return QArray(
+      qvalue=qv, scale=sc, bits=bits, dtype=np.dtype(dtype),
+      pack_axis=None if axis is None else axis - len(shape), act_bits=act_bits,
+  )
 
 
 # ----------------------------------------------------------------------------- checksums
@@ -1331,6 +1415,8 @@ class CheckpointManager:
 
   def _restore_step(self, step: int, target: PyTree | None, sharding: ShardingSpec) -> PyTree:
     layout = self._read(step)[1]
+    if _has_legacy(layout.tree):
+      return self._restore_legacy(step, layout, target, sharding)
     tree = layout.tree
     nodes = _array_nodes(tree)
     target_arrays: list[Any] = [None] * len(nodes)
@@ -1366,6 +1452,52 @@ class CheckpointManager:
     if self.verify:
       self._verify(step, layout, nodes, values)
     return self._decode(step, tree, iter(values))
+
+  def _restore_legacy(self, step: int, layout: _Layout, target, sharding) -> PyTree:
+    """A format 1/2 step holding QArrays of the old layout: read, convert, then place.
+
+    The on-disk arrays are read onto one device (or the single ``sharding`` given), the
+    QArrays converted to today's layout, the result checked against ``target``, and each
+    leaf put on the target's / ``sharding``'s placement by its path in today's layout.
+    """
+    single = sharding if isinstance(sharding, jax.sharding.Sharding) else None
+    out = self._restore_step_arrays(step, layout, single)
+    if target is not None:
+      saved, _ = _encode_with_arrays(out)
+      want, _ = _encode_with_arrays(target)
+      _check_compatible(saved, want, "")
+    if single is None and (callable(sharding) or target is not None):
+      node, leaves = _encode_with_arrays(out)
+      t_leaves = _encode_with_arrays(target)[1] if target is not None else [None] * len(leaves)
+      placed = []
+      for (path, x), (_, t) in zip(leaves, t_leaves, strict=True):
+        sh = None
+        if isinstance(x, jax.Array):
+          sds = jax.ShapeDtypeStruct(x.shape, x.dtype)
+          sh = sharding(path, sds) if callable(sharding) else getattr(t, "sharding", None)
+        placed.append(jax.device_put(x, sh) if sh is not None else x)
+      out = _decode(_parse_node(node, "", FORMAT), "", iter(placed))
+    return out
+
+  def _restore_step_arrays(self, step, layout, sharding) -> PyTree:
+    """Reads and decodes every array of ``layout`` with one sharding (default: one device)."""
+    nodes = _array_nodes(layout.tree)
+    sh = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = [jax.ShapeDtypeStruct(tuple(n["shape"]), np.dtype(n["dtype"]), sharding=sh)
+                for _, n in nodes]
+    ocp = self._ocp
+    try:
+      out = self._manager.restore(
+          step,
+          args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(
+              _nest(list(zip(layout.paths, abstract, strict=True))))}),
+      )
+      values = _flat(out[_STATE], layout.paths)
+    except Exception as e:  # tensorstore/Orbax raise many types for truncated or missing data.
+      raise self._corrupt(step, f"cannot be read ({type(e).__name__}: {e}).") from e
+    if self.verify:
+      self._verify(step, layout, nodes, values)
+    return self._decode(step, layout.tree, iter(values))
 
   def _decode(self, step: int, tree: dict, arrays: Any) -> PyTree:
     try:

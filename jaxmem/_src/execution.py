@@ -37,9 +37,16 @@ front: weight-only layers run on the integer values and scale the output; W8A8 l
 native bf16 dots, see :func:`jaxmem.quantized_dot_general`; ``apply(..., int8_route=...)``
 fixes the route of one call).
 
-Not supported (the leaf is materialized instead): Linen lifted transforms that slice
-params (``nn.scan``/``nn.vmap`` over a compressed kernel), ``ConvLocal``/
-``ConvTranspose``, layers with a custom ``dot_general``/``promote_dtype``/``einsum_op``.
+**Scan over layers.** A stacked ``[L, ...]`` compressed param (quantized with
+``stack_axes`` so each layer keeps its own scales) runs inside Linen ``nn.scan`` /
+``nn.vmap`` (``variable_axes`` axis 0) and NNX ``nnx.scan``: the lifted transform slices the
+compressed value's leaves like any array, and each iteration's layer runs the integer
+kernels on its own layer's QArray; no dense float copy of a stacked kernel is made (weights
+with groups along a contracted axis dequantize one layer inside the loop body).
+
+Not supported (the leaf is materialized instead): ``ConvLocal``/``ConvTranspose``, layers
+with a custom ``dot_general``/``promote_dtype``/``einsum_op``, lifted transforms over an
+axis other than 0.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
+from flax import struct as flax_struct
+from flax.core import meta as flax_meta
 from flax.linen import dtypes as linen_dtypes
 from flax.linen import module as linen_module
 from flax.nnx.nn import dtypes as nnx_dtypes
@@ -296,9 +305,50 @@ def _replace_compressed(tree, fn):
   )
 
 
-def _same_shape(module, name, weight) -> bool:
-  """False when a lifted transform (nn.scan, nn.vmap) hands the layer a slice of the param."""
-  return tuple(jnp.shape(module.scope.get_variable("params", name))) == tuple(weight.shape)
+class _LogicalView:
+  """What ``self.param`` returns for a boxed compressed weight: its shape and dtype only."""
+
+  def __init__(self, q):
+    self.shape, self.dtype = tuple(q.shape), q.dtype
+
+
+class _CompressedBox(flax_struct.PyTreeNode, flax_meta.AxisMetadata):
+  """A compressed weight in a Linen variables dict during :func:`apply`.
+
+  A pytree node over the compressed value's leaves (lifted transforms slice them), that
+  unboxes to a shape-only view, so Flax's param check compares the logical shape.
+  """
+
+  value: Any
+
+  def unbox(self):
+    return _LogicalView(self.value)
+
+  def replace_boxed(self, val):
+    return self.replace(value=val)
+
+  def add_axis(self, index, params):
+    return self
+
+  def remove_axis(self, index, params):
+    return self
+
+
+def _same_or_sliced(module, name, weight) -> bool:
+  """Whether the layer sees the param whole or as a slice of its leading (stacked) axes.
+
+  Under a lifted transform over layers (``nn.scan``/``nn.vmap`` with ``variable_axes``
+  axis 0) each call sees one layer of a stacked ``[L, ...]`` param; a compressed value's
+  leaves slice the same way, so the layer still runs on the integer kernels.
+  """
+  seen = tuple(jnp.shape(module.scope.get_variable("params", name)))
+  full = tuple(weight.shape)
+  if not (len(seen) <= len(full) and full[len(full) - len(seen):] == seen):
+    return False
+  # Sliced: every leaf must carry the sliced leading axes (per-layer scales, see
+  # ``stack_axes``); a scale shared across layers cannot be scanned, so it is materialized.
+  lead = full[: len(full) - len(seen)]
+  return all(tuple(a.shape[: len(lead)]) == lead for a in jax.tree.leaves(weight))
 
 
 def _find_handled_linen(model, variables, compressed, args, kwargs, apply_kwargs):
@@ -314,7 +364,7 @@ def _find_handled_linen(model, variables, compressed, args, kwargs, apply_kwargs
       return next_fun(*a, **kw)
     own = {p for p in compressed if p[:-1] == base}
     layer = _linen_layer(context) if own else None
-    if layer is None or base + (layer[0],) not in own or not _same_shape(
+    if layer is None or base + (layer[0],) not in own or not _same_or_sliced(
         context.module, layer[0], compressed[base + (layer[0],)]):
       bad.update(own)
       return next_fun(*a, **kw)
@@ -342,16 +392,18 @@ def _apply_linen(model, variables, args, kwargs, apply_kwargs):
   handled = _find_handled_linen(model, variables, compressed, args, kwargs, apply_kwargs)
 
   def stand_in(p, x):
-    if p in handled:  # Flax's param shape check sees the logical shape; we never read it.
-      return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
-    return x.materialize()
+    # A handled leaf stays compressed in the variables, in a box: a lifted scan over
+    # layers slices its leaves per layer, and Flax's param shape check sees the logical
+    # shape (the layer method that would read it is replaced).
+    return _CompressedBox(x) if p in handled else x.materialize()
 
   def run_layer(next_fun, a, kw, context):
     layer = _linen_layer(context)
     if layer is not None:
       p = ("params",) + tuple(context.module.scope.path) + (layer[0],)
       if p in handled:
-        return layer[1](context.module, compressed[p], "/".join(p[1:]), *a, **kw)
+        w = context.module.scope.get_variable("params", layer[0]).value  # this layer's slice
+        return layer[1](context.module, w, "/".join(p[1:]), *a, **kw)
     return next_fun(*a, **kw)
 
   with nn.intercept_methods(run_layer):

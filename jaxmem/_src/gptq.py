@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmem._src import base, lowbit
-from jaxmem._src.qarray import QArray, pack, quantize
+from jaxmem._src.qarray import QArray, default_pack_axis, pack, quantize
 from jaxmem._src.quantize import default_channel_axes, default_quant_where, quantizing_leafwise
 
 _CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -175,22 +175,19 @@ def gptq_kernel(
       errs[i] = err
     w[b1:] -= u[b0:b1, b1:].T @ errs
   qvalue = jnp.asarray(q)
-  if bits <= 4:
-    qvalue = pack(qvalue, bits)
-  if group_size is None:
-    scale = scales.astype(np.float32)  # (1, out)
-  else:
-    scale = scales.astype(np.float32)[:, None, :]  # (in/g, 1, out)
+  # Packed as jaxmem.quantize packs this layout: along the input (group) axis, else along the
+  # outputs, else (no axis divisible by the packing factor) one int8 per value.
+  axis = default_pack_axis((n_in, n_out), bits, (1,), 0) if bits <= 4 else None
+  pack_axis = None if axis is None else axis - 2
+  if axis is not None:
+    qvalue = pack(qvalue, bits, axis=axis)
+  scale = scales.astype(np.float32)  # (1, out), or (in/g, out) with groups
   return QArray(
       qvalue=qvalue,
       scale=jnp.asarray(scale),
       bits=bits,
-      shape=(n_in, n_out),
       dtype=np.dtype(np.float32),
-      channel_axes=(1,),
-      group_size=group_size,
-      group_axis=0,
-      packed=bits <= 4,
+      pack_axis=pack_axis,
   )
 
 

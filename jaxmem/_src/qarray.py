@@ -1,25 +1,48 @@
 """The quantized array: a pytree of integer values and float scales. Pure array math, no Flax.
 
-Invariants of a :class:`QArray` ``q`` of logical shape ``S``:
+Invariants of a :class:`QArray` ``q`` of logical shape ``S`` (``q.shape``):
 
-* ``q.qvalue`` holds integers in ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]`` (symmetric,
-  so ``-2**(bits-1)`` is never used). Unpacked it is ``int8`` of shape ``S``; packed
-  (``bits <= 4``) it is a flat ``uint8`` vector holding ``8 // bits`` values per
-  byte (3-bit values use 4 bits) and the real byte count is ``q.qvalue.nbytes``.
-* ``q.scale`` is float32. Without groups its shape is ``S`` with a 1 on every axis
-  not in ``channel_axes``. With ``group_size = g`` along ``group_axis = a``, its
-  shape is ``S`` with axis ``a`` replaced by the two axes ``(S[a] // g, 1)``.
-* ``dequantize(q) = qvalue * scale`` (broadcast in the grouped shape), cast to ``q.dtype``.
-* ``|x - dequantize(quantize(x))| <= scale / 2`` elementwise (round to nearest).
+* **Every array leaf has the rank of ``S`` and keeps its leading axes.** Slicing all
+  leaves along a leading axis (``lax.scan``, ``nn.scan``/``nnx.scan``, ``vmap`` or
+  indexing ``q[i]`` over a stacked ``[L, ...]`` param) gives a valid QArray of one slice,
+  and stacking QArrays of equal layout (``jax.tree.map(jnp.stack, ...)``) gives the
+  stacked one. Nothing static states a shape: ``q.shape`` is derived from the leaves, and
+  the one static axis (``pack_axis``) is counted from the end, so removing or adding
+  leading axes keeps it true.
+* ``q.qvalue`` holds integers of ``bits`` bits as ``int8``: symmetric values in
+  ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``, asymmetric codes in
+  ``[-2**(bits-1), 2**(bits-1) - 1]``. Unpacked it has shape ``S``. Packed
+  (``pack_axis`` set, ``bits <= 4``) it is ``uint8`` with ``8 // bits`` values per byte
+  (3-bit values use 4 bits) *along that one axis*: adjacent values ``k*per .. k*per+per-1``
+  of the axis share byte ``k``, so its length is ``S[pack_axis] // per`` and the other
+  axes are untouched. A shard of the packed axis holds a contiguous range of values.
+* ``q.scale`` is float32 of the same rank as ``S``. Along each axis its length ``s``
+  divides ``S[a]``, and the value at index ``i`` uses ``scale[i // (S[a] // s)]``: length
+  1 is a scale shared along the axis, ``S[a]`` is one scale per index (a *channel* axis),
+  anything between is *groups* of ``S[a] // s`` consecutive indices. Scales, offsets and
+  values therefore shard along every axis their float param does (the group size, and
+  the packing factor on the packed axis, dividing the shard).
+* ``q.offset`` is None (symmetric) or float32 of the scale's shape (asymmetric, a
+  per-group zero point): ``dequantize(q) = qvalue * scale + offset``, broadcast by
+  blocks as above, cast to ``q.dtype``. GGUF ``Q4_1``'s ``d * code + m`` is
+  ``qvalue = code - 8``, ``scale = d``, ``offset = m + 8 d``.
+* ``|x - dequantize(quantize(x))| <= scale / 2`` elementwise (round to nearest), up to
+  float32 rounding.
 
-Everything that picks a shape or code path (bits, axes, group size, packing,
-logical shape, dtype) is static pytree metadata; ``qvalue`` and ``scale`` are leaves.
+Static pytree metadata: ``bits``, ``dtype``, ``pack_axis`` and ``act_bits``.
+
+**Why the activation policy (``act_bits``) stays on the weight.** It is the recipe's
+decision, made with the weights (W8A8 needs scales that are 1 on the contracted axes,
+SmoothQuant-style recipes fold activation scales into the weight, QAT trains for one
+policy), so it travels with them through ``chain``, checkpoints and
+:func:`jaxmem.apply` without a separate rule table that can drift from the params.
+Switching a layer's policy does not re-quantize it: :func:`jaxmem.set_act_bits` rewrites
+only this static field (the integer values and scales are shared, not recomputed).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import jax
@@ -37,6 +60,15 @@ def check_bits(bits: int, name: str) -> None:
     raise ValueError(f"{name}: bits={bits!r} is not supported; use one of {SUPPORTED_BITS}.")
 
 
+def check_act_bits(act_bits, name: str) -> None:
+  """Raises a ValueError unless ``act_bits`` is 8, 16 or None."""
+  if act_bits not in (None, 8, 16) or isinstance(act_bits, bool):
+    raise ValueError(
+        f"{name}: act_bits={act_bits!r}; use 8 (int8 activations per token, W8A8), 16 "
+        "(bfloat16 activations, W8A16) or None (weight-only, float activations)."
+    )
+
+
 def scalar_group_error(path: str, group_size: int) -> ValueError:
   """The error for group-wise scales on a 0-d leaf."""
   return ValueError(
@@ -46,42 +78,113 @@ def scalar_group_error(path: str, group_size: int) -> ValueError:
   )
 
 
-def _values_per_byte(bits: int) -> int:
+def values_per_byte(bits: int) -> int:
+  """How many ``bits``-bit values one packed byte holds (4, 2, or 1 for bits > 4)."""
   return 4 if bits == 2 else 2 if bits <= 4 else 1
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QArray(Compressed):
-  """A symmetric, integer-quantized array (see the module docstring for invariants).
+  """An integer-quantized array, symmetric or asymmetric (invariants: module docstring).
 
   Attributes:
-    qvalue: int8 values of the logical shape, or packed uint8 (``packed=True``).
-    scale: float32 scales (see module docstring for the shape).
+    qvalue: int8 values of the logical shape, or uint8 packed along ``pack_axis``.
+    scale: float32 scales of the values' rank (block-broadcast, see the module docstring).
+    offset: None (symmetric) or float32 zero points of the scale's shape (asymmetric).
     bits: bit width, 2..8.
-    shape: logical shape.
     dtype: dtype ``dequantize`` returns (the original float dtype).
-    channel_axes: axes that keep their own scale (per-channel); ``()`` is per-tensor.
-    group_size: contiguous group length along ``group_axis``, or None.
-    group_axis: the axis split into groups (the input/contracting axis).
-    packed: whether ``qvalue`` packs several values per byte.
-    act_bits: if set, layers running this weight also quantize their input
-      activations dynamically (per row/token) to this many bits and use an integer
-      matmul (W8A8); None means weight-only.
+    pack_axis: the (negative) axis packed ``8 // bits`` values per byte, or None.
+    act_bits: how layers running this weight treat their input: 8 = dynamic int8 per
+      token and an integer matmul (W8A8), 16 = bfloat16 activations (W8A16), None =
+      weight-only (see the module docstring for why this lives on the weight).
+
+  Derived (from the leaves, so true for every slice): ``shape``, ``packed``,
+  ``symmetric``, ``block_shape``, ``channel_axes``, ``group_axis``, ``group_size``.
   """
 
   qvalue: jax.Array
   scale: jax.Array
-  bits: int = dataclasses.field(metadata=dict(static=True))
-  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-  dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
-  channel_axes: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-  group_size: int | None = dataclasses.field(default=None, metadata=dict(static=True))
-  group_axis: int = dataclasses.field(default=0, metadata=dict(static=True))
-  packed: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  offset: jax.Array | None = None
+  bits: int = dataclasses.field(default=8, metadata=dict(static=True))
+  dtype: np.dtype = dataclasses.field(default=np.dtype(np.float32), metadata=dict(static=True))
+  pack_axis: int | None = dataclasses.field(default=None, metadata=dict(static=True))
   act_bits: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   _dense_hint = "jaxmem.dequantize(w)"  # for Compressed's "not an array" TypeError
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    shape = list(self.qvalue.shape)
+    if self.pack_axis is not None:
+      shape[self.pack_axis] *= values_per_byte(self.bits)
+    return tuple(shape)
+
+  @property
+  def packed(self) -> bool:
+    return self.pack_axis is not None
+
+  @property
+  def symmetric(self) -> bool:
+    return self.offset is None
+
+  @property
+  def block_shape(self) -> tuple[int, ...]:
+    """Per axis, how many consecutive values share one scale (1: a channel axis)."""
+    return tuple(n // max(s, 1) for n, s in zip(self.shape, self.scale.shape, strict=True))
+
+  @property
+  def channel_axes(self) -> tuple[int, ...]:
+    """Axes (of length > 1) with one scale per index."""
+    return tuple(a for a, (n, b) in enumerate(zip(self.shape, self.block_shape)) if b == 1 < n)
+
+  @property
+  def group_axis(self) -> int | None:
+    """The axis split into groups (1 < group size < its length), or None."""
+    axes = [a for a, (n, b) in enumerate(zip(self.shape, self.block_shape)) if 1 < b < n]
+    return axes[0] if axes else None
+
+  @property
+  def group_size(self) -> int | None:
+    a = self.group_axis
+    return None if a is None else self.block_shape[a]
+
+  def __getitem__(self, index) -> QArray:
+    """Slices leading axes: ``q[i]`` of a stacked ``[L, ...]`` QArray is layer ``i``'s QArray.
+
+    ``index`` is an int, a slice, or a tuple of them over leading axes that are neither
+    packed nor grouped (every leaf is indexed alike; a scale shared along an axis is kept).
+    """
+    idx = index if isinstance(index, tuple) else (index,)
+    ndim = len(self.shape)
+    bad = len(idx) >= ndim or any(
+        not isinstance(i, (int, np.integer, slice)) or isinstance(i, bool) for i in idx
+    )
+    if not bad:
+      blocks = self.block_shape
+      pack = None if self.pack_axis is None else self.pack_axis % ndim
+      bad = any(a == pack or 1 < blocks[a] < self.shape[a] for a in range(len(idx)))
+    if bad:  # the generic "not an array" hint, then what slicing a QArray does support
+      raise TypeError(
+          f"{self._not_an_array(f'indexing (w[{index!r}])')} A QArray of shape {self.shape} "
+          "slices only by ints and slices over its leading axes that are neither packed nor "
+          "grouped, keeping at least one axis (e.g. q[i] for layer i of a stacked [L, ...] "
+          "QArray); for other indexing dequantize inside the jitted function."
+      )
+
+    def take(x):
+      if x is None:
+        return None
+      sub = tuple(
+          i if x.shape[a] > 1 or self.shape[a] == 1 else (0 if isinstance(i, (int, np.integer))
+                                                            else slice(None))
+          for a, i in enumerate(idx)
+      )
+      return x[sub]
+
+    return dataclasses.replace(
+        self, qvalue=self.qvalue[idx], scale=take(self.scale), offset=take(self.offset)
+    )
 
   def dequantize(self) -> jax.Array:
     return dequantize(self)
@@ -90,10 +193,16 @@ class QArray(Compressed):
     return dequantize(self)
 
   def __repr__(self) -> str:
+    if not all(hasattr(x, "shape") for x in (self.qvalue, self.scale)):
+      # A QArray-shaped tree of other things (PartitionSpecs, shardings, shapes).
+      return (f"QArray(qvalue={self.qvalue!r}, scale={self.scale!r}, offset={self.offset!r}, "
+              f"bits={self.bits}, pack_axis={self.pack_axis}, act_bits={self.act_bits})")
     g = f", group_size={self.group_size}" if self.group_size else ""
+    sym = "" if self.symmetric else ", asymmetric"
     return (
-        f"QArray(shape={self.shape}, bits={self.bits}, channel_axes={self.channel_axes}{g}, "
-        f"packed={self.packed}, act_bits={self.act_bits}, dtype={np.dtype(self.dtype).name})"
+        f"QArray(shape={self.shape}, bits={self.bits}, channel_axes={self.channel_axes}{g}"
+        f"{sym}, pack_axis={self.pack_axis}, act_bits={self.act_bits}, "
+        f"dtype={np.dtype(self.dtype).name})"
     )
 
 
@@ -106,48 +215,97 @@ def _norm_axes(axes: Sequence[int], ndim: int, what: str) -> tuple[int, ...]:
   return tuple(sorted(set(out)))
 
 
-def grouped_shape(shape: tuple[int, ...], group_size: int | None, group_axis: int):
-  """The shape in which values and scales broadcast: ``group_axis`` split in (n/g, g)."""
-  if group_size is None:
-    return shape
-  a = group_axis
-  return shape[:a] + (shape[a] // group_size, group_size) + shape[a + 1 :]
+def pack(values: jax.Array, bits: int, axis: int = -1) -> jax.Array:
+  """Packs int8 values of ``bits`` (<= 4) bits along ``axis``, ``8 // bits`` per byte.
 
-
-def pack(values: jax.Array, bits: int) -> jax.Array:
-  """Packs int8 values of ``bits`` (<= 4) bits, ``8 // bits`` per byte, into flat uint8.
+  Adjacent values of the axis share a byte (the first in the low bits); the axis is
+  zero-padded to a multiple of the packing factor and the other axes are kept.
 
   Example:
     >>> import jax.numpy as jnp
-    >>> v = jnp.array([-7, 7, 0, 3], jnp.int8)
-    >>> bool((unpack(pack(v, 4), 4, v.shape) == v).all())
-    True
+    >>> v = jnp.array([[-7, 7, 0, 3]], jnp.int8)
+    >>> p = pack(v, 4)
+    >>> p.shape, bool((unpack(p, 4) == v).all())
+    ((1, 2), True)
   """
-  per = _values_per_byte(bits)
+  per = values_per_byte(bits)
   width = 8 // per
-  flat = values.reshape(-1).astype(jnp.uint8) & jnp.uint8((1 << width) - 1)
-  pad = (-flat.size) % per
+  values = jnp.asarray(values)
+  axis = axis % values.ndim
+  v = jnp.moveaxis(values, axis, -1).astype(jnp.uint8) & jnp.uint8((1 << width) - 1)
+  pad = (-v.shape[-1]) % per
   if pad:
-    flat = jnp.concatenate([flat, jnp.zeros((pad,), jnp.uint8)])
-  flat = flat.reshape(-1, per)
-  out = jnp.zeros(flat.shape[:1], jnp.uint8)
-  for i in range(per):
-    out = out | (flat[:, i] << jnp.uint8(i * width))
-  return out
+    v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, pad)])
+  v = v.reshape(v.shape[:-1] + (v.shape[-1] // per, per))
+  out = v[..., 0]
+  for i in range(1, per):
+    out = out | (v[..., i] << jnp.uint8(i * width))
+  return jnp.moveaxis(out, -1, axis)
 
 
-def unpack(packed: jax.Array, bits: int, shape: tuple[int, ...]) -> jax.Array:
-  """Inverse of :func:`pack`: flat uint8 -> int8 values of ``shape`` (sign-extended)."""
-  per = _values_per_byte(bits)
+def unpack(packed: jax.Array, bits: int, axis: int = -1, size: int | None = None) -> jax.Array:
+  """Inverse of :func:`pack`: uint8 -> sign-extended int8 values along ``axis``.
+
+  ``size`` trims the unpacked axis to its length before padding (default: all values).
+  """
+  per = values_per_byte(bits)
   width = 8 // per
+  axis = axis % packed.ndim
+  p = jnp.moveaxis(packed, axis, -1)
   parts = []
   for i in range(per):
     # Move field i to the top bits, reinterpret as int8, arithmetic-shift down: sign extension.
-    top = (packed << jnp.uint8(8 - width * (i + 1))).astype(jnp.uint8)
+    top = (p << jnp.uint8(8 - width * (i + 1))).astype(jnp.uint8)
     parts.append(jax.lax.bitcast_convert_type(top, jnp.int8) >> (8 - width))
-  flat = jnp.stack(parts, axis=-1).reshape(-1)
-  n = math.prod(shape)
-  return flat[:n].reshape(shape)
+  v = jnp.stack(parts, axis=-1).reshape(p.shape[:-1] + (p.shape[-1] * per,))
+  if size is not None and size != v.shape[-1]:
+    v = v[..., :size]
+  return jnp.moveaxis(v, -1, axis)
+
+
+def _blocked_shapes(shape, sshape):
+  """Shapes in which values (first) and scales (second) broadcast by blocks."""
+  vshape, bshape = [], []
+  for n, s in zip(shape, sshape, strict=True):
+    if 1 < s < n:
+      vshape += [s, n // s]
+      bshape += [s, 1]
+    else:
+      vshape.append(n)
+      bshape.append(s)
+  return tuple(vshape), tuple(bshape)
+
+
+def expand_blocks(s: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """A block-broadcast scale (or offset) ``s`` repeated to ``shape`` where it is grouped.
+
+  Axes of length 1 stay 1 (they broadcast); a grouped axis is repeated to full length.
+  """
+  for a, (n, m) in enumerate(zip(shape, s.shape, strict=True)):
+    if 1 < m < n:
+      s = jnp.repeat(s, n // m, axis=a)
+  return s
+
+
+def default_pack_axis(
+    shape: Sequence[int], bits: int, channel_axes: Sequence[int], group_axis: int | None
+) -> int | None:
+  """Where :func:`quantize` packs sub-byte values by default (the one rule for all callers).
+
+  The group axis when grouped, else the first axis that is not a channel axis (a
+  kernel's input axis, an embedding's feature axis), provided the packing factor divides
+  it; else the last axis past 0 that it divides (axis 0 only for a 1-d array); else None
+  (one int8 per value).
+  """
+  ndim, per = len(shape), values_per_byte(bits)
+  if not ndim:
+    return None
+  preferred = group_axis if group_axis is not None else next(
+      (a for a in range(ndim) if a not in channel_axes), None)
+  cands = ([preferred] if preferred is not None else []) + list(range(ndim - 1, 0, -1))
+  if ndim == 1:
+    cands.append(0)
+  return next((a for a in cands if shape[a] % per == 0), None)
 
 
 def quantize(
@@ -157,25 +315,34 @@ def quantize(
     channel_axes: Sequence[int] | None = (-1,),
     group_size: int | None = None,
     group_axis: int = 0,
+    symmetric: bool = True,
     pack_bits: bool | None = None,
+    pack_axis: int | None = None,
     act_bits: int | None = None,
     path: str = "array",
     check_finite: bool = True,
 ) -> QArray:
-  """Symmetric round-to-nearest quantization.
+  """Round-to-nearest quantization, symmetric or asymmetric, per channel or group-wise.
 
   Args:
     x: float array.
     bits: 2..8.
     channel_axes: axes that keep their own scale; ``(-1,)`` (default) is per output
-      feature for ``(in, out)`` kernels; ``()`` or None is per-tensor.
+      feature for ``(in, out)`` kernels; ``()`` or None is per-tensor. For a stacked
+      ``[L, ...]`` param include axis 0 (each layer its own scales) so that slices of the
+      QArray are the per-layer QArrays.
     group_size: if set, scales also vary along ``group_axis`` in contiguous groups of
       this many elements (group-wise quantization; the axis must be divisible).
     group_axis: the axis split into groups (the input dimension of a kernel).
-    pack_bits: pack ``8 // bits`` values per byte; default: True for bits <= 4.
-    act_bits: record how layers running this weight treat their input at run time: 8 =
-      dynamic int8 per token (W8A8), 16 = rounded to bfloat16 (W8A16: integer weights are
-      exact in bf16, products accumulate in f32); None: weight-only, float activations.
+    symmetric: True: ``qvalue * scale`` with a scale from the max magnitude; False:
+      ``qvalue * scale + offset`` from each block's min and max (a zero point per group).
+    pack_bits: pack ``8 // bits`` values per byte; default: True for bits <= 4 when an
+      axis is divisible by the packing factor (else values stay one int8 each).
+    pack_axis: the axis to pack along; default: ``group_axis`` when grouped, else the
+      first axis that is not a channel axis, else the last divisible one.
+    act_bits: how layers running this weight treat their input at run time: 8 = dynamic
+      int8 per token (W8A8), 16 = rounded to bfloat16 (W8A16: integer weights are exact
+      in bf16, products accumulate in f32); None: weight-only, float activations.
     path: the leaf's path, for error messages.
     check_finite: raise a ValueError naming ``path`` when a concrete ``x`` holds NaN/Inf.
       This array function does not check traced values (it runs inside QAT training
@@ -184,82 +351,105 @@ def quantize(
 
   Raises:
     ValueError: unsupported ``bits``/``act_bits``/``group_size``, an empty ``x``, NaN/Inf
-      in a concrete ``x``, or an already-quantized ``x``, naming ``path``.
+      in a concrete ``x``, an already-quantized ``x``, or a packing that cannot be done,
+      naming ``path``.
 
   Example:
     >>> import jax.numpy as jnp
     >>> q = quantize(jnp.array([[1.0, -2.0], [0.5, 4.0]]))
     >>> q.qvalue.tolist(), q.scale.shape
     ([[127, -64], [64, 127]], (1, 2))
+    >>> a = quantize(jnp.array([[0.0, 1.0, 2.0, 3.0]]), 2, channel_axes=(0,), symmetric=False)
+    >>> dequantize(a).tolist(), a.qvalue.shape
+    ([[0.0, 1.0, 2.0, 3.0]], (1, 1))
   """
-  check_bits(bits, f"quantize '{path}'")
-  check_group_size(f"quantize '{path}'", group_size)
-  check_bool(f"quantize '{path}'", check_finite=check_finite)
-  if act_bits not in (None, 8, 16):
-    raise ValueError(
-        f"quantize '{path}': act_bits={act_bits}; use 8 (int8 activations per token, W8A8), "
-        "16 (bfloat16 activations, W8A16) or None (weight-only, float activations)."
-    )
+  what = f"quantize '{path}'"
+  check_bits(bits, what)
+  check_group_size(what, group_size)
+  check_bool(what, check_finite=check_finite, symmetric=symmetric)
+  check_act_bits(act_bits, what)
   if isinstance(x, QArray):
     raise ValueError(
-        f"quantize '{path}': the leaf is already a QArray; quantize float params once "
+        f"{what}: the leaf is already a QArray; quantize float params once "
         "(dequantize first to re-quantize at another width)."
     )
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"quantize '{path}': dtype {x.dtype} is not float; only floats quantize.")
+    raise ValueError(f"{what}: dtype {x.dtype} is not float; only floats quantize.")
   if x.size == 0:
     raise ValueError(
-        f"quantize '{path}': the leaf is empty (shape {tuple(x.shape)}): there is nothing to "
+        f"{what}: the leaf is empty (shape {tuple(x.shape)}): there is nothing to "
         "quantize and no scale to compute. Leave it out with `where` (the default selections "
         "skip empty leaves)."
     )
   if check_finite and not isinstance(x, jax.core.Tracer):
     require_finite([(path, x)], "quantize")
-  ndim = x.ndim
+  ndim, shape = x.ndim, tuple(x.shape)
   # A scalar has one scale whatever channel_axes says.
-  caxes = _norm_axes(channel_axes or (), ndim, f"quantize '{path}'") if ndim else ()
+  caxes = _norm_axes(channel_axes or (), ndim, what) if ndim else ()
   if group_size is not None:
     if ndim == 0:
       raise scalar_group_error(path, group_size)
     group_axis = group_axis % ndim
     if group_axis in caxes:
-      raise ValueError(f"quantize '{path}': group_axis {group_axis} is also a channel axis.")
-    n = x.shape[group_axis]
+      raise ValueError(f"{what}: group_axis {group_axis} is also a channel axis.")
+    n = shape[group_axis]
     if n % group_size:
       raise ValueError(
-          f"quantize '{path}': axis {group_axis} has {n} elements, not divisible by "
+          f"{what}: axis {group_axis} has {n} elements, not divisible by "
           f"group_size={group_size}; pick a divisor of {n} or group_size=None (per-channel)."
       )
-  gshape = grouped_shape(x.shape, group_size, group_axis)
-  xg = x.astype(jnp.float32).reshape(gshape)
-  # Axes of the grouped shape that are reduced (share one scale).
-  if group_size is None:
-    red = tuple(a for a in range(ndim) if a not in caxes)
+  # Scale length per axis: full on channel axes, n/g on the group axis, 1 elsewhere.
+  sshape = tuple(
+      n if a in caxes else n // group_size if (group_size and a == group_axis) else 1
+      for a, n in enumerate(shape)
+  )
+  vshape, bshape = _blocked_shapes(shape, sshape)
+  xb = x.astype(jnp.float32).reshape(vshape)
+  red = tuple(i for i, (v, b) in enumerate(zip(vshape, bshape)) if b == 1 and v != 1)
+  tiny = jnp.finfo(jnp.float32).tiny
+  if symmetric:
+    qmax = 2 ** (bits - 1) - 1
+    amax = jnp.max(jnp.abs(xb), axis=red, keepdims=True) if red else jnp.abs(xb)
+    # Floor at the smallest normal float32: all-zero blocks get q = 0 (not NaN), and a
+    # scale never flushes to zero on backends without denormals.
+    scale = jnp.maximum(amax / qmax, tiny)
+    q = jnp.clip(jnp.round(xb / scale), -qmax, qmax)
+    offset = None
   else:
-    gmap = [a if a < group_axis else a + 1 for a in range(ndim)]  # orig axis -> grouped axis
-    red = tuple(gmap[a] for a in range(ndim) if a not in caxes and a != group_axis)
-    red = tuple(sorted(red + (group_axis + 1,)))
-  qmax = 2 ** (bits - 1) - 1
-  amax = jnp.max(jnp.abs(xg), axis=red, keepdims=True) if red else jnp.abs(xg)
-  # Floor at the smallest normal float32: all-zero slices get q = 0 (not NaN), and a scale
-  # never flushes to zero on backends without denormals.
-  scale = jnp.maximum(amax / qmax, jnp.finfo(jnp.float32).tiny)
-  q = jnp.clip(jnp.round(xg / scale), -qmax, qmax).astype(jnp.int8).reshape(x.shape)
-  do_pack = bits <= 4 if pack_bits is None else pack_bits
-  if do_pack and bits > 4:
-    raise ValueError(f"quantize '{path}': packing needs bits <= 4 (got {bits}).")
-  qvalue = pack(q, bits) if do_pack else q
+    levels = 2**bits - 1
+    lo = jnp.min(xb, axis=red, keepdims=True) if red else xb
+    hi = jnp.max(xb, axis=red, keepdims=True) if red else xb
+    scale = jnp.maximum((hi - lo) / levels, tiny)
+    half = 2 ** (bits - 1)
+    q = jnp.clip(jnp.round((xb - lo) / scale), 0, levels) - half
+    offset = (lo + half * scale).reshape(sshape)
+  q = q.astype(jnp.int8).reshape(shape)
+  per = values_per_byte(bits)
+  if pack_bits and bits > 4:
+    raise ValueError(f"{what}: packing needs bits <= 4 (got {bits}).")
+  axis = None
+  if (pack_bits is None and bits <= 4) or pack_bits:
+    if pack_axis is not None:
+      pack_axis = _norm_axes((pack_axis,), ndim, what)[0] if ndim else None
+      axis = pack_axis if ndim and shape[pack_axis] % per == 0 else None
+    else:
+      axis = default_pack_axis(shape, bits, caxes, group_axis if group_size else None)
+    if axis is None and (pack_bits or pack_axis is not None):
+      raise ValueError(
+          f"{what}: cannot pack {bits}-bit values {per} per byte along "
+          f"{'axis ' + str(pack_axis) if pack_axis is not None else 'any axis'} of shape "
+          f"{shape}: the axis length must be divisible by {per}. Pick another pack_axis, "
+          "or pack_bits=False (one int8 per value)."
+      )
+  qvalue = pack(q, bits, axis) if axis is not None else q
   return QArray(
       qvalue=qvalue,
-      scale=scale.astype(jnp.float32),
+      scale=scale.reshape(sshape).astype(jnp.float32),
+      offset=None if offset is None else offset.astype(jnp.float32),
       bits=bits,
-      shape=tuple(x.shape),
       dtype=np.dtype(x.dtype),
-      channel_axes=caxes,
-      group_size=group_size,
-      group_axis=group_axis if group_size is not None else 0,
-      packed=bool(do_pack),
+      pack_axis=None if axis is None else axis - ndim,
       act_bits=act_bits,
   )
 
@@ -267,15 +457,23 @@ def quantize(
 def int_values(q: QArray) -> jax.Array:
   """The int8 values in the logical shape (unpacking if needed)."""
   if q.packed:
-    return unpack(q.qvalue, q.bits, q.shape)
+    return unpack(q.qvalue, q.bits, q.pack_axis)
   return q.qvalue
 
 
 def dequantize(q: QArray, dtype=None) -> jax.Array:
-  """``qvalue * scale`` in the logical shape, as ``dtype`` (default: the original dtype)."""
+  """``qvalue * scale (+ offset)`` in the logical shape, as ``dtype`` (default: q.dtype)."""
   if not isinstance(q, QArray):
     raise TypeError(f"dequantize expects a QArray, got {type(q).__name__}.")
-  v = int_values(q).reshape(grouped_shape(q.shape, q.group_size, q.group_axis))
-  out = (v.astype(jnp.float32) * q.scale).reshape(q.shape)
-  return out.astype(dtype or q.dtype)
+  shape = q.shape
+  vshape, bshape = _blocked_shapes(shape, q.scale.shape)
+  out = int_values(q).reshape(vshape).astype(jnp.float32) * q.scale.reshape(bshape)
+  if q.offset is not None:
+    out = out + q.offset.reshape(bshape)
+  return out.reshape(shape).astype(dtype or q.dtype)
 
+
+def set_act_bits(q: QArray, act_bits: int | None) -> QArray:
+  """The same QArray (shared leaves, nothing re-quantized) run with another activation policy."""
+  check_act_bits(act_bits, "set_act_bits")
+  return dataclasses.replace(q, act_bits=act_bits)

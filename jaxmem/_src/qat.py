@@ -43,7 +43,13 @@ import jax.numpy as jnp
 
 from jaxmem._src import base, lowbit
 from jaxmem._src.qarray import dequantize, quantize
-from jaxmem._src.quantize import default_quant_where
+from jaxmem._src.quantize import (
+    StackAxes,
+    check_stack_axes,
+    check_stack_rules_used,
+    default_quant_where,
+    stack_of,
+)
 
 PyTree = Any
 
@@ -146,6 +152,7 @@ def qat_weights(
     group_axis: int | None = None,
     channel_axes: Sequence[int] | None = None,
     per_tensor: bool = False,
+    stack_axes: StackAxes = 0,
     act_bits: int | None = None,
 ) -> QATWeights:
   """Quantization-aware training of weights at ``bits`` (2..8), optionally group-wise.
@@ -160,6 +167,8 @@ def qat_weights(
     group_axis: override the per-leaf group axis.
     channel_axes: override the per-leaf channel axes.
     per_tensor: one scale per tensor (or per group).
+    stack_axes: leading layer axes (scan over layers), an int or ``{regex: int}``, as for
+      :func:`jaxmem.quantize_weights`: each layer keeps its own scales.
     act_bits: 8 to record in the converted QArrays that layers quantize their inputs at
       run time (dynamic W8A8; train with :func:`fake_quantize_activations` to match).
 
@@ -177,6 +186,7 @@ def qat_weights(
   if act_bits is not None and act_bits != 8:
     raise ValueError(f"qat_weights: act_bits={act_bits}; activations support 8 bits (or None).")
   name = f"qat_int{bits}"
+  rules = check_stack_axes("qat_weights", stack_axes)
 
   def layout(path, x):
     return lowbit.leaf_layout(
@@ -186,6 +196,7 @@ def qat_weights(
         group_axis=group_axis,
         channel_axes=channel_axes,
         per_tensor=per_tensor,
+        stack=stack_of(rules, path),
     )
 
   def fq_leaf(path, x):
@@ -199,6 +210,7 @@ def qat_weights(
   fq_tx = base.leafwise(fq_leaf, where, default=default_quant_where, name=name)
 
   def fake_quant(params):
+    check_stack_rules_used(params, where, rules, name)
     return base.transform(fq_tx, params)
 
   def convert_leaf(path, x):
@@ -210,7 +222,12 @@ def qat_weights(
     return quantize(x, bits, act_bits=act_bits, path=path, **layout(path, x))
 
   convert = base.leafwise(convert_leaf, where, default=default_quant_where, name=f"{name}.convert")
-  return QATWeights(fake_quant, convert)
+
+  def convert_init(params):
+    check_stack_rules_used(params, where, rules, f"{name}.convert")
+    return convert.init(params)
+
+  return QATWeights(fake_quant, base.ParamTransform(convert_init, convert.update))
 
 
 _DEFAULT_ACT_MODULES = (nn.Dense, nn.DenseGeneral, nn.Einsum)

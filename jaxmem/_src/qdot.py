@@ -24,7 +24,8 @@ Each kernel takes a float activation and a weight that is a :class:`jaxmem.QArra
 dot is only ~1.2-1.4x faster than f32 (measured on this project's AVX-512 EPYC), while
 a ``bf16 x bf16 -> f32`` dot runs ~1.6-1.8x faster. Integers in [-127, 127] are exact in
 bf16, their products are exact in f32, and a sum of K such products stays an exact f32
-integer while ``127**2 * K < 2**24`` (K <= 1040). So on a CPU with AVX512_BF16 or AMX
+integer while ``127**2 * K < 2**24`` (K <= 1040; 1032 for asymmetric int8 weights, whose
+codes reach -128). So on a CPU with AVX512_BF16 or AMX
 the integer op runs in bf16 with f32 accumulation, split into chunks of at most 1040
 contracted elements whose results are added in int32: the result is **bit-identical**
 to the int32 op.
@@ -68,7 +69,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxmem._src.base import Compressed
-from jaxmem._src.qarray import QArray, _values_per_byte, grouped_shape, int_values, unpack
+from jaxmem._src.qarray import QArray, dequantize, expand_blocks, int_values, unpack
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -218,24 +219,27 @@ def _cpu_has_native_bf16() -> bool:
   return bool(cpu_info()[1] & {"avx512_bf16", "amx_bf16"})
 
 
-def _integer_op(op, xq, wq, labels, splittable=True, route=None):
+def _integer_op(op, xq, wq, labels, splittable=True, route=None, wmax=127):
   """``op(xq, wq, acc_dtype)`` of integer-valued operands, as exact float32 integers.
 
-  ``xq`` holds rounded activations in float32, ``wq`` int8 values, ``labels`` the
-  (lhs, rhs, out) axis labels, ``route`` the integer-dot route (None: the thread's
+  ``xq`` holds rounded activations in float32 (``|xq| <= 127``), ``wq`` int8 values with
+  ``|wq| <= wmax`` (127 symmetric, 128 for asymmetric codes), ``labels`` the (lhs, rhs,
+  out) axis labels, ``route`` the integer-dot route (None: the thread's
   ``int8_dot_route`` context value). The bf16 route (module docstring) splits the largest
-  contracted axis into exact chunks unless ``splittable`` is False (grouped convolutions),
-  in which case contractions over 1040 elements stay on the int32 route.
+  contracted axis into exact chunks (``127 * wmax * K < 2**24``: 1040 elements, 1032 for
+  asymmetric weights) unless ``splittable`` is False (grouped convolutions), in which case
+  longer contractions stay on the int32 route.
   """
+  exact_k = (2**24 - 1) // (127 * wmax)
   lhs_labels, rhs_labels, out_labels = labels
   contracted = [i for i, lab in enumerate(rhs_labels) if lab not in out_labels]
   k = math.prod(wq.shape[i] for i in contracted)
   step = None  # slice length along the split axis, when one dot would not be exact
-  if k > _EXACT_BF16_K and splittable and contracted:
+  if k > exact_k and splittable and contracted:
     split = max((i for i in contracted if rhs_labels[i] in lhs_labels),
                 key=lambda i: wq.shape[i], default=None)
     if split is not None:
-      step = _EXACT_BF16_K // (k // wq.shape[split]) or None
+      step = exact_k // (k // wq.shape[split]) or None
       split_lhs = list(lhs_labels).index(rhs_labels[split])
 
   def int32_route(a, b):
@@ -243,7 +247,7 @@ def _integer_op(op, xq, wq, labels, splittable=True, route=None):
 
   def bf16_route(a, b):
     a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-    if k <= _EXACT_BF16_K:
+    if k <= exact_k:
       return op(a, b, jnp.float32)
     acc = None
     for start in range(0, b.shape[split], step):
@@ -256,7 +260,7 @@ def _integer_op(op, xq, wq, labels, splittable=True, route=None):
     return acc.astype(jnp.float32)
 
   mode = route if route is not None else _ROUTE.value
-  exact_bf16 = k <= _EXACT_BF16_K or step is not None
+  exact_bf16 = k <= exact_k or step is not None
   if mode == "int32" or not exact_bf16 or (mode == "auto" and not _cpu_has_native_bf16()):
     return int32_route(xq, wq)
   if mode == "bf16":
@@ -264,19 +268,16 @@ def _integer_op(op, xq, wq, labels, splittable=True, route=None):
   return lax.platform_dependent(xq, wq, cpu=bf16_route, default=int32_route)
 
 
-def _factored_scale(w: QArray, contracted: Sequence[int]) -> jax.Array | None:
-  """``w.scale`` in the logical rank if it is 1 on every contracted axis, else None."""
-  s = w.scale
-  if w.group_size is not None:
-    ga = w.group_axis
-    if ga in contracted:
-      return None
-    # Grouped shape (.., n/g, 1, ..) -> (.., n, ..): the scale repeats within each group.
-    s = jnp.repeat(s, w.group_size, axis=ga + 1)
-    s = s.reshape(s.shape[:ga] + (w.shape[ga],) + s.shape[ga + 2 :])
-  if any(s.shape[a] != 1 for a in contracted):
+def _factored_scale(w: QArray, contracted: Sequence[int]):
+  """``(scale, offset)`` in the logical rank if both are 1 on every contracted axis, else None.
+
+  Groups along kept axes are repeated to full length; ``offset`` is None for symmetric
+  weights.
+  """
+  if any(w.scale.shape[a] != 1 for a in contracted):
     return None
-  return s
+  off = None if w.offset is None else expand_blocks(w.offset, w.shape)
+  return expand_blocks(w.scale, w.shape), off
 
 
 def _to_layout(s: jax.Array, src: Sequence[str], dst: Sequence[str]) -> jax.Array:
@@ -325,29 +326,60 @@ def _quantized_op(
   cdt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(lhs.dtype, rhs.dtype)
   out_dtype = out_dtype or cdt
   repeated = len(set(lhs_labels)) != len(lhs_labels) or len(set(rhs_labels)) != len(rhs_labels)
-  ws = None if repeated else _factored_scale(rhs, contracted)
-  if rhs.act_bits is not None and ws is None:
+  # An asymmetric weight's offset adds offset * sum(x over the contracted axes): a plain sum
+  # for dot_general/einsum, a windowed one for convolutions (those dequantize instead).
+  factored = None if repeated or (rhs.offset is not None and kind == "conv") else (
+      _factored_scale(rhs, contracted))
+  if rhs.act_bits is not None and factored is None:
     raise _contracted_error(kind, path, rhs, contracted)
+  if factored is None:  # e.g. group-wise scales along a contracted axis
+    return op(lhs.astype(cdt), rhs.dequantize().astype(cdt), None).astype(out_dtype)
+  ws, wo = factored
+  summed = tuple(i for i, lab in enumerate(lhs_labels) if lab not in out_labels)
+  # Weight axes summed away without an activation partner (einsum 'ab,bcd->ad' sums c)
+  # repeat each activation term once per index.
+  repeats = math.prod(rhs.shape[i] for i in contracted if rhs_labels[i] not in lhs_labels)
+
+  def offset_term(x):  # sum of the (rounded) activation over the contracted axes, by offset
+    xsum = jnp.sum(x.astype(jnp.float32), axis=summed, keepdims=True)
+    if repeats != 1:
+      xsum = xsum * repeats
+    return _to_layout(xsum, lhs_labels, out_labels) * _to_layout(wo, rhs_labels, out_labels)
+
   if rhs.act_bits == 16:  # W8A16: bf16 activations, exact integer weights, f32 accumulation
-    y = op(lhs.astype(jnp.bfloat16), int_values(rhs).astype(jnp.bfloat16), jnp.float32)
-    return (y * _to_layout(ws, rhs_labels, out_labels)).astype(out_dtype)
+    xb = lhs.astype(jnp.bfloat16)
+    y = op(xb, int_values(rhs).astype(jnp.bfloat16), jnp.float32)
+    y = y * _to_layout(ws, rhs_labels, out_labels)
+    return (y if wo is None else y + offset_term(xb)).astype(out_dtype)
   if rhs.act_bits == 8:
     xq, xs = _round_activations(lhs, act_axes, rhs.act_bits)
-    acc = _integer_op(op, xq, int_values(rhs), labels, splittable, int8_route)
-    scale = _to_layout(xs, lhs_labels, out_labels) * _to_layout(ws, rhs_labels, out_labels)
-    return (acc * scale).astype(out_dtype)
-  if ws is None:  # e.g. group-wise scales along a contracted axis
-    return op(lhs.astype(cdt), rhs.dequantize().astype(cdt), None).astype(out_dtype)
-  y = op(lhs.astype(cdt), int_values(rhs).astype(cdt), None)
-  return (y * _to_layout(ws, rhs_labels, out_labels).astype(cdt)).astype(out_dtype)
+    # Asymmetric 8-bit codes reach -128, which shortens the exact bf16 chunks (1032).
+    wmax = 127 if wo is None else max(127, 2 ** (rhs.bits - 1))
+    acc = _integer_op(op, xq, int_values(rhs), labels, splittable, int8_route, wmax)
+    xs_out = _to_layout(xs, lhs_labels, out_labels)
+    y = acc * xs_out * _to_layout(ws, rhs_labels, out_labels)
+    return (y if wo is None else y + offset_term(xq) * xs_out).astype(out_dtype)
+  x = lhs.astype(cdt)
+  out = jax.eval_shape(lambda a, b: op(a, b, None), x, jax.ShapeDtypeStruct(rhs.shape, cdt))
+  if math.prod(rhs.shape) <= math.prod(out.shape):
+    # Fewer weights than outputs (prefill, training-size batches): scaling the weight as
+    # the dot reads it costs less memory than a scaled copy of the output.
+    return op(x, dequantize(rhs, cdt), None).astype(out_dtype)
+  y = op(x, int_values(rhs).astype(cdt), None)  # decode-size batches: scale the output
+  y = y * _to_layout(ws, rhs_labels, out_labels).astype(cdt)
+  return (y if wo is None else y + offset_term(lhs).astype(cdt)).astype(out_dtype)
 
 
 def _contracted_error(kind: str, path: str, w: QArray, axes) -> ValueError:
+  asym = (
+      "" if w.symmetric or kind != "conv"
+      else " and is asymmetric (a conv runs those weight-only)"
+  )
   return ValueError(
       f"{kind} '{path}': W8A8/W8A16 (act_bits={w.act_bits}) needs the weight scale to be 1 on "
       f"the contracted axes {tuple(axes)}, but the QArray has channel_axes={w.channel_axes}, "
-      f"group_size={w.group_size} (scale shape {tuple(w.scale.shape)}). Quantize this leaf with "
-      "channel_axes on the output axes only (the default of quantize_dynamic_int8 for Dense "
+      f"group_size={w.group_size} (scale shape {tuple(w.scale.shape)}){asym}. Quantize this leaf "
+      "with channel_axes on the output axes only (the default of quantize_dynamic_int8 for Dense "
       "kernels), without group_size, or use weight-only quantization (act_bits=None)."
   )
 
@@ -595,31 +627,25 @@ def quantized_take(table, indices: jax.Array, *, dtype=None) -> jax.Array:
       table = table.materialize()
     return jnp.take(table, indices, axis=0).astype(dtype or table.dtype)
   dtype = dtype or table.dtype
-  n, row = table.shape[0], tuple(table.shape[1:])
-  rowlen = 1
-  for d in row:
-    rowlen *= d
-  per = _values_per_byte(table.bits) if table.packed else 1
-  if table.packed and rowlen % per == 0:
-    # Each row is rowlen // per whole bytes: gather bytes, unpack only those rows.
-    rows = jnp.take(table.qvalue.reshape(n, rowlen // per), indices, axis=0)
-    vals = unpack(rows.reshape(-1), table.bits, tuple(indices.shape) + row)
-  else:
-    vals = jnp.take(int_values(table), indices, axis=0)
-  s = table.scale
+  shape = table.shape
+  n, row = shape[0], tuple(shape[1:])
+  idx = jnp.where(indices < 0, indices + n, indices)  # negative indices wrap once, as jnp.take
   lead = tuple(indices.shape)
-  if table.group_size is not None and table.group_axis == 0:
-    # Scales (n/g, 1, *row_scale): row i uses group i // g.
-    srows = jnp.take(s.reshape((s.shape[0],) + s.shape[2:]), indices // table.group_size, axis=0)
-    out = vals.astype(jnp.float32) * srows
+  if table.packed and table.pack_axis != -len(shape):
+    # Rows are whole bytes: gather packed rows, unpack only those.
+    rows = jnp.take(table.qvalue, idx, axis=0, mode="clip")
+    vals = unpack(rows, table.bits, table.pack_axis)
   else:
-    gshape = grouped_shape(table.shape, table.group_size, table.group_axis)[1:]
-    if s.shape[0] == n and n != 1:
-      srows = jnp.take(s, indices, axis=0)
-    else:
-      srows = s.reshape((1,) * len(lead) + s.shape[1:])
-    out = (vals.reshape(lead + gshape).astype(jnp.float32) * srows).reshape(lead + row)
-  # Like jnp.take on a float table: out-of-range rows are NaN (negative indices wrap once).
+    vals = jnp.take(int_values(table), idx, axis=0, mode="clip")
+
+  def rows_of(s):  # a block-broadcast scale/offset at the gathered rows, over the row shape
+    s = jnp.take(s, idx // (n // s.shape[0]), axis=0, mode="clip")
+    return expand_blocks(s, lead + row)
+
+  out = vals.astype(jnp.float32) * rows_of(table.scale)
+  if table.offset is not None:
+    out = out + rows_of(table.offset)
+  # Like jnp.take on a float table: out-of-range rows are NaN.
   valid = (indices >= -n) & (indices < n)
   out = jnp.where(valid.reshape(lead + (1,) * len(row)), out, jnp.nan)
   return out.astype(dtype)

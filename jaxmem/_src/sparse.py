@@ -250,6 +250,12 @@ def _pack_qarray(x: QArray, mask, bits, encoding, path) -> SparseArray:
         f"sparse_pack '{path}': the leaf is a {x.bits}-bit QArray but bits={bits}; leave bits "
         "unset (the QArray's values are stored as they are)."
     )
+  if not x.symmetric:
+    raise ValueError(
+        f"sparse_pack '{path}': the QArray is asymmetric (a zero point per group), so its "
+        "integer 0 is not the value 0 and no entry can be dropped; quantize symmetrically "
+        "(symmetric=True, the default) before packing sparse."
+    )
   if x.group_size is not None:
     raise ValueError(
         f"sparse_pack '{path}': group-wise QArrays (group_size={x.group_size}) are not "
@@ -312,7 +318,7 @@ def sparse_unpack(s: SparseArray, dtype=None) -> jax.Array:
   dtype = dtype or s.dtype
   if s.bits is None:
     return _positions_dense(s, s.values).reshape(s.shape).astype(dtype)
-  ints = unpack(s.values, s.bits, (s.nnz,)) if s.packed else s.values
+  ints = unpack(s.values, s.bits, -1, size=s.nnz) if s.packed else s.values
   dense = _positions_dense(s, ints.astype(jnp.float32)).reshape(s.shape)
   return (dense * s.scale).astype(dtype)
 
@@ -321,5 +327,5 @@ def sparse_int_values(s: SparseArray) -> jax.Array:
   """The dense int8 values of a quantized :class:`SparseArray` (jit-able)."""
   if s.bits is None:
     raise ValueError("sparse_int_values: the SparseArray holds float values (bits=None).")
-  ints = unpack(s.values, s.bits, (s.nnz,)) if s.packed else s.values
+  ints = unpack(s.values, s.bits, -1, size=s.nnz) if s.packed else s.values
   return _positions_dense(s, ints.astype(jnp.int8)).reshape(s.shape)

@@ -231,14 +231,9 @@ def recipe(name: str) -> jaxmem.ParamTransform | None:
   if name == "fp32":
     return None
   if name == "int8_weight":
-    g = WEIGHT_GROUP_SIZE
-    return jaxmem.partition(
-      [
-        (r".*kernel", jaxmem.quantize_weights(8, group_size=g, group_axis=0)),
-        (r".*embedding", jaxmem.quantize_weights(8, channel_axes=(0,), group_size=g, group_axis=1)),
-      ],
-      name="int8_weight",
-    )
+    # Per-leaf layout: kernels grouped along their input axis, embedding tables per row
+    # and grouped along features.
+    return jaxmem.quantize_weights(8, group_size=WEIGHT_GROUP_SIZE)
   if name == "int8_weight_channel":
     return jaxmem.quantize_int8()
   if name == "int8_dynamic":
