@@ -9,6 +9,8 @@ from importlib import metadata as _metadata
 
 from jaxmem._src.base import Compressed as Compressed
 from jaxmem._src.base import EmptyState as EmptyState
+from jaxmem._src.base import MaskedState as MaskedState
+from jaxmem._src.base import PartitionState as PartitionState
 from jaxmem._src.base import ParamTransform as ParamTransform
 from jaxmem._src.base import chain as chain
 from jaxmem._src.base import is_compressed as is_compressed

@@ -6,8 +6,9 @@ import jaxmem
 
 EXPECTED = {
     # core
-    "Compressed", "EmptyState", "ParamTransform", "chain", "is_compressed", "leafwise",
-    "leaves_with_paths", "map_with_path", "masked", "partition", "select", "transform",
+    "Compressed", "EmptyState", "MaskedState", "PartitionState", "ParamTransform", "chain",
+    "is_compressed", "leafwise", "leaves_with_paths", "map_with_path", "masked", "partition",
+    "select", "transform",
     # memory
     "MemoryReport", "memory_report", "tree_bytes", "MemoryProfile", "compiled_profile",
     "memory_profile", "Candidate", "MemoryPlan", "jaxpr_flops", "memory_candidates",

@@ -132,10 +132,22 @@ class ParamTransform(NamedTuple):
   Attributes:
     init: ``params -> state``.
     update: ``(params, state) -> (new_params, new_state)``.
+    init_update: optional ``params -> (new_params, new_state)``, equal to
+      ``update(params, init(params))`` but cheaper: combinators whose ``init`` must run
+      their stages' updates (:func:`chain`, so that each stage's ``init`` sees the previous
+      stage's output) provide it, and :func:`transform` uses it, so every stage runs once.
   """
 
   init: Callable[[PyTree], PyTree]
   update: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]]
+  init_update: Callable[[PyTree], tuple[PyTree, PyTree]] | None = None
+
+
+def init_and_update(tx: ParamTransform, params: PyTree) -> tuple[PyTree, PyTree]:
+  """``tx.update(params, tx.init(params))``, each stage running once (see ``init_update``)."""
+  if tx.init_update is not None:
+    return tx.init_update(params)
+  return tx.update(params, tx.init(params))
 
 
 def transform(tx: ParamTransform, params: PyTree) -> PyTree:
@@ -175,7 +187,7 @@ def transform(tx: ParamTransform, params: PyTree) -> PyTree:
         f"jaxmem.transform(tx, params).{hint}"
     )
   check_params(params, "transform")
-  new_params, _ = tx.update(params, tx.init(params))
+  new_params, _ = init_and_update(tx, params)
   return new_params
 
 
@@ -571,19 +583,43 @@ def masked(tx: ParamTransform, where: Where, *, name: str = "masked") -> ParamTr
   def init(params):
     mask = select(params, where, name=name)
     sub = _hole(params, mask)
-    return _scoped(name, "masked", scope, route, sub, tx.init)
+    return MaskedState(_scoped(name, "masked", scope, route, sub, tx.init))
 
   def update(params, state):
     mask = select(params, where, name=name)
     sub = _hole(params, mask)
-    new, state = _scoped(name, "masked", scope, route, sub, tx.update, state)
-    return _fill(new, params, mask), state
+    inner = state.inner_state if isinstance(state, MaskedState) else state
+    new, inner = _scoped(name, "masked", scope, route, sub, tx.update, inner)
+    return _fill(new, params, mask), MaskedState(inner)
 
-  return ParamTransform(init, update)
+  def init_update(params):
+    mask = select(params, where, name=name)
+    sub = _hole(params, mask)
+    new, inner = _scoped(name, "masked", scope, route, sub, functools.partial(
+        init_and_update, tx))
+    return _fill(new, params, mask), MaskedState(inner)
+
+  return ParamTransform(init, update, init_update)
+
+
+class MaskedState(NamedTuple):
+  """State of :func:`masked`: the inner transform's state."""
+
+  inner_state: PyTree
+
+
+class PartitionState(NamedTuple):
+  """State of :func:`partition`: one state per rule (``EmptyState`` for ``None`` rules)."""
+
+  inner_states: tuple
 
 
 def chain(*txs: ParamTransform) -> ParamTransform:
   """Composes transforms left to right; the state is the tuple of their states.
+
+  ``init`` runs each stage's ``init`` on the previous stage's output, so it runs the
+  stages' updates; :func:`transform` uses ``init_update`` instead, which runs each stage's
+  ``init`` and ``update`` exactly once.
 
   Example:
     >>> import jax.numpy as jnp, jaxmem
@@ -613,7 +649,14 @@ def chain(*txs: ParamTransform) -> ParamTransform:
       new_states.append(s)
     return params, tuple(new_states)
 
-  return ParamTransform(init, update)
+  def init_update(params):  # what transform() runs: each stage's init and update once
+    states = []
+    for t in txs:
+      params, s = init_and_update(t, params)
+      states.append(s)
+    return params, tuple(states)
+
+  return ParamTransform(init, update, init_update)
 
 
 _ROUTE = "Route the leaf to this transform with the rule's own pattern instead"
@@ -683,9 +726,9 @@ def partition(
         continue
       sub = _hole(params, m)
       states.append(_scoped(name, "partition", f"rule {rx.pattern!r}", _ROUTE, sub, t.init))
-    return tuple(states)
+    return PartitionState(tuple(states))
 
-  def update(params, state):
+  def run(params, state, first: bool):
     ms = masks(params)
     new_states = []
     out = params
@@ -694,12 +737,24 @@ def partition(
         new_states.append(s)
         continue
       sub = _hole(params, m)
-      new, s = _scoped(name, "partition", f"rule {rx.pattern!r}", _ROUTE, sub, t.update, s)
+      scope = f"rule {rx.pattern!r}"
+      if first:
+        new, s = _scoped(name, "partition", scope, _ROUTE, sub, functools.partial(
+            init_and_update, t))
+      else:
+        new, s = _scoped(name, "partition", scope, _ROUTE, sub, t.update, s)
       out = _fill(new, out, m)
       new_states.append(s)
-    return out, tuple(new_states)
+    return out, PartitionState(tuple(new_states))
 
-  return ParamTransform(init, update)
+  def update(params, state):
+    inner = state.inner_states if isinstance(state, PartitionState) else tuple(state)
+    return run(params, inner, first=False)
+
+  def init_update(params):
+    return run(params, [EmptyState()] * len(compiled), first=True)
+
+  return ParamTransform(init, update, init_update)
 
 
 def check_same_structure(a: PyTree, b: PyTree, what_a: str, what_b: str) -> None:
