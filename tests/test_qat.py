@@ -224,3 +224,14 @@ def test_qat_of_stacked_layers_keeps_per_layer_scales():
     bad.fake_quant(params)
   with pytest.raises(ValueError, match=r"stack_axes rule 'nomatch/\.\*' matches no selected"):
     jaxmem.transform(bad.convert, params)
+
+
+def test_activation_fake_quant_is_the_w8a8_quantizer():
+  """One activation quantizer: QAT's forward value is W8A8's integer values times scales."""
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(3, 7, 64)), jnp.float32)
+  x = x.at[1, 2].set(0.0)  # an all-zero row: zeros, not NaN
+  xq, xs = jaxmem.quantize_activations(x, axes=(2,))
+  np.testing.assert_array_equal(
+      np.asarray(jaxmem.fake_quantize_activations(x)),
+      np.asarray(xq.astype(jnp.float32) * xs))
+  assert not np.isnan(np.asarray(jaxmem.fake_quantize_activations(x))).any()

@@ -41,7 +41,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmem._src import base, lowbit
+from jaxmem._src import base, lowbit, qdot
 from jaxmem._src.qarray import dequantize, quantize
 from jaxmem._src.quantize import (
     StackAxes,
@@ -114,8 +114,10 @@ def fake_quantize(
 def fake_quantize_activations(x: jax.Array, bits: int = 8) -> jax.Array:
   """Dynamic symmetric fake quantization of activations, one scale per row (last axis).
 
-  Matches the activation quantizer of the dynamic W8A8 path (one scale per token/row,
-  ``max|x| / 127``); the gradient passes straight through.
+  The forward value is the dynamic W8A8 path's own activation quantizer
+  (:func:`jaxmem._src.qdot.round_activations`: one scale per token/row, ``max|x| / 127``)
+  times its scale, so a QAT model trained with it sees what the converted W8A8 model
+  computes; the gradient passes straight through.
 
   Example:
     >>> import jax.numpy as jnp, jaxmem
@@ -126,8 +128,11 @@ def fake_quantize_activations(x: jax.Array, bits: int = 8) -> jax.Array:
     raise ValueError(f"fake_quantize_activations: bits={bits}; activations support 8 bits.")
   if x.ndim == 0:
     raise ValueError("fake_quantize_activations: needs an activation of shape [..., features].")
-  axes = tuple(range(x.ndim - 1))
-  return fake_quantize(x, bits, channel_axes=axes)
+  def qdq(v):
+    q, scale = qdot.round_activations(v, (v.ndim - 1,), bits)
+    return (q * scale).astype(v.dtype)
+
+  return _straight_through(qdq, x)
 
 
 class QATWeights(NamedTuple):

@@ -94,12 +94,16 @@ def quantize_activations(
     >>> xq.tolist(), s.shape
     ([[64, -127], [0, 0]], (2, 1))
   """
-  xq, scale = _round_activations(x, axes, bits)
+  xq, scale = round_activations(x, axes, bits)
   return xq.astype(jnp.int8), scale
 
 
-def _round_activations(x: jax.Array, axes: Sequence[int], bits: int):
-  """:func:`quantize_activations` with the integer values still in float32."""
+def round_activations(x: jax.Array, axes: Sequence[int], bits: int):
+  """:func:`quantize_activations` with the integer values still in float32.
+
+  The one activation quantizer: W8A8 execution runs it, and QAT's
+  :func:`jaxmem.fake_quantize_activations` fake-quantizes with it.
+  """
   qmax = 2 ** (bits - 1) - 1
   xf = x.astype(jnp.float32)
   axes = tuple(a % x.ndim for a in axes)
@@ -352,7 +356,7 @@ def _quantized_op(
     y = y * _to_layout(ws, rhs_labels, out_labels)
     return (y if wo is None else y + offset_term(xb)).astype(out_dtype)
   if rhs.act_bits == 8:
-    xq, xs = _round_activations(lhs, act_axes, rhs.act_bits)
+    xq, xs = round_activations(lhs, act_axes, rhs.act_bits)
     # Asymmetric 8-bit codes reach -128, which shortens the exact bf16 chunks (1032).
     wmax = 127 if wo is None else max(127, 2 ** (rhs.bits - 1))
     acc = _integer_op(op, xq, int_values(rhs), labels, splittable, int8_route, wmax)
