@@ -9,6 +9,14 @@ Model: ``jaxmem.models.transformer`` (12 layers scanned with ``nn.scan``, d_mode
   ``shard_map``, 4 examples per device), relative error against the single-device
   full-batch gradients (max over leaves of ``||g_dp - g|| / ||g||``), and the time of the
   data-parallel train step.
+* ``scan_quant``: the same model's *forward pass* (batch 16) with its params quantized
+  (``nn.scan`` stacks every block param along axis 0; ``stack_axes={'layers/.*': 1}`` keeps
+  per-layer scales): bytes of the param tree, compiled temp bytes, time, and the relative
+  error of the logits against fp32 (``||y - y_fp32|| / ||y_fp32||``). Kernels *and* the
+  tied embedding/head are quantized (LayerNorms and the position table stay float); the
+  weights are the random init (Gaussian, no training). ``int8_weight``: weight-only int8;
+  ``int8_dynamic``: W8A8 (int8 activations per token, integer dots); ``int4_g64``:
+  weight-only int4, groups of 64 along each kernel's input axis, packed two per byte.
 * ``planner``: ``jaxmem.plan_memory`` over remat policy x microbatches (1, 2, 4) for several
   temp-byte budgets; ``temp_bytes`` is the chosen configuration's compiled temp bytes.
 
@@ -26,6 +34,8 @@ JSON lines::
   {"bench": "dp", "backend": "pmap" | "shard_map", "devices": 4, "max_rel_grad_err": float,
    "ms": float}
   {"bench": "planner", "budget_bytes": int, "chosen": str, "temp_bytes": int}
+  {"bench": "scan_quant", "method": "fp32" | "int8_weight" | "int8_dynamic" | "int4_g64",
+   "param_bytes": int, "temp_bytes": int, "ms": float, "rel_err": float}
 """
 
 from __future__ import annotations
@@ -42,9 +52,11 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxmem  # noqa: E402
+from jaxmem._src import qdot  # noqa: E402
 from jaxmem.models import transformer  # noqa: E402
 
 CFG = transformer.Config(vocab=256, d_model=128, heads=4, d_ff=512, layers=12, seq=64)
@@ -160,6 +172,48 @@ def bench_planner(state, tokens, cands):
   return rows, plans, below_msg
 
 
+SCAN_STACK = {r"layers/.*": 1}
+SCAN_METHODS = {
+    "fp32": None,
+    "int8_weight": lambda: jaxmem.quantize_int8(stack_axes=SCAN_STACK),
+    "int8_dynamic": lambda: jaxmem.quantize_dynamic_int8(stack_axes=SCAN_STACK),
+    "int4_g64": lambda: jaxmem.quantize_int4(group_size=64, stack_axes=SCAN_STACK),
+}
+
+
+def bench_scan_quant(params, tokens, repeats):
+  """The scan-over-layers forward pass with quantized params (see the module docstring).
+
+  Times are medians over ``repeats`` rounds that run every method once each (interleaved,
+  so machine load moves all methods alike).
+  """
+  model = transformer.Transformer(CFG)
+  fwd = jax.jit(lambda p, t: jaxmem.apply(model, {"params": p}, t))
+  runs = {}
+  for method, make in SCAN_METHODS.items():
+    p = params if make is None else jaxmem.transform(make(), params)
+    runs[method] = (fwd.lower(p, tokens).compile(), p)
+  ref = runs["fp32"][0](params, tokens)
+  times = {m: [] for m in runs}
+  for _ in range(repeats + 1):  # the first round warms up
+    for method, (compiled, p) in runs.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(p, tokens))
+      times[method].append((time.perf_counter() - t0) * 1e3)
+  rows = []
+  for method, (compiled, p) in runs.items():
+    y = compiled(p, tokens)
+    rows.append({
+        "bench": "scan_quant",
+        "method": method,
+        "param_bytes": int(jaxmem.tree_bytes(p)),
+        "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
+        "ms": float(np.median(times[method][1:])),
+        "rel_err": float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref)),
+    })
+  return rows
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -174,9 +228,10 @@ def main():
   remat = bench_remat(state, tokens, cands, args.repeats)
   dp = bench_dp(params, tokens, args.repeats)
   planner, plans, below_msg = bench_planner(state, tokens, cands)
+  scan_quant = bench_scan_quant(params, tokens, max(args.repeats, 9))
 
   if args.json:
-    for row in remat + dp + planner:
+    for row in remat + dp + planner + scan_quant:
       print(json.dumps(row))
     return
 
@@ -196,6 +251,16 @@ def main():
     print(f"{r['budget_bytes']:>14,} {r['chosen']:<20} {r['temp_bytes']:>14,}  {fits}")
   print(f"{below_msg}\n")
   print(plans[-1].table())
+  fp32 = scan_quant[0]
+  print(f"\nforward pass, quantized params inside nn.scan (batch {BATCH}, random-init weights)")
+  print(f"{'method':<13} {'param bytes':>12} {'x fp32':>7} {'temp bytes':>11} {'x fp32':>7} "
+        f"{'ms':>8} {'speed x':>8} {'rel err':>8}")
+  for r in scan_quant:
+    print(f"{r['method']:<13} {r['param_bytes']:>12,} "
+          f"{r['param_bytes'] / fp32['param_bytes']:>7.3f} {r['temp_bytes']:>11,} "
+          f"{r['temp_bytes'] / fp32['temp_bytes']:>7.3f} {r['ms']:>8.1f} "
+          f"{fp32['ms'] / r['ms']:>8.2f} {r['rel_err']:>8.4f}")
+  print(qdot.cpu_summary())
 
 
 if __name__ == "__main__":
