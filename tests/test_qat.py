@@ -234,4 +234,7 @@ def test_activation_fake_quant_is_the_w8a8_quantizer():
   np.testing.assert_array_equal(
       np.asarray(jaxmem.fake_quantize_activations(x)),
       np.asarray(xq.astype(jnp.float32) * xs))
-  assert not np.isnan(np.asarray(jaxmem.fake_quantize_activations(x))).any()
+  fq = np.asarray(jaxmem.fake_quantize_activations(x))
+  assert not np.isnan(fq).any()
+  # Bit for bit, signed zeros included (a small negative input rounds to 0, not -0).
+  np.testing.assert_array_equal(np.signbit(fq), np.signbit(np.asarray(xq.astype(jnp.float32) * xs)))

@@ -128,9 +128,9 @@ def fake_quantize_activations(x: jax.Array, bits: int = 8) -> jax.Array:
     raise ValueError(f"fake_quantize_activations: bits={bits}; activations support 8 bits.")
   if x.ndim == 0:
     raise ValueError("fake_quantize_activations: needs an activation of shape [..., features].")
-  def qdq(v):
+  def qdq(v):  # the W8A8 integers (int8, so -0 is 0) times their scales
     q, scale = qdot.round_activations(v, (v.ndim - 1,), bits)
-    return (q * scale).astype(v.dtype)
+    return (q.astype(jnp.int8).astype(jnp.float32) * scale).astype(v.dtype)
 
   return _straight_through(qdq, x)
 
