@@ -844,6 +844,16 @@ def _decode(node: dict, path: str, arrays: Any) -> Any:
   return _construct(entry.cls, path, entry.name, **vals)
 
 
+def _placement(path: str, sds: jax.ShapeDtypeStruct, sharding, target_leaf):
+  """Where an array restores: the one ``sharding``, ``sharding(path, sds)``, the target
+  leaf's sharding, else None (the first local device)."""
+  if isinstance(sharding, jax.sharding.Sharding):
+    return sharding
+  if callable(sharding):
+    return sharding(path, sds)
+  return getattr(target_leaf, "sharding", None)
+
+
 def _has_legacy(node: dict) -> bool:
   if node.get("legacy"):
     return True
@@ -1417,41 +1427,18 @@ class CheckpointManager:
     layout = self._read(step)[1]
     if _has_legacy(layout.tree):
       return self._restore_legacy(step, layout, target, sharding)
-    tree = layout.tree
-    nodes = _array_nodes(tree)
+    nodes = _array_nodes(layout.tree)
     target_arrays: list[Any] = [None] * len(nodes)
     if target is not None:
       want, t_arrays = _encode_with_arrays(target)
-      _check_compatible(tree, want, "")
+      _check_compatible(layout.tree, want, "")
       target_arrays = [x for _, x in t_arrays]
-    default_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = []
-    for (path, n), t in zip(nodes, target_arrays, strict=True):
-      sds = jax.ShapeDtypeStruct(tuple(n["shape"]), np.dtype(n["dtype"]))
-      if isinstance(sharding, jax.sharding.Sharding):
-        sh = sharding
-      elif callable(sharding):
-        sh = sharding(path, sds)
-      elif t is not None and getattr(t, "sharding", None) is not None:
-        sh = t.sharding
-      else:
-        sh = default_device
-      abstract.append(jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sh))
-    paths = layout.paths
-    ocp = self._ocp
-    try:
-      out = self._manager.restore(
-          step,
-          args=ocp.args.Composite(
-              **{_STATE: ocp.args.StandardRestore(_nest(list(zip(paths, abstract, strict=True))))}
-          ),
-      )
-      values = _flat(out[_STATE], paths)
-    except Exception as e:  # tensorstore/Orbax raise many types for truncated or missing data.
-      raise self._corrupt(step, f"cannot be read ({type(e).__name__}: {e}).") from e
-    if self.verify:
-      self._verify(step, layout, nodes, values)
-    return self._decode(step, tree, iter(values))
+    shardings = [
+        _placement(path, jax.ShapeDtypeStruct(tuple(n["shape"]), np.dtype(n["dtype"])),
+                   sharding, t)
+        for (path, n), t in zip(nodes, target_arrays, strict=True)
+    ]
+    return self._read_arrays(step, layout, shardings)
 
   def _restore_legacy(self, step: int, layout: _Layout, target, sharding) -> PyTree:
     """A format 1/2 step holding QArrays of the old layout: read, convert, then place.
@@ -1461,30 +1448,30 @@ class CheckpointManager:
     leaf put on the target's / ``sharding``'s placement by its path in today's layout.
     """
     single = sharding if isinstance(sharding, jax.sharding.Sharding) else None
-    out = self._restore_step_arrays(step, layout, single)
+    out = self._read_arrays(step, layout, [single] * len(layout.paths))
+    node, leaves = _encode_with_arrays(out)
+    t_leaves = [None] * len(leaves)
     if target is not None:
-      saved, _ = _encode_with_arrays(out)
-      want, _ = _encode_with_arrays(target)
-      _check_compatible(saved, want, "")
-    if single is None and (callable(sharding) or target is not None):
-      node, leaves = _encode_with_arrays(out)
-      t_leaves = _encode_with_arrays(target)[1] if target is not None else [None] * len(leaves)
-      placed = []
-      for (path, x), (_, t) in zip(leaves, t_leaves, strict=True):
-        sh = None
-        if isinstance(x, jax.Array):
-          sds = jax.ShapeDtypeStruct(x.shape, x.dtype)
-          sh = sharding(path, sds) if callable(sharding) else getattr(t, "sharding", None)
-        placed.append(jax.device_put(x, sh) if sh is not None else x)
-      out = _decode(_parse_node(node, "", FORMAT), "", iter(placed))
-    return out
+      want, t_leaves = _encode_with_arrays(target)
+      _check_compatible(node, want, "")
+    if single is not None or (sharding is None and target is None):
+      return out
+    placed = [
+        jax.device_put(x, _placement(path, jax.ShapeDtypeStruct(x.shape, x.dtype), sharding, t))
+        if isinstance(x, jax.Array) else x
+        for (path, x), (_, t) in zip(leaves, t_leaves, strict=True)
+    ]
+    return _decode(_parse_node(node, "", FORMAT), "", iter(placed))
 
-  def _restore_step_arrays(self, step, layout, sharding) -> PyTree:
-    """Reads and decodes every array of ``layout`` with one sharding (default: one device)."""
+  def _read_arrays(self, step: int, layout: _Layout, shardings: list) -> PyTree:
+    """Reads every array of ``layout`` (one sharding each; None: the first local device),
+    verifies the checksums and rebuilds the tree."""
     nodes = _array_nodes(layout.tree)
-    sh = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = [jax.ShapeDtypeStruct(tuple(n["shape"]), np.dtype(n["dtype"]), sharding=sh)
-                for _, n in nodes]
+    default_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = [
+        jax.ShapeDtypeStruct(tuple(n["shape"]), np.dtype(n["dtype"]), sharding=sh or default_device)
+        for (_, n), sh in zip(nodes, shardings, strict=True)
+    ]
     ocp = self._ocp
     try:
       out = self._manager.restore(

@@ -305,24 +305,18 @@ def _replace_compressed(tree, fn):
   )
 
 
-class _LogicalView:
-  """What ``self.param`` returns for a boxed compressed weight: its shape and dtype only."""
-
-  def __init__(self, q):
-    self.shape, self.dtype = tuple(q.shape), q.dtype
-
-
 class _CompressedBox(flax_struct.PyTreeNode, flax_meta.AxisMetadata):
   """A compressed weight in a Linen variables dict during :func:`apply`.
 
   A pytree node over the compressed value's leaves (lifted transforms slice them), that
-  unboxes to a shape-only view, so Flax's param check compares the logical shape.
+  unboxes to a ``ShapeDtypeStruct`` of the logical shape, which is what Flax's param check
+  compares (the layer method that would use it is replaced).
   """
 
   value: Any
 
   def unbox(self):
-    return _LogicalView(self.value)
+    return jax.ShapeDtypeStruct(tuple(self.value.shape), self.value.dtype)
 
   def replace_boxed(self, val):
     return self.replace(value=val)

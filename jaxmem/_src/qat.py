@@ -47,6 +47,7 @@ from jaxmem._src.quantize import (
     StackAxes,
     check_stack_axes,
     check_stack_rules_used,
+    checking_stack_rules,
     default_quant_where,
     stack_of,
 )
@@ -115,7 +116,7 @@ def fake_quantize_activations(x: jax.Array, bits: int = 8) -> jax.Array:
   """Dynamic symmetric fake quantization of activations, one scale per row (last axis).
 
   The forward value is the dynamic W8A8 path's own activation quantizer
-  (:func:`jaxmem._src.qdot.round_activations`: one scale per token/row, ``max|x| / 127``)
+  (:func:`jaxmem.quantize_activations`: one scale per token/row, ``max|x| / 127``)
   times its scale, so a QAT model trained with it sees what the converted W8A8 model
   computes; the gradient passes straight through.
 
@@ -128,9 +129,9 @@ def fake_quantize_activations(x: jax.Array, bits: int = 8) -> jax.Array:
     raise ValueError(f"fake_quantize_activations: bits={bits}; activations support 8 bits.")
   if x.ndim == 0:
     raise ValueError("fake_quantize_activations: needs an activation of shape [..., features].")
-  def qdq(v):  # the W8A8 integers (int8, so -0 is 0) times their scales
-    q, scale = qdot.round_activations(v, (v.ndim - 1,), bits)
-    return (q.astype(jnp.int8).astype(jnp.float32) * scale).astype(v.dtype)
+  def qdq(v):  # the W8A8 int8 integers times their scales
+    q, scale = qdot.quantize_activations(v, (v.ndim - 1,), bits)
+    return (q.astype(jnp.float32) * scale).astype(v.dtype)
 
   return _straight_through(qdq, x)
 
@@ -227,12 +228,7 @@ def qat_weights(
     return quantize(x, bits, act_bits=act_bits, path=path, **layout(path, x))
 
   convert = base.leafwise(convert_leaf, where, default=default_quant_where, name=f"{name}.convert")
-
-  def convert_init(params):
-    check_stack_rules_used(params, where, rules, f"{name}.convert")
-    return convert.init(params)
-
-  return QATWeights(fake_quant, base.ParamTransform(convert_init, convert.update))
+  return QATWeights(fake_quant, checking_stack_rules(convert, where, rules, f"{name}.convert"))
 
 
 _DEFAULT_ACT_MODULES = (nn.Dense, nn.DenseGeneral, nn.Einsum)

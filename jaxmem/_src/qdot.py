@@ -69,7 +69,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxmem._src.base import Compressed
-from jaxmem._src.qarray import QArray, dequantize, expand_blocks, int_values, unpack
+from jaxmem._src.qarray import QArray, expand_blocks, int_values, unpack
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -94,15 +94,16 @@ def quantize_activations(
     >>> xq.tolist(), s.shape
     ([[64, -127], [0, 0]], (2, 1))
   """
-  xq, scale = round_activations(x, axes, bits)
+  xq, scale = _round_activations(x, axes, bits)
   return xq.astype(jnp.int8), scale
 
 
-def round_activations(x: jax.Array, axes: Sequence[int], bits: int):
+def _round_activations(x: jax.Array, axes: Sequence[int], bits: int):
   """:func:`quantize_activations` with the integer values still in float32.
 
   The one activation quantizer: W8A8 execution runs it, and QAT's
-  :func:`jaxmem.fake_quantize_activations` fake-quantizes with it.
+  :func:`jaxmem.fake_quantize_activations` fake-quantizes with it (through
+  :func:`quantize_activations`).
   """
   qmax = 2 ** (bits - 1) - 1
   xf = x.astype(jnp.float32)
@@ -356,20 +357,14 @@ def _quantized_op(
     y = y * _to_layout(ws, rhs_labels, out_labels)
     return (y if wo is None else y + offset_term(xb)).astype(out_dtype)
   if rhs.act_bits == 8:
-    xq, xs = round_activations(lhs, act_axes, rhs.act_bits)
+    xq, xs = _round_activations(lhs, act_axes, rhs.act_bits)
     # Asymmetric 8-bit codes reach -128, which shortens the exact bf16 chunks (1032).
     wmax = 127 if wo is None else max(127, 2 ** (rhs.bits - 1))
     acc = _integer_op(op, xq, int_values(rhs), labels, splittable, int8_route, wmax)
     xs_out = _to_layout(xs, lhs_labels, out_labels)
     y = acc * xs_out * _to_layout(ws, rhs_labels, out_labels)
     return (y if wo is None else y + offset_term(xq) * xs_out).astype(out_dtype)
-  x = lhs.astype(cdt)
-  out = jax.eval_shape(lambda a, b: op(a, b, None), x, jax.ShapeDtypeStruct(rhs.shape, cdt))
-  if math.prod(rhs.shape) <= math.prod(out.shape):
-    # Fewer weights than outputs (prefill, training-size batches): scaling the weight as
-    # the dot reads it costs less memory than a scaled copy of the output.
-    return op(x, dequantize(rhs, cdt), None).astype(out_dtype)
-  y = op(x, int_values(rhs).astype(cdt), None)  # decode-size batches: scale the output
+  y = op(lhs.astype(cdt), int_values(rhs).astype(cdt), None)
   y = y * _to_layout(ws, rhs_labels, out_labels).astype(cdt)
   return (y if wo is None else y + offset_term(lhs).astype(cdt)).astype(out_dtype)
 

@@ -299,18 +299,23 @@ def weights_transform(
   # The general factories name their transforms by the width (as before the presets merged).
   name = f"quantize_int{bits}" if factory in ("quantize_weights", "quantize_grouped") else factory
   tx = quantizing_leafwise(fn, where, name=name, check_finite=check_finite)
+  return checking_stack_rules(tx, where, rules, name)
+
+
+def checking_stack_rules(
+    tx: base.ParamTransform, where: base.Where, rules: list[tuple[re.Pattern, int]] | int,
+    name: str,
+) -> base.ParamTransform:
+  """``tx`` whose ``init`` and ``update`` first run :func:`check_stack_rules_used`."""
   if isinstance(rules, int):
     return tx
 
-  def check_rules(params):
-    check_stack_rules_used(params, where, rules, name)
-
   def init(params):
-    check_rules(params)
+    check_stack_rules_used(params, where, rules, name)
     return tx.init(params)
 
   def update(params, state):
-    check_rules(params)
+    check_stack_rules_used(params, where, rules, name)
     return tx.update(params, state)
 
   return base.ParamTransform(init, update)
