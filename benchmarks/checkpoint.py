@@ -26,7 +26,6 @@ import pathlib
 import tempfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -38,10 +37,9 @@ def _dir_bytes(path: pathlib.Path) -> int:
 
 
 def _minilm_params():
-  from jaxmem.models import bert, minilm
+  from jaxmem.models import minilm
 
-  _, params = bert.load_params(minilm.model_dir())
-  return jax.tree.map(jnp.asarray, params)
+  return minilm.load().params
 
 
 def _digits_params(steps: int = 300):

@@ -3,19 +3,20 @@
 Three parts (``--only`` picks some, comma-separated):
 
 * ``minilm_ptq``: all-MiniLM-L6-v2 quantized after training, weight-only, on the MiniLM
-  benchmark's evaluation sentences and batching (:mod:`jaxmem.models.minilm`): cosine of each
-  sentence embedding to the fp32 model's; ``param_bytes`` is the real storage of the whole param
-  tree (embedding tables, pooler, biases and LayerNorms included). Calibration text: 1024
-  sentences of :func:`jaxmem.models.minilm.calibration_sentences` (scikit-learn text like the
-  evaluation set's, never an evaluation sentence).
+  benchmark's evaluation sentences, batching and embedding
+  (:mod:`jaxmem.models.minilm.evaluate`): cosine of each sentence embedding to the fp32
+  model's; ``param_bytes`` is the real storage of the whole param tree (embedding tables,
+  pooler, biases and LayerNorms included). Calibration text: 1024 sentences of
+  :func:`jaxmem.models.minilm.calibration_sentences` (scikit-learn text like the evaluation
+  set's, never an evaluation sentence).
   ``int4_g64`` / ``int4_g128``: encoder kernels by GPTQ (:func:`jaxmem.quantize_gptq`, act
   order, clip search; Hessians from the calibration sentences), the word/position tables and
   pooler by round-to-nearest int4, all with one scale per 64 (128) inputs, packed two per
   byte; the 2x384 token-type table in int8.
   ``int8_weight``: the MiniLM benchmark's int8 weight-only recipe.
   ``int4_g64_mixed``: ``int4_g64`` with the leaves whose int4 error costs the most cosine per
-  extra byte moved to int8 per channel (:func:`jaxmem.leaf_sensitivity` on 256 calibration
-  sentences, then :func:`jaxmem.mixed_precision`) within ``--mixed-budget`` x fp32 bytes
+  extra byte moved to int8 per channel (:func:`jaxmem.memory.leaf_sensitivity` on 256 calibration
+  sentences, then :func:`jaxmem.memory.allocate_bits`) within ``--mixed-budget`` x fp32 bytes
   (default 0.16); the chosen leaves are printed to stderr.
   ``int4_g64_qat``: uniform ``int4_g64`` (same layout and bytes) recovered by
   quantization-aware training: the GPTQ weights as float latents, fake-quantized int4 in the
@@ -23,9 +24,10 @@ Three parts (``--only`` picks some, comma-separated):
   fp32 model on the calibration sentences, then converted.
 * ``minilm_distill``: a 3-layer student initialised from the teacher's embeddings and layers
   ``--student-layers`` (``truncated_3l``, untrained), then trained ``--distill-steps`` steps
-  (``distilled_3l``) with :func:`jaxmem.distill_train_step` (frozen teacher) by embedding
-  distillation -- cosine between sentence embeddings, plus cosine between each student layer's
-  token states and the teacher layer's it started from -- on Python's own ``pydoc_data``
+  (``distilled_3l``) with :func:`jaxmem.train_step` on :func:`jaxmem.train.distill_loss` (frozen
+  teacher) by embedding distillation -- cosine between sentence embeddings, plus cosine
+  between each student layer's token states and the teacher layer's it started from -- on
+  Python's own ``pydoc_data``
   topics (prose sentences and random windows of the text), batches of 32 truncated to 32
   tokens (the evaluation sentences are mostly 16-24 tokens; 64 tokens learned no better
   per step at twice the time); evaluated on the MiniLM evaluation sentences, never trained
@@ -123,13 +125,13 @@ def digits_rows(seeds=(0, 1, 2), epochs=40, qat_epochs=20, prune_epochs=40):
     )
     record("qat_int4", jaxmem.transform(qat.convert, tuned))
     # 90% magnitude pruning (each kernel), then QAT with the mask applied before fake quant.
-    masks = jaxmem.magnitude_masks(fp32, 0.9)
-    masked_fq = lambda p, m=masks: qat.fake_quant(jaxmem.apply_masks(p, m))
+    masks = jaxmem.sparsity.magnitude_masks(fp32, 0.9)
+    masked_fq = lambda p, m=masks: qat.fake_quant(jaxmem.sparsity.apply_masks(p, m))
     pruned = _train(
-        model, jaxmem.apply_masks(fp32, masks), data, epochs=prune_epochs, lr=1e-3,
+        model, jaxmem.sparsity.apply_masks(fp32, masks), data, epochs=prune_epochs, lr=1e-3,
         seed=seed + 200, transform_params=masked_fq,
     )
-    q = jaxmem.transform(qat.convert, jaxmem.apply_masks(pruned, masks))
+    q = jaxmem.transform(qat.convert, jaxmem.sparsity.apply_masks(pruned, masks))
     record("qat_int4_prune_90", jaxmem.transform(jaxmem.sparsify(), q))
 
   for method, vals in results.items():
@@ -165,29 +167,27 @@ def _batches(tokenizer, sentences, batch, max_length=None):
 
 
 class Evaluator:
-  """Cosine of each evaluation sentence's embedding to the fp32 teacher's (MiniLM benchmark set
-  and batching: :func:`jaxmem.models.minilm.make_batches`, run through :func:`jaxmem.apply`).
-  ``sentences`` replaces the evaluation set (e.g. calibration text)."""
+  """Cosine of each evaluation sentence's embedding to the fp32 teacher's, by the MiniLM
+  evaluation (:mod:`jaxmem.models.minilm.evaluate`: the MiniLM benchmark's sentences, batching
+  and embedding, one cached ``jit`` per model). ``sentences`` replaces the evaluation set
+  (e.g. calibration text)."""
 
   def __init__(self, m, n=EVAL_SENTENCES, sentences=None):
     from jaxmem.models import minilm
 
     sentences = minilm.eval_sentences(n) if sentences is None else sentences
-    self._fns = {}
     self.data = minilm.make_batches(m.tokenizer, sentences, EVAL_BATCH)
     self.ref = self.embed(m.model, m.params)
 
   def embed(self, model, params):
     from jaxmem.models import minilm
 
-    if id(model) not in self._fns:  # one jit per model: repeated calls reuse its compilations
-      self._fns[id(model)] = (model, minilm.embed_fn(model))
-    return minilm.embed(model, params, self.data, fn=self._fns[id(model)][1])[0]
+    return minilm.embed(model, params, self.data)[0]
 
   def cos(self, model, params):
     from jaxmem.models import minilm
 
-    return minilm.cosine_rows(self.embed(model, params), self.ref)
+    return minilm.cosine_rows(self.ref, self.embed(model, params))
 
 
 def calibration_hessians(m, n=CALIB_SENTENCES):
@@ -213,14 +213,14 @@ def int4_recipe(hessians, group_size):
 def int4_mixed(m, int4_params, budget_bytes, log=None):
   """``int4_params`` with the leaves that matter most per extra byte moved to int8 (per
   channel) while the tree fits ``budget_bytes``; sensitivity = growth of ``1 - cosine`` to fp32
-  on calibration sentences when only that leaf is int4 (:func:`jaxmem.leaf_sensitivity`)."""
+  on calibration sentences when only that leaf is int4 (:func:`jaxmem.memory.leaf_sensitivity`)."""
   from jaxmem.models import minilm
 
   calib = Evaluator(m, sentences=minilm.calibration_sentences(MIXED_CALIB_SENTENCES))
-  sens = jaxmem.leaf_sensitivity(lambda p: 1.0 - float(calib.cos(m.model, p).mean()),
+  sens = jaxmem.memory.leaf_sensitivity(lambda p: 1.0 - float(calib.cos(m.model, p).mean()),
                                  m.params, int4_params)
   int8 = jaxmem.transform(jaxmem.quantize_int8(), m.params)
-  mixed, chosen = jaxmem.mixed_precision(int4_params, int8, sens, budget_bytes)
+  mixed, chosen = jaxmem.memory.allocate_bits(int4_params, int8, sens, budget_bytes)
   if log is not None:
     log(f"int4_g64_mixed: int8 for {len(chosen)} leaves: {', '.join(chosen)}")
   return mixed
@@ -239,7 +239,7 @@ def int4_qat(m, int4_params, steps=QAT_STEPS, lr=QAT_LR, log=None):
   texts = text_sampler(_calibration_sentences(), windows=False)
   trained = distill(m, m.model, qat.fake_quant, latent, layers, texts,
                     steps=steps, lr=lr, max_length=48, log=log)
-  return jaxmem.mix_leaves(jaxmem.transform(qat.convert, trained), int4_params, [TOKEN_TYPE])
+  return jaxmem.memory.mix_leaves(jaxmem.transform(qat.convert, trained), int4_params, [TOKEN_TYPE])
 
 
 def minilm_ptq_rows(mixed_budget=MIXED_BUDGET, qat_steps=QAT_STEPS, log=None):
@@ -332,8 +332,9 @@ def distill(m, student_model, student_params, trainable, layers, texts, *, steps
   states are matched to teacher layer ``layers[i]``'s. Loss: cosine between sentence
   embeddings plus the mean over layers of the cosine between token states (padding masked).
   Each step trains on ``texts(rng, batch)`` cut to ``max_length`` tokens, with
-  :func:`jaxmem.distill_train_step` (the teacher frozen, never differentiated); Adam with a
-  warmup-cosine schedule peaking at ``lr``. Returns the trained tree.
+  :func:`jaxmem.train_step` on :func:`jaxmem.train.distill_loss` (the teacher frozen, never
+  differentiated); Adam with a warmup-cosine schedule peaking at ``lr``. Returns the
+  trained tree.
   """
   opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps),
                     weight_decay=0.0)
@@ -347,18 +348,18 @@ def distill(m, student_model, student_params, trainable, layers, texts, *, steps
 
   def loss_fn(s, t, b):
     (s_out, s_hidden), (t_out, t_hidden) = s, t
-    emb = jaxmem.feature_distill_loss(s_out.sentence_embedding, t_out.sentence_embedding)
-    tokens = jaxmem.feature_distill_loss(s_hidden, t_hidden, mask=b["mask"],
+    emb = jaxmem.train.feature_distill_loss(s_out.sentence_embedding, t_out.sentence_embedding)
+    tokens = jaxmem.train.feature_distill_loss(s_hidden, t_hidden, mask=b["mask"],
                                          weights=[1.0 / len(layers)] * len(layers))
     return emb + tokens
 
-  step = jax.jit(jaxmem.distill_train_step(student_fn, teacher_fn, loss_fn, opt))
-  state = jaxmem.distill_init(trainable, opt)
+  step = jax.jit(jaxmem.train_step(jaxmem.train.distill_loss(student_fn, teacher_fn, loss_fn), opt))
+  state = jaxmem.init_step_state(trainable, opt)
   rng = np.random.default_rng(seed)
   t0 = time.time()
   for i in range(steps):
     ids, mask = next(_batches(m.tokenizer, texts(rng, batch), batch, max_length))
-    state, metrics = step(state, m.params, {"ids": ids, "mask": mask})
+    state, metrics = step(state, {"ids": ids, "mask": mask}, m.params)
     if log is not None and (i % 50 == 0 or i == steps - 1):
       log(f"distill step {i}: loss {float(metrics['loss']):.4f} ({time.time() - t0:.0f} s)")
   return state.params

@@ -17,7 +17,7 @@ Model: ``jaxmem.models.transformer`` (12 layers scanned with ``nn.scan``, d_mode
   weights are the random init (Gaussian, no training). ``int8_weight``: weight-only int8;
   ``int8_dynamic``: W8A8 (int8 activations per token, integer dots); ``int4_g64``:
   weight-only int4, groups of 64 along each kernel's input axis, packed two per byte.
-* ``planner``: ``jaxmem.plan_memory`` over remat policy x microbatches (1, 2, 4) for several
+* ``planner``: ``jaxmem.memory.plan_memory`` over remat policy x microbatches (1, 2, 4) for several
   temp-byte budgets; ``temp_bytes`` is the chosen configuration's compiled temp bytes.
 
 The script sets 4 simulated CPU devices (XLA_FLAGS) before importing JAX. Times are best of
@@ -82,9 +82,9 @@ def _best_ms(run, repeats: int) -> float:
 def candidates(params, tokens):
   """Every remat policy x microbatch count (1, 2, 4), compiled once (state donated)."""
   opt = optax.adam(1e-3)
-  state = jaxmem.init_train_state(params, opt)
+  state = jaxmem.init_step_state(params, opt)
   make_step = lambda policy, k: jaxmem.train_step(_loss_for(policy), opt, microbatches=k)
-  cands = jaxmem.memory_candidates(
+  cands = jaxmem.memory.memory_candidates(
       make_step, (state, tokens), microbatches=(1, 2, 4), donate_argnums=0
   )
   return state, cands
@@ -133,7 +133,7 @@ def bench_dp(params, tokens, repeats):
     train = jaxmem.data_parallel(
         jaxmem.train_step(loss, opt, axis_name="batch"), backend=backend
     )
-    holder = [train.replicate(jaxmem.init_train_state(params, opt))]
+    holder = [train.replicate(jaxmem.init_step_state(params, opt))]
 
     def run(train=train, holder=holder):
       holder[0], metrics = train(holder[0], tokens)
@@ -155,7 +155,7 @@ def bench_planner(state, tokens, cands):
   budgets = sorted({none, none // 2, none // 4, none // 8, min(sizes)}, reverse=True)
   rows, plans = [], []
   for budget in budgets:
-    plan = jaxmem.plan_memory(None, (state, tokens), budget, candidates=cands)
+    plan = jaxmem.memory.plan_memory(None, (state, tokens), budget, candidates=cands)
     plans.append(plan)
     rows.append({
         "bench": "planner",
@@ -165,7 +165,7 @@ def bench_planner(state, tokens, cands):
     })
   below = min(sizes) - 1
   try:
-    jaxmem.plan_memory(None, (state, tokens), below, candidates=cands)
+    jaxmem.memory.plan_memory(None, (state, tokens), below, candidates=cands)
     below_msg = f"budget {below:,}: no error (unexpected)"
   except ValueError as e:
     below_msg = f"budget {below:,}: ValueError: {e}"

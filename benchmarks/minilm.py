@@ -15,15 +15,17 @@ recipes of :func:`jaxmem.models.minilm.recipe`, all run by :func:`jaxmem.apply` 
   (``quantize_int8()`` / ``quantize_dynamic_int8()`` on every kernel), for comparison;
 * ``int4_g64``: weight-only int4, groups of 64 (``quantize_int4``);
 * ``int8_dynamic_s32`` (``--all``): ``int8_dynamic`` compiled on XLA's ``int8 x int8 ->
-  int32`` dot (:func:`jaxmem.int8_dot_route`). On CPUs with native bf16 dots (AVX512_BF16, as
+  int32`` dot (:func:`jaxmem.ops.int8_dot_route`). On CPUs with native bf16 dots (AVX512_BF16, as
   here) jaxmem runs the same integer products as bf16 dots with exact f32 accumulation
   (bit-identical results, see :mod:`jaxmem._src.qdot`); this row measures what that buys.
 
 Embedding tables and the pooler are compressed and counted in ``param_bytes`` (real storage
 of every leaf). ``cos_mean``/``cos_min``: cosine of each sentence embedding to fp32's.
-``sent_per_s``: every padded shape is compiled first; then ``--repeats`` passes over all
-sentences, each batch run under every method back to back (interleaved per batch, in a
-rotating order, so machine load hits all alike), and the median pass is reported.
+Batching, embedding, cosine and timing are the MiniLM evaluation's
+(:mod:`jaxmem.models.minilm.evaluate`). ``sent_per_s``: every padded shape is compiled first;
+then ``--repeats`` passes over all sentences, each batch run under every method back to back
+(interleaved per batch, in a rotating order, so machine load hits all alike), and the median
+pass is reported (:func:`jaxmem.models.minilm.time_interleaved`).
 
 Usage::
 
@@ -36,10 +38,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import jax
-import numpy as np
 
 import jaxmem
 from jaxmem._src import qdot  # cpu_summary: the CPU line under each table
@@ -52,8 +52,8 @@ ALL_METHODS = minilm.RECIPES + ("int8_dynamic" + S32,)
 
 def _compile(model, params, data, route: str):
   """``fn(params, ids, mask)`` backed by one AOT executable per padded shape, traced on one
-  integer-dot route (:func:`jaxmem.int8_dot_route`)."""
-  with jaxmem.int8_dot_route(route):
+  integer-dot route (:func:`jaxmem.ops.int8_dot_route`)."""
+  with jaxmem.ops.int8_dot_route(route):
     jitted = minilm.embed_fn(model)
     compiled = {}
     for b in data.batches:  # one executable per distinct padded shape
@@ -67,39 +67,22 @@ def run(methods, n_sentences: int, batch_size: int, repeats: int) -> list[dict]:
   data = minilm.make_batches(m.tokenizer, minilm.eval_sentences(n_sentences), batch_size)
   params, fns, emb = {}, {}, {}
   for name in methods:
-    tx = minilm.recipe(name.removesuffix(S32))
-    params[name] = m.params if tx is None else jaxmem.transform(tx, m.params)
+    params[name] = minilm.apply_recipe(name.removesuffix(S32), m.params)
     route = "int32" if name.endswith(S32) else os.environ.get("JAXMEM_INT8_DOT", "auto")
     fns[name] = _compile(m.model, params[name], data, route)
     emb[name] = minilm.embed(m.model, params[name], data, fn=fns[name])[0]
-  # Interleaved per batch (each batch runs under every method back to back, in a rotating
-  # order), so a change of machine load hits all methods alike and their ratios stay stable.
-  times = {name: [] for name in methods}
-  for _ in range(repeats):
-    total = dict.fromkeys(methods, 0.0)
-    for i, b in enumerate(data.batches):
-      for k in range(len(methods)):
-        name = methods[(i + k) % len(methods)]
-        start = time.perf_counter()
-        fns[name](params[name], b.input_ids, b.attention_mask).block_until_ready()
-        total[name] += time.perf_counter() - start
-    for name in methods:
-      times[name].append(total[name])
+  speed = minilm.time_interleaved(fns, params, data, repeats)
   ref = emb["fp32"] if "fp32" in emb else minilm.embed(m.model, m.params, data)[0]
-  rows = []
-  for name in methods:
-    cos = minilm.cosine_rows(ref, emb[name])
-    rows.append(
-      {
-        "bench": "minilm",
-        "method": name,
-        "param_bytes": int(jaxmem.tree_bytes(params[name])),
-        "sent_per_s": float(data.n / np.median(times[name])),
-        "cos_mean": float(cos.mean()),
-        "cos_min": float(cos.min()),
-      }
-    )
-  return rows
+  return [
+    {
+      "bench": "minilm",
+      "method": name,
+      "param_bytes": int(jaxmem.tree_bytes(params[name])),
+      "sent_per_s": speed[name],
+      **minilm.fidelity(ref, emb[name]),  # cos_mean, cos_min
+    }
+    for name in methods
+  ]
 
 
 def main(argv=None):

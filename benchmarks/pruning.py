@@ -8,7 +8,7 @@ dense float32. Methods:
 * ``gradual_90/95/98``: :func:`jaxmem.gradual_prune` (Zhu & Gupta cubic schedule,
   global scope) during the same number of steps.
 * ``global_90``: one-shot global magnitude pruning of the trained dense model
-  (:func:`jaxmem.magnitude_masks`, ``scope='global'``), then ``FINETUNE_STEPS`` of
+  (:func:`jaxmem.sparsity.magnitude_masks`, ``scope='global'``), then ``FINETUNE_STEPS`` of
   fine-tuning with the masks fixed (:func:`jaxmem.keep_masks`).
 * ``nm_2_4``: one-shot 2:4 pruning along the input axis of the trained dense model,
   then the same fine-tuning.
@@ -129,7 +129,7 @@ def run_seed(seed: int, data: digits.DigitsData) -> dict[str, dict]:
 
   def record(method, params, packed):
     out[method] = dict(
-        sparsity=jaxmem.tree_sparsity(params), accuracy=evaluate(packed, data),
+        sparsity=jaxmem.sparsity.tree_sparsity(params), accuracy=evaluate(packed, data),
         stored_bytes=jaxmem.tree_bytes(packed), dense_bytes=dense_bytes,
     )
 
@@ -141,11 +141,11 @@ def run_seed(seed: int, data: digits.DigitsData) -> dict[str, dict]:
     if s == 0.90:
       record("gradual_90_int8", pruned, pack(pruned, bits=8))
   for method, masks in (
-      ("global_90", jaxmem.magnitude_masks(dense, 0.9, scope="global")),
-      ("nm_2_4", jaxmem.nm_masks(dense, 2, 4)),
+      ("global_90", jaxmem.sparsity.magnitude_masks(dense, 0.9, scope="global")),
+      ("nm_2_4", jaxmem.sparsity.nm_masks(dense, 2, 4)),
   ):
     tx = optax.chain(optax.adam(LEARNING_RATE), jaxmem.keep_masks(masks))
-    tuned, _ = train(jaxmem.apply_masks(dense, masks), tx, data, steps=FINETUNE_STEPS,
+    tuned, _ = train(jaxmem.sparsity.apply_masks(dense, masks), tx, data, steps=FINETUNE_STEPS,
                      seed=seed + 1000)
     record(method, tuned, pack(tuned))
   return out

@@ -8,9 +8,9 @@ batch 256. Methods:
   run by :func:`jaxmem.apply` (integer kernel, scale applied to the output);
 * ``int8_dynamic``: dynamic W8A8 (:func:`jaxmem.quantize_dynamic_int8`): activations
   quantized per row at run time, ``int8 x int8 -> int32`` ``lax.dot_general`` (on CPUs with
-  native bf16 dots, the bit-identical bf16 route; see :func:`jaxmem.quantized_dot_general`);
+  native bf16 dots, the bit-identical bf16 route; see :func:`jaxmem.ops.quantized_dot_general`);
 * ``int8_dynamic_s32``: the same params compiled on the int32 route
-  (:func:`jaxmem.int8_dot_route`), to measure what the bf16 route buys.
+  (:func:`jaxmem.ops.int8_dot_route`), to measure what the bf16 route buys.
 
 Each method is one ``jax.jit`` function taking the params as arguments (so nothing is
 constant-folded). Methods are timed interleaved, round-robin, ``--repeats`` calls each
@@ -42,7 +42,7 @@ import jaxmem
 from jaxmem._src import qdot  # cpu_summary: the CPU line under each table
 
 METHODS = ("fp32", "int8_weight", "int8_dynamic")
-# The same W8A8 params forced onto XLA's int8 x int8 -> int32 dot (jaxmem.int8_dot_route); on
+# The same W8A8 params forced onto XLA's int8 x int8 -> int32 dot (jaxmem.ops.int8_dot_route); on
 # CPUs with native bf16 dots ``int8_dynamic`` runs the bit-identical bf16 route instead.
 S32 = "int8_dynamic_s32"
 
@@ -75,7 +75,7 @@ def build(batch: int, features: int, layers: int, seed: int = 0):
   runs["int8_weight"] = (quantized, jaxmem.transform(jaxmem.quantize_int8(), params))
   runs["int8_dynamic"] = (quantized, jaxmem.transform(jaxmem.quantize_dynamic_int8(), params))
   w8a8 = runs["int8_dynamic"][1]
-  with jaxmem.int8_dot_route("int32"):  # an executable compiled on the int32 route
+  with jaxmem.ops.int8_dot_route("int32"):  # an executable compiled on the int32 route
     runs[S32] = (jax.jit(lambda p, x: jaxmem.apply(model, {"params": p}, x)).lower(w8a8, x)
                  .compile(), w8a8)
   return x, runs

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmem._src import base
+from jaxmem._src import tree as tree_lib
 from jaxmem._src.qarray import QArray, dequantize, expand_blocks
 
 __all__ = [
@@ -86,7 +87,7 @@ def assert_eval_shape_matches(tx: base.ParamTransform, params: Any) -> None:
   ):
     if tuple(a.shape) != tuple(c.shape) or a.dtype != c.dtype:
       raise AssertionError(
-          f"eval_shape disagrees at {base.path_str(path)}: abstract {a.shape} {a.dtype}, "
+          f"eval_shape disagrees at {tree_lib.path_str(path)}: abstract {a.shape} {a.dtype}, "
           f"concrete {c.shape} {c.dtype}"
       )
 
@@ -101,7 +102,8 @@ def assert_quantized_within_bound(qparams: Any, params: Any, *, slack: float = 1
   """
   base.check_same_structure(qparams, params, "qparams", "params")
   n = 0
-  for (path, q), (_, x) in zip(base.leaves_with_paths(qparams), base.leaves_with_paths(params)):
+  pairs = zip(tree_lib.leaves_with_paths(qparams), tree_lib.leaves_with_paths(params))
+  for (path, q), (_, x) in pairs:
     if not isinstance(q, QArray):
       continue
     n += 1
@@ -121,7 +123,7 @@ def assert_quantized_within_bound(qparams: Any, params: Any, *, slack: float = 1
 
 def assert_finite(tree: Any) -> None:
   """No NaN or Inf in any float leaf (compressed values: in their float arrays)."""
-  for path, x in base.leaves_with_paths(tree):
+  for path, x in tree_lib.leaves_with_paths(tree):
     for leaf in jax.tree.leaves(x):
       if jnp.issubdtype(leaf.dtype, jnp.inexact) and not bool(jnp.isfinite(leaf).all()):
         raise AssertionError(f"{path}: holds NaN or Inf")

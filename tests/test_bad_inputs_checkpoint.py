@@ -97,9 +97,11 @@ def _assert_all_refuse(directory, bad, good, match):
         lambda: mgr.restore(bad, sharding=_sharding()),
         lambda: mgr.read_layout(bad),
     ):
-      with pytest.raises(jaxmem.CheckpointCorruptError, match=rf"step {bad} in .*{match}"):
+      with pytest.raises(
+        jaxmem.checkpoint.CheckpointCorruptError, match=rf"step {bad} in .*{match}"):
         call()
-    with pytest.warns(jaxmem.CheckpointFallbackWarning, match=rf"restored step {good}\b"):
+    with pytest.warns(
+        jaxmem.checkpoint.CheckpointFallbackWarning, match=rf"restored step {good}\b"):
       restored = mgr.restore()
   return restored
 
@@ -193,10 +195,10 @@ def test_save_refuses_unregistered_types(tmp_path):
       mgr.save(0, {"box": Box(w=jnp.ones(2))})
     assert mgr.all_steps() == []  # nothing unrestorable was written
     with pytest.raises(TypeError, match="register_checkpoint_type"):
-      jaxmem.checkpoint_layout(RunState(jnp.ones(2)))
+      jaxmem.checkpoint.checkpoint_layout(RunState(jnp.ones(2)))
 
-    jaxmem.register_checkpoint_type(RunState, name="tests.bad_inputs.RunState")
-    jaxmem.register_checkpoint_type(Box)
+    jaxmem.checkpoint.register_checkpoint_type(RunState, name="tests.bad_inputs.RunState")
+    jaxmem.checkpoint.register_checkpoint_type(Box)
     mgr.save(0, {"train": {"ema": RunState(jnp.ones(2))}, "box": Box(w=jnp.ones(2))})
     restored = mgr.restore()
   assert type(restored["train"]["ema"]) is RunState and type(restored["box"]) is Box
@@ -206,7 +208,7 @@ def test_save_refuses_unregistered_types(tmp_path):
 def test_registered_dataclass_with_static_fields_roundtrips(tmp_path):
   import dataclasses
 
-  @jaxmem.register_checkpoint_type
+  @jaxmem.checkpoint.register_checkpoint_type
   @jax.tree_util.register_dataclass
   @dataclasses.dataclass(frozen=True)
   class Scaled:
@@ -222,24 +224,24 @@ def test_registered_dataclass_with_static_fields_roundtrips(tmp_path):
 
 def test_register_checkpoint_type_errors():
   with pytest.raises(TypeError, match="not a NamedTuple class, a dataclass or a Mapping"):
-    jaxmem.register_checkpoint_type(int)
+    jaxmem.checkpoint.register_checkpoint_type(int)
 
   class Other(typing.NamedTuple):
     x: jax.Array
 
   with pytest.raises(ValueError, match="'jaxmem.QArray' is already registered"):
-    jaxmem.register_checkpoint_type(Other, name="jaxmem.QArray")
+    jaxmem.checkpoint.register_checkpoint_type(Other, name="jaxmem.QArray")
   with pytest.raises(ValueError, match="already registered as 'jaxmem.QArray'"):
-    jaxmem.register_checkpoint_type(jaxmem.QArray, name="mine.QArray")
+    jaxmem.checkpoint.register_checkpoint_type(jaxmem.QArray, name="mine.QArray")
   with pytest.raises(ValueError, match="without ':'"):
-    jaxmem.register_checkpoint_type(Other, name="mine:Other")
+    jaxmem.checkpoint.register_checkpoint_type(Other, name="mine:Other")
 
 
 def test_format1_spelling_of_a_user_type_resolves_through_the_registry(tmp_path):
   class Ema(typing.NamedTuple):
     ema: jax.Array
 
-  jaxmem.register_checkpoint_type(Ema, name="tests.bad_inputs.Ema")
+  jaxmem.checkpoint.register_checkpoint_type(Ema, name="tests.bad_inputs.Ema")
   d = tmp_path / "c"
   with jaxmem.CheckpointManager(d, async_save=False) as mgr:
     mgr.save(0, {"e": Ema(jnp.ones(3))})
@@ -255,7 +257,8 @@ def test_format1_spelling_of_a_user_type_resolves_through_the_registry(tmp_path)
   with jaxmem.CheckpointManager(d, verify=False) as mgr:
     assert type(mgr.restore()["e"]) is Ema
   with jaxmem.CheckpointManager(d) as mgr:  # verify=True: an array without a checksum
-    with pytest.raises(jaxmem.CheckpointCorruptError, match="'e/ema' has no fingerprint"):
+    with pytest.raises(
+        jaxmem.checkpoint.CheckpointCorruptError, match="'e/ema' has no fingerprint"):
       mgr.restore(0)
 
 
@@ -321,11 +324,14 @@ def test_edited_layout_is_corrupt_and_latest_falls_back(tmp_path, name):
   ) else None
   if restored is None:  # caught when the arrays are read: abstract_state cannot see it
     with jaxmem.CheckpointManager(directory) as mgr:
-      with pytest.raises(jaxmem.CheckpointCorruptError, match=rf"step {bad} in .*{match}"):
+      with pytest.raises(
+        jaxmem.checkpoint.CheckpointCorruptError, match=rf"step {bad} in .*{match}"):
         mgr.restore(bad)
-      with pytest.raises(jaxmem.CheckpointCorruptError, match=rf"step {bad} in "):
+      with pytest.raises(
+        jaxmem.checkpoint.CheckpointCorruptError, match=rf"step {bad} in "):
         mgr.restore(bad, sharding=_sharding())
-      with pytest.warns(jaxmem.CheckpointFallbackWarning, match=rf"restored step {good}\b"):
+      with pytest.warns(
+        jaxmem.checkpoint.CheckpointFallbackWarning, match=rf"restored step {good}\b"):
         restored = mgr.restore()
   assert restored["name"] == "run" and restored["params"]["kernel"].bits == 8
   np.testing.assert_array_equal(restored["big"], np.ones(65536, np.float32))
@@ -350,9 +356,11 @@ def test_edited_format1_layout_is_corrupt(tmp_path, name):
   directory, bad, good = _v1_copy(tmp_path)
   _edit(directory, bad, edit)
   with jaxmem.CheckpointManager(directory) as mgr:
-    with pytest.raises(jaxmem.CheckpointCorruptError, match=rf"step {bad} in .*{match}"):
+    with pytest.raises(
+        jaxmem.checkpoint.CheckpointCorruptError, match=rf"step {bad} in .*{match}"):
       mgr.restore(bad)
-    with pytest.warns(jaxmem.CheckpointFallbackWarning, match=rf"restored step {good}\b"):
+    with pytest.warns(
+        jaxmem.checkpoint.CheckpointFallbackWarning, match=rf"restored step {good}\b"):
       assert mgr.restore()["step"] == 7
 
 
@@ -424,7 +432,8 @@ def test_second_writer_process_fails_at_once_naming_the_holder(tmp_path, how):
       pytest.fail(f"holder did not start: {(tmp_path / 'holder.log').read_text()[-2000:]}")
     start = time.monotonic()
     host = re.escape(repr(socket.gethostname()))
-    with pytest.raises(jaxmem.CheckpointLockedError,
+    with pytest.raises(
+        jaxmem.checkpoint.CheckpointLockedError,
                        match=rf"open for writing by pid {proc.pid} on host {host}.*read_only=True"):
       jaxmem.CheckpointManager(d)
     assert time.monotonic() - start < 10  # fails at once, does not wait for the lock
@@ -445,7 +454,8 @@ def test_one_writer_in_a_process_until_closed(tmp_path):
   d = tmp_path / "c"
   first = jaxmem.CheckpointManager(d, async_save=False)
   first.save(0, {"w": jnp.ones(2)})
-  with pytest.raises(jaxmem.CheckpointLockedError, match="another CheckpointManager in this "
+  with pytest.raises(
+        jaxmem.checkpoint.CheckpointLockedError, match="another CheckpointManager in this "
                      rf"process \(pid {os.getpid()} "):
     jaxmem.CheckpointManager(d)
   info = json.loads((d / ".jaxmem-writer.lock").read_text())

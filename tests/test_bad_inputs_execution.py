@@ -129,11 +129,11 @@ def test_graphdef_with_state_of_another_model():
 
 
 def _w8a8():
-  return jaxmem.quantize(jnp.ones((64, 16)), channel_axes=(1,), act_bits=8), jnp.ones((8, 64))
+  return jaxmem.ops.quantize(jnp.ones((64, 16)), channel_axes=(1,), act_bits=8), jnp.ones((8, 64))
 
 
 def _dot(x, q):
-  return jaxmem.quantized_dot_general(x, q, (((1,), (0,)), ((), ())))
+  return jaxmem.ops.quantized_dot_general(x, q, (((1,), (0,)), ((), ())))
 
 
 def _route_of(text):
@@ -154,7 +154,7 @@ def test_route_is_per_thread_while_tracing_concurrently():
   def work(route):
     try:
       for _ in range(6):
-        with jaxmem.int8_dot_route(route):
+        with jaxmem.ops.int8_dot_route(route):
           barrier.wait()  # both threads are inside their blocks
           texts[route].append(fn.lower(x, q).as_text())
           barrier.wait()
@@ -185,12 +185,12 @@ def test_function_jitted_in_the_block_retraces_outside_and_caches_survive():
     return _dot(x, q)
 
   fn = jax.jit(f)
-  with jaxmem.int8_dot_route(route):
+  with jaxmem.ops.int8_dot_route(route):
     fn(x, q)
     assert _route_of(fn.lower(x, q).as_text()) == route
   fn(x, q)
   assert _route_of(fn.lower(x, q).as_text()) == default  # retraced on the default route
-  with jaxmem.int8_dot_route(route):
+  with jaxmem.ops.int8_dot_route(route):
     fn(x, q)  # each route's trace is still cached: nothing was cleared
   fn(x, q)
   assert len(traces) == 2
@@ -204,7 +204,7 @@ def test_function_jitted_in_the_block_retraces_outside_and_caches_survive():
     return v * 2
 
   double(jnp.ones(3))
-  with jaxmem.int8_dot_route(route):
+  with jaxmem.ops.int8_dot_route(route):
     pass
   double(jnp.ones(3))
   assert len(other) == 1
@@ -228,13 +228,13 @@ def _params():
   rng = np.random.default_rng(0)
   return {
       "w1": jnp.asarray(rng.normal(size=(8, 16)) / 3, jnp.float32),
-      "frozen": jaxmem.quantize(jnp.asarray(rng.normal(size=(16, 16)), jnp.float32)),
+      "frozen": jaxmem.ops.quantize(jnp.asarray(rng.normal(size=(16, 16)), jnp.float32)),
       "w2": jnp.asarray(rng.normal(size=(16, 4)) / 4, jnp.float32),
   }
 
 
 def _loss(p, b):
-  h = jnp.tanh(b["x"] @ p["w1"]) @ jaxmem.dequantize(p["frozen"])
+  h = jnp.tanh(b["x"] @ p["w1"]) @ jaxmem.ops.dequantize(p["frozen"])
   return jnp.mean((h @ p["w2"] - b["y"]) ** 2)
 
 
@@ -252,11 +252,11 @@ def test_reusing_donated_state_is_a_clear_error(backend, n_dev):
       jaxmem.train_step(_loss, opt, axis_name="batch"), backend=backend,
       devices=jax.devices()[:n_dev],
   )
-  state = dp.replicate(jaxmem.init_train_state(_params(), opt))
+  state = dp.replicate(jaxmem.init_step_state(_params(), opt))
   new_state, _ = dp(state, _batch())
   with pytest.raises(
       ValueError,
-      match=r"data_parallel: argument 0 leaf 'params/frozen/qvalue' has been deleted: the "
+      match=r"data_parallel: argument 0 leaf 'step' has been deleted: the "
       r"previous call donated argument 0 \(donate_argnums=\(0,\)\): its buffers were reused "
       r"for the outputs\. Pass the state the previous call returned .* "
       r"donate_argnums=\(\)\)\.",
@@ -268,7 +268,7 @@ def test_reusing_donated_state_is_a_clear_error(backend, n_dev):
       jaxmem.train_step(_loss, opt, axis_name="batch"), backend=backend,
       devices=jax.devices()[:n_dev], donate_argnums=(),
   )
-  state = keep.replicate(jaxmem.init_train_state(_params(), opt))
+  state = keep.replicate(jaxmem.init_step_state(_params(), opt))
   keep(state, _batch())
   keep(state, _batch())
 
@@ -277,11 +277,11 @@ def test_pmap_step_with_unreplicated_state_is_a_clear_error():
   """Before: IndivisibleError about a mesh of the first leaf's leading size."""
   opt = optax.sgd(0.1)
   dp = jaxmem.data_parallel(jaxmem.train_step(_loss, opt, axis_name="batch"), backend="pmap")
-  host = jaxmem.init_train_state(_params(), opt)
+  host = jaxmem.init_step_state(_params(), opt)
   with pytest.raises(
       ValueError,
-      match=r"data_parallel\(backend='pmap'\): argument 0 leaf 'params/frozen/qvalue' has "
-      r"leading size 16, but non-batch arguments take one copy per device: a leading axis of "
+      match=r"data_parallel\(backend='pmap'\): argument 0 leaf 'step' has leading size none "
+      r"\(a scalar\), but non-batch arguments take one copy per device: a leading axis of "
       r"size 4 \(the local device count\)\. Pass dp.replicate\(state\)",
   ):
     dp(host, _batch())

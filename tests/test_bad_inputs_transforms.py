@@ -31,7 +31,7 @@ TRANSFORMS = [
     ("quantize_dynamic_int8", lambda: jaxmem.quantize_dynamic_int8()),
     ("quantize_int8", lambda: jaxmem.quantize_weights(8)),
     ("quantize_int4", lambda: jaxmem.quantize_weights(4, group_size=2)),
-    ("quantize_int3", lambda: jaxmem.quantize_grouped(3, 4)),
+    ("quantize_int3", lambda: jaxmem.quantize_weights(3, group_size=4)),
     ("quantize_int4", lambda: jaxmem.quantize_int4(group_size=4)),
     ("magnitude_prune", lambda: jaxmem.magnitude_prune(0.5)),
     ("magnitude_prune", lambda: jaxmem.magnitude_prune(0.5, scope="global")),
@@ -87,9 +87,9 @@ def test_sparsify_does_not_store_nan():
 
 def test_apply_masks_under_jit_names_the_path():
   p = {"kernel": jnp.ones((4, 2)).at[0, 1].set(jnp.inf)}
-  masks = jaxmem.nm_masks({"kernel": jnp.ones((4, 2))}, 2, 4)
+  masks = jaxmem.sparsity.nm_masks({"kernel": jnp.ones((4, 2))}, 2, 4)
   with pytest.raises(jax.errors.JaxRuntimeError, match=r"apply_masks 'kernel': the tensor holds"):
-    jax.block_until_ready(jax.jit(jaxmem.apply_masks)(p, masks))
+    jax.block_until_ready(jax.jit(jaxmem.sparsity.apply_masks)(p, masks))
 
 
 def test_gptq_names_kernel_and_hessian():
@@ -153,20 +153,21 @@ def test_scalar_leaf_with_groups_names_the_path():
     [
         (lambda: jaxmem.quantize_int4(group_size=0), ValueError, r"^quantize_int4: group_size=0;"),
         (lambda: jaxmem.quantize_int4(group_size=-4), ValueError, r"quantize_int4: group_size=-4"),
-        (lambda: jaxmem.quantize_grouped(4, 0), ValueError, r"^quantize_grouped: group_size=0"),
+        (lambda: jaxmem.quantize_weights(4, group_size=0), ValueError,
+         r"^quantize_weights: group_size=0"),
         (lambda: jaxmem.quantize_weights(8, group_size=0), ValueError, r"quantize_weights: grou"),
         (lambda: jaxmem.quantize_gptq({}, 4, -4), ValueError, r"^quantize_gptq: group_size=-4"),
         (lambda: jaxmem.quantize_int4(group_size=64.0), TypeError, r"group_size must be a posit"),
         (lambda: jaxmem.quantize_int4(group_size=True), TypeError, r"group_size must be a posit"),
         (lambda: jaxmem.quantize_weights(9), ValueError, r"^quantize_weights: bits=9 is not sup"),
         (lambda: jaxmem.quantize_weights(8.0), ValueError, r"^quantize_weights: bits=8\.0"),
-        (lambda: jaxmem.quantize_grouped(8.0), ValueError, r"^quantize_grouped: bits=8\.0"),
+        (lambda: jaxmem.quantize_weights(8.0), ValueError, r"^quantize_weights: bits=8\.0"),
         (lambda: jaxmem.sparsify(bits=8.0), ValueError, r"^sparsify: bits=8\.0"),
         (lambda: jaxmem.quantize_int8(per_tensor="yes"), TypeError,
          r"^quantize_int8: per_tensor must be True or False, got 'yes'\.$"),
         (lambda: jaxmem.quantize_dynamic_int8(per_tensor=1), TypeError,
          r"^quantize_dynamic_int8: per_tensor must be True or False"),
-        (lambda: jaxmem.quantize_grouped(4, per_tensor="no"), TypeError, r"per_tensor must be"),
+        (lambda: jaxmem.quantize_weights(4, per_tensor="no"), TypeError, r"per_tensor must be"),
         (lambda: jaxmem.quantize_weights(4, pack_bits="yes"), TypeError, r"pack_bits must be"),
         (lambda: jaxmem.quantize_weights(8, pack_bits=True), ValueError, r"needs bits <= 4"),
         (lambda: jaxmem.quantize_weights(8, act_bits=4), ValueError, r"^quantize_weights: act_b"),
@@ -214,7 +215,7 @@ def test_invalid_regex_is_a_value_error_naming_transform_and_pattern(make, match
 
 def test_invalid_regex_in_select_names_the_caller():
   with pytest.raises(ValueError, match=r"^tree_sparsity: `where` pattern '\)'"):
-    jaxmem.tree_sparsity({"kernel": jnp.ones((2, 2))}, where=")")
+    jaxmem.sparsity.tree_sparsity({"kernel": jnp.ones((2, 2))}, where=")")
 
 
 def test_inner_where_of_a_partition_rule_is_scoped_to_the_rule():
@@ -268,7 +269,7 @@ def _sparse():
 @pytest.mark.parametrize("kind", ["QArray", "SparseArray"])
 def test_array_ops_on_compressed_values_say_what_to_call(op, kind):
   w = _qarray() if kind == "QArray" else _sparse()
-  dense = "jaxmem.dequantize" if kind == "QArray" else "jaxmem.sparse_unpack"
+  dense = "jaxmem.ops.dequantize" if kind == "QArray" else "jaxmem.ops.sparse_unpack"
   with pytest.raises(TypeError, match=f"a jaxmem.{kind} {HINT}.*{dense}\\(w\\)"):
     op(w)
 
@@ -297,7 +298,7 @@ def test_compressed_values_stay_ordinary_pytrees():
   host = jax.device_get({"w": q})  # maps over the arrays inside, as Orbax does
   assert isinstance(host["w"], jaxmem.QArray) and isinstance(host["w"].qvalue, np.ndarray)
   assert jax.tree.map(np.asarray, q).qvalue.dtype == np.int8
-  np.testing.assert_allclose(jax.jit(jaxmem.dequantize)(q), jnp.ones((4, 4)), rtol=1e-2)
+  np.testing.assert_allclose(jax.jit(jaxmem.ops.dequantize)(q), jnp.ones((4, 4)), rtol=1e-2)
   assert jax.eval_shape(lambda w: w, q).scale.shape == (1, 4)
   with pytest.raises(TypeError, match=r"a jaxmem.QArray is a compressed parameter"):
     np.asarray(q)  # not a silent object array

@@ -85,7 +85,8 @@ def test_packed_lowbit_roundtrip(tmp_path, bits, group_size):
   _assert_same(restored, q)
   k = restored["Dense_1"]["kernel"]
   assert k.packed and k.qvalue.dtype == jnp.uint8 and k.group_size == group_size
-  np.testing.assert_array_equal(jaxmem.dequantize(k), jaxmem.dequantize(q["Dense_1"]["kernel"]))
+  np.testing.assert_array_equal(
+      jaxmem.ops.dequantize(k), jaxmem.ops.dequantize(q["Dense_1"]["kernel"]))
   assert _stored_dtypes(tmp_path / "ckpt", 0)["Dense_1/kernel/qvalue"] == np.uint8
 
 
@@ -149,14 +150,14 @@ def test_target_derived_from_transform(tmp_path):
   tx = jaxmem.quantize_int8()
   q = jaxmem.transform(tx, params)
   abstract_float = jax.eval_shape(lambda: params)
-  target = jaxmem.abstract_target(tx, abstract_float)
+  target = jaxmem.checkpoint.abstract_target(tx, abstract_float)
   restored = _roundtrip(tmp_path, q, target=target)
   _assert_same(restored, q)
 
 
 def test_float_checkpoint_into_quantized_target_raises_with_fix(tmp_path):
   params = _params()
-  target = jaxmem.abstract_target(jaxmem.quantize_int8(), params)
+  target = jaxmem.checkpoint.abstract_target(jaxmem.quantize_int8(), params)
   with jaxmem.CheckpointManager(tmp_path) as mgr:
     mgr.save(0, params)
     mgr.wait_until_finished()
@@ -179,7 +180,7 @@ def test_target_mismatches_raise(tmp_path):
       mgr.restore(0, target=as_int8)
     with pytest.raises(ValueError, match="Dense_0/kernel.*QArray in the checkpoint"):
       mgr.restore(1, target=params)
-    int4 = jaxmem.abstract_target(jaxmem.quantize_weights(4), params)
+    int4 = jaxmem.checkpoint.abstract_target(jaxmem.quantize_weights(4), params)
     with pytest.raises(ValueError, match="Dense_0/kernel.*bit width"):
       mgr.restore(1, target=int4)
     with pytest.raises(ValueError, match="only in the checkpoint: \\['Dense_1'\\]"):
@@ -240,14 +241,14 @@ def test_restore_in_a_one_device_process(tmp_path):
   q = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh4, P())), q)
   with jaxmem.CheckpointManager(tmp_path / "c") as mgr:
     mgr.save(0, q)
-  expected = float(jnp.sum(jaxmem.dequantize(q["Dense_1"]["kernel"])))
+  expected = float(jnp.sum(jaxmem.ops.dequantize(q["Dense_1"]["kernel"])))
   script = textwrap.dedent(
       f"""
       import jax, jax.numpy as jnp, jaxmem
       assert jax.device_count() == 1, jax.devices()
       with jaxmem.CheckpointManager({str(tmp_path / "c")!r}) as mgr:
         q = mgr.restore()
-      print(float(jnp.sum(jaxmem.dequantize(q['Dense_1']['kernel']))))
+      print(float(jnp.sum(jaxmem.ops.dequantize(q['Dense_1']['kernel']))))
       """
   )
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
@@ -279,9 +280,11 @@ def test_truncated_latest_step_falls_back_with_warning(tmp_path):
   assert files
   for f in files:
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-  with pytest.raises(jaxmem.CheckpointCorruptError, match="step 2"):
+  with pytest.raises(
+        jaxmem.checkpoint.CheckpointCorruptError, match="step 2"):
     mgr.restore(2)
-  with pytest.warns(jaxmem.CheckpointFallbackWarning, match="restored step 1.*step 2"):
+  with pytest.warns(
+        jaxmem.checkpoint.CheckpointFallbackWarning, match="restored step 1.*step 2"):
     restored = mgr.restore()
   _assert_same(restored, trees[1])
   # Training resumes from step 1 and writes step 2 again: the bad step is replaced.
@@ -298,9 +301,10 @@ def test_wrong_bytes_are_caught_by_checksum(tmp_path):
   shutil.rmtree(tmp_path / "2" / "state")
   shutil.copytree(tmp_path / "1" / "state", tmp_path / "2" / "state")
   with jaxmem.CheckpointManager(tmp_path, max_to_keep=5) as mgr:
-    with pytest.raises(jaxmem.CheckpointCorruptError, match="Dense_0/bias.*crc32c checksum"):
+    with pytest.raises(
+        jaxmem.checkpoint.CheckpointCorruptError, match="Dense_0/bias.*crc32c checksum"):
       mgr.restore(2)
-    with pytest.warns(jaxmem.CheckpointFallbackWarning):
+    with pytest.warns(jaxmem.checkpoint.CheckpointFallbackWarning):
       _assert_same(mgr.restore(), trees[1])
 
 
@@ -308,7 +312,8 @@ def test_every_step_corrupt_raises(tmp_path):
   mgr, _ = _three_steps(tmp_path)
   for s in range(3):
     (tmp_path / str(s) / "layout" / "metadata").write_text("{not json")
-  with pytest.raises(jaxmem.CheckpointCorruptError, match="no readable checkpoint step"):
+  with pytest.raises(
+        jaxmem.checkpoint.CheckpointCorruptError, match="no readable checkpoint step"):
     mgr.restore()
   mgr.close()
 
@@ -326,7 +331,7 @@ def test_max_to_keep_and_existing_step(tmp_path):
 
 def test_checkpoint_layout_document():
   q = jaxmem.transform(jaxmem.quantize_weights(4), _params())
-  layout = jaxmem.checkpoint_layout({"params": q})
+  layout = jaxmem.checkpoint.checkpoint_layout({"params": q})
   assert layout["format"] == "jaxmem.checkpoint/3"
   node = dict(dict(layout["tree"]["items"])["params"]["items"])["Dense_0"]
   kernel = dict(node["items"])["kernel"]
@@ -366,7 +371,7 @@ def test_gradual_prune_optimizer_state_with_masks_roundtrip(tmp_path):
   restored = _roundtrip(tmp_path, {"params": params, "opt_state": state})
   _assert_same(restored, {"params": params, "opt_state": state})
   masks = restored["opt_state"][1].masks
-  assert isinstance(restored["opt_state"][1], jaxmem.GradualPruneState)
+  assert isinstance(restored["opt_state"][1], jaxmem.sparsity.GradualPruneState)
   assert masks["Dense_0"]["kernel"].dtype == jnp.bool_ and masks["Dense_0"]["bias"] is None
   # Training continues identically from the restored state.
   a, _ = opt.update(grads, state, params)
@@ -390,7 +395,7 @@ def test_default_registry_covers_jaxmem_and_optax_states(tmp_path):
   state = {
       "opt": opt.init(params),
       "multi": optax.MultiSteps(optax.lion(1e-3), 2).init(params),
-      "train": jaxmem.init_train_state(params, optax.adam(1e-3)),
+      "train": jaxmem.init_step_state(params, optax.adam(1e-3)),
       "lbfgs": lbfgs.init(params),
       "free": optax.contrib.schedule_free_adamw(1e-3).init(params),
       "tx": jaxmem.chain(jaxmem.magnitude_prune(0.5), jaxmem.quantize_int8()).init(params),
@@ -399,7 +404,7 @@ def test_default_registry_covers_jaxmem_and_optax_states(tmp_path):
     mgr.save(0, state)
     restored = mgr.restore()
   assert jax.tree.structure(restored) == jax.tree.structure(state)
-  assert isinstance(restored["train"], jaxmem.TrainState)
+  assert isinstance(restored["train"], jaxmem.StepState)
   opt.update(params, restored["opt"], params)  # the restored state keeps working
 
 
@@ -434,7 +439,7 @@ def test_format1_checkpoint_still_restores(tmp_path):
   sparse = restored["sparse"]["kernel"]
   assert isinstance(sparse, jaxmem.SparseArray) and sparse.shape == (16, 8)
   assert type(restored["opt_state"][0][0]) is optax.ScaleByAdamState
-  assert isinstance(restored["opt_state"][1], jaxmem.GradualPruneState)
+  assert isinstance(restored["opt_state"][1], jaxmem.sparsity.GradualPruneState)
   assert restored["opt_state"][1].masks["bias"] is None
   assert restored["step"] == 7 and type(restored["step"]) is int
   assert (restored["name"], restored["nothing"]) == ("v1-fixture", None)
@@ -465,8 +470,8 @@ def test_format1_checkpoint_still_restores(tmp_path):
   old_int8 = expected["['int8']['kernel'].qvalue"] * expected["['int8']['kernel'].scale"]
   np.testing.assert_array_equal(np.asarray(int8.dequantize()), old_int8)
   # The restored compressed values still work.
-  assert jaxmem.dequantize(int4).shape == (16, 8)
-  np.testing.assert_array_equal(sparse.materialize(), jaxmem.sparse_unpack(sparse))
+  assert jaxmem.ops.dequantize(int4).shape == (16, 8)
+  np.testing.assert_array_equal(sparse.materialize(), jaxmem.ops.sparse_unpack(sparse))
 
 
 V2_FIXTURE = pathlib.Path(__file__).parent / "data" / "checkpoint_v2"
@@ -514,5 +519,29 @@ def test_format2_checkpoint_with_old_qarray_layout_restores(tmp_path):
   doc["crc32c"] = jaxmem._src.checkpoint._layout_crc32c(doc)
   meta.write_text(json.dumps(doc))
   with jaxmem.CheckpointManager(bad, read_only=True) as reader:
-    with pytest.raises(jaxmem.CheckpointCorruptError, match="format-1/2 QArray that does not"):
+    with pytest.raises(
+        jaxmem.checkpoint.CheckpointCorruptError, match="format-1/2 QArray that does not"):
       reader.restore(7)
+
+
+STATES_FIXTURE = pathlib.Path(__file__).parent / "data" / "checkpoint_v3_states"
+
+
+def test_renamed_train_states_restore_as_step_state():
+  """tests/data/checkpoint_v3_states holds a TrainState and a DistillState (make_checkpoint.py)."""
+  expected = dict(np.load(STATES_FIXTURE / "expected.npz"))
+  with jaxmem.CheckpointManager(STATES_FIXTURE / "ckpt", read_only=True) as reader:
+    abstract = reader.abstract_state()
+    restored = reader.restore()
+    again = reader.restore(target=abstract)
+  for name, step in (("train", 5), ("distill", 2)):
+    state = restored[name]
+    assert type(state) is jaxmem.StepState and int(state.step) == step
+    assert type(abstract[name]) is jaxmem.StepState
+  flat = jax.tree_util.tree_flatten_with_path(restored)[0]
+  got = {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat}
+  # Old paths spelled the state's fields by attribute: the same names, in the new order.
+  assert sorted(got) == sorted(expected)
+  for k, v in expected.items():
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
+  _assert_same(again, restored)

@@ -24,12 +24,12 @@ def test_kd_loss_hand_computed():
   ce = -math.log(_softmax(s)[label])
   want = (1 - alpha) * T**2 * kl + alpha * ce
   assert want == pytest.approx(1.2950247, abs=1e-6)  # written out once, by hand
-  got = jaxmem.kd_loss(jnp.array([s]), jnp.array([t]), jnp.array([label]), temperature=T,
+  got = jaxmem.train.kd_loss(jnp.array([s]), jnp.array([t]), jnp.array([label]), temperature=T,
                        alpha=alpha)
   assert float(got) == pytest.approx(want, rel=1e-5)
   # Soft targets given as probabilities, and under jit.
   onehot = jax.nn.one_hot(jnp.array([label]), 3)
-  got = jax.jit(lambda a, b: jaxmem.kd_loss(a, b, onehot, temperature=T, alpha=alpha))(
+  got = jax.jit(lambda a, b: jaxmem.train.kd_loss(a, b, onehot, temperature=T, alpha=alpha))(
       jnp.array([s]), jnp.array([t]))
   assert float(got) == pytest.approx(want, rel=1e-5)
 
@@ -40,23 +40,24 @@ def test_kd_loss_limits_and_mask():
   t = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 7, size=(2, 5)), jnp.int32)
   ce = optax.softmax_cross_entropy_with_integer_labels(s, y).mean()
-  np.testing.assert_allclose(jaxmem.kd_loss(s, t, y, alpha=1.0), ce, rtol=1e-6)
+  np.testing.assert_allclose(jaxmem.train.kd_loss(s, t, y, alpha=1.0), ce, rtol=1e-6)
   # alpha=0, no labels: T^2 * KL; zero when the student equals the teacher.
-  assert float(jaxmem.kd_loss(t, t, temperature=3.0, alpha=0.0)) == pytest.approx(0, abs=1e-6)
+  assert float(jaxmem.train.kd_loss(t, t, temperature=3.0, alpha=0.0)) == pytest.approx(0, abs=1e-6)
   kl = optax.kl_divergence(jax.nn.log_softmax(s / 4.0), jax.nn.softmax(t / 4.0)).mean()
-  np.testing.assert_allclose(jaxmem.kd_loss(s, t, temperature=4.0, alpha=0.0), 16 * kl,
+  np.testing.assert_allclose(jaxmem.train.kd_loss(s, t, temperature=4.0, alpha=0.0), 16 * kl,
                              rtol=1e-5)
   # The mask keeps only chosen positions.
   mask = jnp.zeros((2, 5)).at[0, :2].set(1.0)
   np.testing.assert_allclose(
-      jaxmem.kd_loss(s, t, y, alpha=0.5, mask=mask),
-      jaxmem.kd_loss(s[0, :2], t[0, :2], y[0, :2], alpha=0.5), rtol=1e-5)
+      jaxmem.train.kd_loss(s, t, y, alpha=0.5, mask=mask),
+      jaxmem.train.kd_loss(s[0, :2], t[0, :2], y[0, :2], alpha=0.5), rtol=1e-5)
 
 
 def test_kd_loss_teacher_gets_no_gradient():
   s = jnp.array([[1.0, -1.0, 0.5]])
   t = jnp.array([[0.0, 2.0, 1.0]])
-  gs, gt = jax.grad(lambda a, b: jaxmem.kd_loss(a, b, jnp.array([1]), alpha=0.5), (0, 1))(s, t)
+  kd = lambda a, b: jaxmem.train.kd_loss(a, b, jnp.array([1]), alpha=0.5)
+  gs, gt = jax.grad(kd, (0, 1))(s, t)
   assert float(jnp.abs(gs).sum()) > 0
   np.testing.assert_array_equal(gt, jnp.zeros_like(t))
 
@@ -73,37 +74,38 @@ def test_kd_loss_teacher_gets_no_gradient():
 def test_kd_loss_bad_hyperparameters(kwargs, match):
   s = jnp.zeros((2, 3))
   with pytest.raises(ValueError, match=match):
-    jaxmem.kd_loss(s, s, jnp.zeros(2, jnp.int32), **kwargs)
+    jaxmem.train.kd_loss(s, s, jnp.zeros(2, jnp.int32), **kwargs)
 
 
 def test_kd_loss_bad_shapes():
   with pytest.raises(ValueError, match=r"student logits have shape \(2, 3\) but teacher.*\(2, 4\)"):
-    jaxmem.kd_loss(jnp.zeros((2, 3)), jnp.zeros((2, 4)), jnp.zeros(2, jnp.int32))
+    jaxmem.train.kd_loss(jnp.zeros((2, 3)), jnp.zeros((2, 4)), jnp.zeros(2, jnp.int32))
   with pytest.raises(ValueError, match="labels of shape"):
-    jaxmem.kd_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.zeros(3, jnp.int32))
+    jaxmem.train.kd_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.zeros(3, jnp.int32))
   with pytest.raises(ValueError, match="labels=None but alpha"):
-    jaxmem.kd_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), alpha=0.5)
+    jaxmem.train.kd_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)), alpha=0.5)
 
 
 def test_feature_distill_loss():
   s = jnp.array([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])
   t = jnp.array([[6.0, 8.0], [0.0, 1.0], [0.0, -1.0]])
   # cos: 1, 0, -1 -> 1 - cos: 0, 1, 2.
-  assert float(jaxmem.feature_distill_loss(s, t)) == pytest.approx(1.0)
+  assert float(jaxmem.train.feature_distill_loss(s, t)) == pytest.approx(1.0)
   mask = jnp.array([1.0, 1.0, 0.0])
-  assert float(jaxmem.feature_distill_loss(s, t, mask=mask)) == pytest.approx(0.5)
+  assert float(jaxmem.train.feature_distill_loss(s, t, mask=mask)) == pytest.approx(0.5)
   # mse: per row mean of squares: (9+16)/2, (1+1)/2, (0+9)/2.
-  assert float(jaxmem.feature_distill_loss(s, t, kind="mse")) == pytest.approx((12.5 + 1 + 4.5) / 3)
-  pairs = jaxmem.feature_distill_loss([s, s], [t, s], kind="mse", weights=[0.5, 2.0])
+  mse = jaxmem.train.feature_distill_loss(s, t, kind="mse")
+  assert float(mse) == pytest.approx((12.5 + 1 + 4.5) / 3)
+  pairs = jaxmem.train.feature_distill_loss([s, s], [t, s], kind="mse", weights=[0.5, 2.0])
   assert float(pairs) == pytest.approx(0.5 * 6.0)
-  g = jax.grad(lambda b: jaxmem.feature_distill_loss(s, b))(t)
+  g = jax.grad(lambda b: jaxmem.train.feature_distill_loss(s, b))(t)
   np.testing.assert_array_equal(g, jnp.zeros_like(t))
   with pytest.raises(ValueError, match="student shape"):
-    jaxmem.feature_distill_loss(s, t[:, :1])
+    jaxmem.train.feature_distill_loss(s, t[:, :1])
   with pytest.raises(ValueError, match="kind='l1'"):
-    jaxmem.feature_distill_loss(s, t, kind="l1")
+    jaxmem.train.feature_distill_loss(s, t, kind="l1")
   with pytest.raises(ValueError, match="2 student states but 1"):
-    jaxmem.feature_distill_loss([s, s], [t])
+    jaxmem.train.feature_distill_loss([s, s], [t])
 
 
 @jax.custom_vjp
@@ -122,37 +124,44 @@ def _no_bwd(res, g):
 _teacher_forward.defvjp(_no_fwd, _no_bwd)
 
 
-def test_train_step_frozen_teacher():
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(32, 8)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 4, size=32), jnp.int32)
+def _distill_setup(seed=0, n=32):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(n, 8)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 4, size=n), jnp.int32)
   teacher = {"w": jnp.asarray(rng.normal(size=(8, 4)) * 2, jnp.float32)}
-  teacher_copy = jax.tree.map(np.array, teacher)
   student = {"w": jnp.zeros((8, 4)), "b": jnp.zeros((4,))}
+  return {"x": x, "y": y}, teacher, student
+
+
+def _student_fn(p, batch):
+  return batch["x"] @ p["w"] + p["b"][None]
+
+
+def _teacher_fn(p, batch):
+  return 3.0 * _teacher_forward(p["w"], batch["x"])  # differentiating it would raise
+
+
+def _kd(s_out, t_out, batch):
+  return jaxmem.train.kd_loss(s_out, t_out, batch["y"], temperature=2.0, alpha=0.2)
+
+
+def test_train_step_frozen_teacher():
+  batch, teacher, student = _distill_setup()
+  teacher_copy = jax.tree.map(np.array, teacher)
   opt = optax.adam(0.05)
-
-  def student_fn(p, batch):
-    return batch["x"] @ p["w"] + p["b"][None]
-
-  def teacher_fn(p, batch):
-    return 3.0 * _teacher_forward(p["w"], batch["x"])  # differentiating it would raise
-
-  def loss_fn(s_out, t_out, batch):
-    return jaxmem.kd_loss(s_out, t_out, batch["y"], temperature=2.0, alpha=0.2)
-
-  step = jax.jit(jaxmem.distill_train_step(student_fn, teacher_fn, loss_fn, opt))
-  state = jaxmem.distill_init(student, opt)
-  batch = {"x": x, "y": y}
+  loss = jaxmem.train.distill_loss(_student_fn, _teacher_fn, _kd)
+  step = jax.jit(jaxmem.train_step(loss, opt))
+  state = jaxmem.init_step_state(student, opt)
   losses = []
   for _ in range(40):
-    state, metrics = step(state, teacher, batch)
+    state, metrics = step(state, batch, teacher)
     losses.append(float(metrics["loss"]))
   assert losses[-1] < 0.7 * losses[0]
   assert int(state.step) == 40
   # The teacher is untouched, and the state (what a checkpoint saves) holds the student only.
   jax.tree.map(np.testing.assert_array_equal, teacher, teacher_copy)
-  assert isinstance(state, jaxmem.DistillState)
-  assert set(state._fields) == {"step", "params", "opt_state"}
+  assert isinstance(state, jaxmem.StepState)
+  assert state._fields == ("step", "params", "opt_state")
   assert jax.tree.structure(state.params) == jax.tree.structure(student)
   student_bytes = jaxmem.tree_bytes(student)
   # step + params + Adam's two moments + its count.
@@ -161,6 +170,71 @@ def test_train_step_frozen_teacher():
   assert (8, 4) in state_shapes  # student's w, same shape as the teacher's but not its values
   for leaf in jax.tree.leaves(state):
     assert not (leaf.shape == teacher["w"].shape and np.array_equal(leaf, teacher["w"]))
+  # The teacher is an argument of the compiled step, not a constant baked into it.
+  jaxpr = jax.make_jaxpr(jaxmem.train_step(loss, opt))(state, batch, teacher)
+  assert not any(c.shape == teacher["w"].shape for c in jaxpr.consts if hasattr(c, "shape"))
+
+
+def test_distill_microbatches_equal_one_batch_step_by_hand():
+  batch, teacher, student = _distill_setup()
+  student = jax.tree.map(lambda x: x + 0.1, student)
+  opt = optax.sgd(0.5)
+  # The one-batch step written out: teacher outputs first, gradient of the student only.
+  t_out = 3.0 * jnp.tanh(batch["x"] @ teacher["w"])
+  ref_loss, g = jax.value_and_grad(lambda p: _kd(_student_fn(p, batch), t_out, batch))(student)
+  ref = jax.tree.map(lambda p, g: p - 0.5 * g, student, g)
+
+  loss = jaxmem.train.distill_loss(_student_fn, _teacher_fn, _kd)
+  for k in (1, 2):
+    state = jaxmem.init_step_state(student, opt)
+    new, metrics = jax.jit(jaxmem.train_step(loss, opt, microbatches=k))(state, batch, teacher)
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=1e-5)
+    assert int(new.step) == 1
+
+  # compute_dtype reaches the teacher too: a wider one, whose [8, 6] params are cast to bf16.
+  wide = {"w1": jnp.asarray(np.random.default_rng(3).normal(size=(8, 6)), jnp.float32),
+          "w2": jnp.asarray(np.random.default_rng(4).normal(size=(6, 4)), jnp.float32)}
+  wide_fn = lambda p, b: jnp.tanh(b["x"] @ p["w1"]) @ p["w2"]
+  wide_out = wide_fn(wide, batch)
+  f32_loss = _kd(_student_fn(student, batch), wide_out, batch)
+  bf16 = jaxmem.train_step(
+      jaxmem.train.distill_loss(_student_fn, wide_fn, _kd), opt, microbatches=2,
+                           compute_dtype=jnp.bfloat16)
+  jaxpr = str(jax.make_jaxpr(bf16)(jaxmem.init_step_state(student, opt), batch, wide))
+  assert "bf16[16,8]" in jaxpr and "bf16[8,6]" in jaxpr
+  new, metrics = jax.jit(bf16)(jaxmem.init_step_state(student, opt), batch, wide)
+  assert new.params["w"].dtype == jnp.float32
+  np.testing.assert_allclose(metrics["loss"], f32_loss, rtol=3e-2)
+
+
+@pytest.mark.parametrize("backend", ["shard_map", "pmap"])
+def test_distill_data_parallel_pmean_matches_one_device(backend):
+  batch, teacher, student = _distill_setup(n=16)
+  opt = optax.sgd(0.5)
+  loss = jaxmem.train.distill_loss(_student_fn, _teacher_fn, _kd)
+  ref, ref_metrics = jax.jit(jaxmem.train_step(loss, opt))(
+      jaxmem.init_step_state(student, opt), batch, teacher
+  )
+  # 4 replicas x 2 microbatches of 2 examples; gradients and loss pmean'd over 'batch'.
+  dp = jaxmem.data_parallel(
+      jaxmem.train_step(loss, opt, axis_name="batch", microbatches=2), backend=backend
+  )
+  state, metrics = dp(dp.replicate(jaxmem.init_step_state(student, opt)), batch,
+                      dp.replicate(teacher))
+  state, metrics = dp.unreplicate(state), dp.unreplicate(metrics)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+  if backend == "pmap":  # the teacher is a non-batch argument: one copy per device
+    with pytest.raises(ValueError, match=r"argument 2 leaf 'w' has leading size 8"):
+      dp(dp.replicate(jaxmem.init_step_state(student, opt)), batch, teacher)
+  # Without the pmean each replica would step on its own quarter: a different update.
+  solo = jaxmem.data_parallel(jaxmem.train_step(loss, opt, microbatches=2), backend=backend)
+  alone, _ = solo(solo.replicate(jaxmem.init_step_state(student, opt)), batch,
+                  solo.replicate(teacher))
+  assert not np.allclose(solo.unreplicate(alone).params["w"], ref.params["w"], atol=1e-4)
 
 
 def test_train_step_feature_distillation_matches_teacher():
@@ -169,11 +243,11 @@ def test_train_step_feature_distillation_matches_teacher():
   teacher = {"w": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)}
   opt = optax.adam(0.05)
   fn = lambda p, b: b @ p["w"]
-  loss_fn = lambda s, t, b: jaxmem.feature_distill_loss(s, t, kind="mse")
-  step = jax.jit(jaxmem.distill_train_step(fn, fn, loss_fn, opt))
-  state = jaxmem.distill_init({"w": jnp.zeros((6, 5))}, opt)
+  loss_fn = lambda s, t, b: jaxmem.train.feature_distill_loss(s, t, kind="mse")
+  step = jax.jit(jaxmem.train_step(jaxmem.train.distill_loss(fn, fn, loss_fn), opt))
+  state = jaxmem.init_step_state({"w": jnp.zeros((6, 5))}, opt)
   for _ in range(150):
-    state, _ = step(state, teacher, x)
+    state, _ = step(state, x, teacher)
   np.testing.assert_allclose(state.params["w"], teacher["w"], atol=0.05)
-  with pytest.raises(TypeError, match="distill_init"):
-    step({"w": jnp.zeros((6, 5))}, teacher, x)
+  with pytest.raises(TypeError, match="init_step_state"):
+    step({"w": jnp.zeros((6, 5))}, x, teacher)

@@ -24,7 +24,7 @@ WORKER = textwrap.dedent(
     import jaxmem
 
     port, pid, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    info = jaxmem.initialize(f"localhost:{port}", num_processes=2, process_id=pid,
+    info = jaxmem.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid,
                              initialization_timeout=60)
     assert (info.process_count, info.local_device_count, info.device_count) == (2, 2, 4), info
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -40,12 +40,12 @@ WORKER = textwrap.dedent(
         results[f"{backend}/grad/{k}"] = np.asarray(v)
     opt = optax.adam(1e-2)
     dp = jaxmem.data_parallel(jaxmem.train_step(loss, opt, axis_name="batch", microbatches=2))
-    state, metrics = dp(dp.replicate(jaxmem.init_train_state(p, opt)), local)
+    state, metrics = dp(dp.replicate(jaxmem.init_step_state(p, opt)), local)
     for k, v in dp.unreplicate(state.params).items():
       results[f"train/{k}"] = np.asarray(v)
     results["train/loss"] = np.asarray(dp.unreplicate(metrics["loss"]))
     np.savez(out, **results)
-    jaxmem.shutdown()
+    jaxmem.distributed.shutdown()
     print("worker", pid, "done")
     """
 )
@@ -83,9 +83,9 @@ def _free_port() -> int:
 
 def test_initialize_needs_all_or_none_of_the_explicit_arguments():
   with pytest.raises(ValueError, match=r"\['num_processes', 'process_id'\] missing"):
-    jaxmem.initialize("localhost:1234")
+    jaxmem.distributed.initialize("localhost:1234")
   with pytest.raises(ValueError, match="process_id=2 is outside"):
-    jaxmem.initialize("localhost:1234", num_processes=2, process_id=2)
+    jaxmem.distributed.initialize("localhost:1234", num_processes=2, process_id=2)
 
 
 def test_two_processes_match_single_process(tmp_path):
@@ -127,7 +127,7 @@ def test_two_processes_match_single_process(tmp_path):
   ref_grads = jax.grad(common.loss)(params, batch)
   opt = optax.adam(1e-2)
   ref_state, ref_metrics = jaxmem.train_step(common.loss, opt)(
-      jaxmem.init_train_state(params, opt), batch
+      jaxmem.init_step_state(params, opt), batch
   )
   for i in range(2):
     res = np.load(tmp_path / f"{i}.npz")

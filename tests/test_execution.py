@@ -168,7 +168,7 @@ def _dense_text(tx):
 
 
 def test_w8a8_lowers_to_s8_dot():
-  with jaxmem.int8_dot_route("int32"):
+  with jaxmem.ops.int8_dot_route("int32"):
     text = _dense_text(jaxmem.quantize_dynamic_int8())
     assert S8_DOT.search(text), text
     text = _dense_text(jaxmem.quantize_int8())
@@ -180,20 +180,20 @@ def test_w8a8_conv_lowers_to_s8_convolution():
   x = jnp.ones((2, 6, 6, 4))
   params = model.init(_key(0), x)["params"]
   q = jaxmem.transform(jaxmem.quantize_dynamic_int8(), params)
-  with jaxmem.int8_dot_route("int32"):
+  with jaxmem.ops.int8_dot_route("int32"):
     text = _lowered(model, {"params": q}, x)
   assert re.search(r"convolution.*xi8>, tensor<[0-9x]+xi8>\) -> tensor<[0-9x]+xi32>", text)
 
 
 def test_w8a8_bf16_route_lowers_to_bf16_dot():
-  with jaxmem.int8_dot_route("bf16"):
+  with jaxmem.ops.int8_dot_route("bf16"):
     text = _dense_text(jaxmem.quantize_dynamic_int8())
   assert BF16_DOT.search(text) and not S8_DOT.search(text), text
 
 
 def _worst_case_w8a8(shape, channel_axes):
   """A W8A8 weight whose integer values are all +127 (the largest possible sums)."""
-  q = jaxmem.quantize(jnp.ones(shape), channel_axes=channel_axes, act_bits=8)
+  q = jaxmem.ops.quantize(jnp.ones(shape), channel_axes=channel_axes, act_bits=8)
   assert int(jnp.min(q.qvalue)) == 127
   return q
 
@@ -227,7 +227,7 @@ def test_bf16_route_is_bit_identical_to_int32(case):
     )
   out = {}
   for mode in ("int32", "bf16", "auto"):
-    with jaxmem.int8_dot_route(mode):
+    with jaxmem.ops.int8_dot_route(mode):
       out[mode] = np.asarray(jax.jit(fn)(x, w))
       text = jax.jit(fn).lower(x, w).as_text()
     bf16 = mode == "bf16" or (mode == "auto" and qdot._cpu_has_native_bf16())
@@ -242,11 +242,11 @@ def test_bf16_route_is_bit_identical_to_int32(case):
 
 def test_int8_route_is_validated():
   with pytest.raises(ValueError, match="int8_dot_route: route 'fp8'"):
-    with jaxmem.int8_dot_route("fp8"):
+    with jaxmem.ops.int8_dot_route("fp8"):
       pass
-  q = jaxmem.quantize(jnp.ones((4, 4)), channel_axes=(1,), act_bits=8)
+  q = jaxmem.ops.quantize(jnp.ones((4, 4)), channel_axes=(1,), act_bits=8)
   with pytest.raises(ValueError, match=r"dot_general 'w': int8_route='fp8': expected one of"):
-    jaxmem.quantized_dot_general(
+    jaxmem.ops.quantized_dot_general(
         jnp.ones((2, 4)), q, (((1,), (0,)), ((), ())), path="w", int8_route="fp8"
     )
   model = nn.Dense(4)
@@ -257,18 +257,18 @@ def test_int8_route_is_validated():
 
 def test_explicit_int8_route_overrides_the_block():
   """``int8_route=`` on a kernel or on apply wins over the enclosing int8_dot_route."""
-  q = jaxmem.quantize(jnp.ones((64, 16)), channel_axes=(1,), act_bits=8)
+  q = jaxmem.ops.quantize(jnp.ones((64, 16)), channel_axes=(1,), act_bits=8)
   x = jnp.ones((8, 64))
   for route, other in (("int32", "bf16"), ("bf16", "int32")):
-    with jaxmem.int8_dot_route(other):
+    with jaxmem.ops.int8_dot_route(other):
       text = jax.jit(
-          lambda x, q, r=route: jaxmem.quantized_einsum("bk,kn->bn", x, q, int8_route=r)
+          lambda x, q, r=route: jaxmem.ops.quantized_einsum("bk,kn->bn", x, q, int8_route=r)
       ).lower(x, q).as_text()
     assert (BF16_DOT.search(text) is not None) == (route == "bf16"), (route, text)
     assert (S8_DOT.search(text) is not None) == (route == "int32"), (route, text)
   model = nn.Dense(32)
   params = jaxmem.transform(jaxmem.quantize_dynamic_int8(), model.init(_key(0), x)["params"])
-  with jaxmem.int8_dot_route("int32"):
+  with jaxmem.ops.int8_dot_route("int32"):
     text = jax.jit(
         lambda p, x: jaxmem.apply(model, {"params": p}, x, int8_route="bf16")
     ).lower(params, x).as_text()
@@ -341,19 +341,19 @@ def test_w8a16_rejects_group_scales_on_the_contraction_and_bad_act_bits():
   with pytest.raises(ValueError, match=r"act_bits=16.*channel_axes on the output axes"):
     jaxmem.apply(model, {"params": bad}, x)
   with pytest.raises(ValueError, match=r"act_bits=4; use 8 .*16 .*None"):
-    jaxmem.quantize(params["kernel"], act_bits=4)
+    jaxmem.ops.quantize(params["kernel"], act_bits=4)
 
 
 def test_packed_int4_embedding_gathers_rows():
   table = jax.random.normal(_key(0), (50, 16))
   ids = jnp.array([[0, 49, 3], [7, 7, 1]])
   for q in (
-      jaxmem.quantize(table, 4, channel_axes=(0,)),
-      jaxmem.quantize(table, 4, channel_axes=(), group_size=8, group_axis=1),
-      jaxmem.quantize(table, 3, channel_axes=(1,), group_size=5, group_axis=0),
-      jaxmem.quantize(table, 8, channel_axes=()),
+      jaxmem.ops.quantize(table, 4, channel_axes=(0,)),
+      jaxmem.ops.quantize(table, 4, channel_axes=(), group_size=8, group_axis=1),
+      jaxmem.ops.quantize(table, 3, channel_axes=(1,), group_size=5, group_axis=0),
+      jaxmem.ops.quantize(table, 8, channel_axes=()),
   ):
-    out = jax.jit(jaxmem.quantized_take)(q, ids)
+    out = jax.jit(jaxmem.ops.quantized_take)(q, ids)
     np.testing.assert_allclose(out, np.asarray(q.dequantize())[np.asarray(ids)], rtol=1e-6)
 
 
@@ -468,26 +468,26 @@ def test_kernels_direct():
   x = jax.random.normal(_key(1), (2, 3, 5, 16))
   w = jax.random.normal(_key(2), (3, 16, 8))
   # Batched dot_general (batch axis 1 of x with axis 0 of w), W8A8, per-(batch, out) scales.
-  q = jaxmem.quantize(w, channel_axes=(0, 2), act_bits=8)
+  q = jaxmem.ops.quantize(w, channel_axes=(0, 2), act_bits=8)
   dn = (((3,), (1,)), ((1,), (0,)))
-  out = jax.jit(lambda x, q: jaxmem.quantized_dot_general(x, q, dn))(x, q)
+  out = jax.jit(lambda x, q: jaxmem.ops.quantized_dot_general(x, q, dn))(x, q)
   xf = fake_quant_rows(x, (3,))
   ref = jax.lax.dot_general(jnp.asarray(xf), q.dequantize(), dn)
   assert out.shape == (3, 2, 5, 8)
   assert_close(out, ref, tol=1e-4)
   # Einsum with an ellipsis, weight-only.
-  q = jaxmem.quantize(w, channel_axes=(0, 2))
+  q = jaxmem.ops.quantize(w, channel_axes=(0, 2))
   xt = jnp.swapaxes(x, 1, 2)
-  out = jaxmem.quantized_einsum("...hd,hdo->...o", xt, q)
+  out = jaxmem.ops.quantized_einsum("...hd,hdo->...o", xt, q)
   assert_close(out, jnp.einsum("...hd,hdo->...o", xt, q.dequantize()))
   # Groups along the output axis still factor out of the contraction (W8A8 allowed).
   w2 = jax.random.normal(_key(3), (16, 12))
-  q = jaxmem.quantize(w2, channel_axes=(), group_size=4, group_axis=1, act_bits=8)
+  q = jaxmem.ops.quantize(w2, channel_axes=(), group_size=4, group_axis=1, act_bits=8)
   dn = (((3,), (0,)), ((), ()))
-  out = jaxmem.quantized_dot_general(x, q, dn)
+  out = jaxmem.ops.quantized_dot_general(x, q, dn)
   assert_close(out, jax.lax.dot_general(jnp.asarray(xf), q.dequantize(), dn), tol=1e-4)
   # Activation quantization: all-zero rows give zeros, no NaN.
-  xq, s = jaxmem.quantize_activations(jnp.zeros((2, 4)), axes=(1,))
+  xq, s = jaxmem.ops.quantize_activations(jnp.zeros((2, 4)), axes=(1,))
   assert not np.isnan(np.asarray(s)).any() and not np.asarray(xq).any()
 
 

@@ -110,6 +110,6 @@ def test_resume_skips_a_corrupt_latest_checkpoint(tmp_path):
     if f.is_file() and f.parent.name == "d":
       f.write_bytes(f.read_bytes()[:8])
   config.finetune_steps = 2  # ... then continue to step 6 from the last good step (2)
-  with pytest.warns(jaxmem.CheckpointFallbackWarning, match="restored step 2"):
+  with pytest.warns(jaxmem.checkpoint.CheckpointFallbackWarning, match="restored step 2"):
     got = _digits.train.train_and_evaluate(config, str(work))
   assert got == ref

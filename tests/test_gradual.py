@@ -27,7 +27,8 @@ def _ref_sparsity(t, s_f, t0, t1, dt, s_i=0.0):
 
 @pytest.mark.parametrize("t0,t1,dt,s_i", [(10, 50, 10, 0.0), (0, 7, 3, 0.2), (5, 5, 1, 0.0)])
 def test_schedule_matches_formula(t0, t1, dt, s_i):
-  sched = jax.jit(jaxmem.sparsity_schedule(0.9, t0, t1, update_every=dt, initial_sparsity=s_i))
+  sched = jax.jit(
+      jaxmem.sparsity.sparsity_schedule(0.9, t0, t1, update_every=dt, initial_sparsity=s_i))
   for t in range(0, t1 + 15):
     assert float(sched(t)) == pytest.approx(_ref_sparsity(t, 0.9, t0, t1, dt, s_i), abs=1e-6), t
 
@@ -72,7 +73,7 @@ def test_gradual_prune_exact_sparsity_and_zeros(scope):
       prev = history[t - 1][1]
       for k in sizes:
         assert not (np.asarray(masks[k]["kernel"]) & ~np.asarray(prev[k]["kernel"])).any()
-  assert jaxmem.tree_sparsity(params) == pytest.approx(0.8)
+  assert jaxmem.sparsity.tree_sparsity(params) == pytest.approx(0.8)
   assert int(state[-1].count) == 18
   # Biases are never pruned.
   assert all(bool((params[k]["bias"] != 0).all()) for k in sizes)
@@ -90,8 +91,8 @@ def test_gradual_keeps_largest_weights_after_the_step():
 
 def test_keep_masks_matches_plain_optimizer_on_kept_weights():
   params = _params(1)
-  masks = jaxmem.nm_masks(params, 2, 4)
-  start = jaxmem.apply_masks(params, masks)
+  masks = jaxmem.sparsity.nm_masks(params, 2, 4)
+  start = jaxmem.sparsity.apply_masks(params, masks)
   tx = optax.chain(optax.adam(0.1), jaxmem.keep_masks(masks))
   plain = optax.adam(0.1)
   s, ps = tx.init(start), plain.init(start)
@@ -125,7 +126,7 @@ def test_state_is_arrays_and_works_with_sharded_params():
   tx = optax.chain(optax.adam(0.05), jaxmem.gradual_prune(0.5, 0, 2, update_every=1))
   state = tx.init(params)
   prune_state = state[-1]
-  assert isinstance(prune_state, jaxmem.GradualPruneState)
+  assert isinstance(prune_state, jaxmem.sparsity.GradualPruneState)
   assert prune_state.count.dtype == jnp.int32 and prune_state.count.shape == ()
   assert all(m.dtype == jnp.bool_ for m in jax.tree.leaves(prune_state.masks))
   abstract = jax.eval_shape(tx.init, params)
@@ -161,8 +162,8 @@ def test_mismatched_masks_and_params_name_the_path():
   params = _params()
   other = {"a": params["a"]}
   with pytest.raises(ValueError, match=r"only in params: \['b/bias', 'b/kernel'\]"):
-    jaxmem.keep_masks(jaxmem.magnitude_masks(other, 0.5)).init(params)
-  masks = jaxmem.magnitude_masks(params, 0.5)
+    jaxmem.keep_masks(jaxmem.sparsity.magnitude_masks(other, 0.5)).init(params)
+  masks = jaxmem.sparsity.magnitude_masks(params, 0.5)
   masks["a"]["kernel"] = jnp.ones((3, 3), bool)
   with pytest.raises(ValueError, match="'a/kernel': mask shape"):
     jaxmem.keep_masks(masks).init(params)

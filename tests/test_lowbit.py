@@ -55,14 +55,14 @@ def _int_values(draw):
 def test_pack_matches_reference_and_unpacks_exactly(case, data):
   bits, values = case
   axis = data.draw(st.integers(-values.ndim, values.ndim - 1), label="axis")
-  packed = jaxmem.pack(jnp.asarray(values), bits, axis=axis)
+  packed = jaxmem.ops.pack_ints(jnp.asarray(values), bits, axis=axis)
   assert packed.dtype == jnp.uint8
   # Only the packed axis shrinks (rounded up); the rank and the other axes are kept.
   want = list(values.shape)
   want[axis] = math.ceil(values.shape[axis] / VALUES_PER_BYTE[bits])
   assert packed.shape == tuple(want)
   np.testing.assert_array_equal(np.asarray(packed), _pack_reference(values, bits, axis))
-  back = jaxmem.unpack(packed, bits, axis=axis, size=values.shape[axis])
+  back = jaxmem.ops.unpack_ints(packed, bits, axis=axis, size=values.shape[axis])
   assert back.dtype == jnp.int8
   np.testing.assert_array_equal(np.asarray(back), values)
 
@@ -70,29 +70,31 @@ def test_pack_matches_reference_and_unpacks_exactly(case, data):
 def test_pack_known_bytes():
   # int4: low nibble first. -1 -> 0xF, 7 -> 0x7: byte 0x7F; -8 -> 0x8, 1 -> 0x1: 0x18.
   v = jnp.array([-1, 7, -8, 1], jnp.int8)
-  assert jaxmem.pack(v, 4).tolist() == [0x7F, 0x18]
+  assert jaxmem.ops.pack_ints(v, 4).tolist() == [0x7F, 0x18]
   # int2: four per byte, -1 -> 0b11, 1 -> 0b01, 0, -2 -> 0b10: 0b10_00_01_11.
-  assert jaxmem.pack(jnp.array([-1, 1, 0, -2], jnp.int8), 2).tolist() == [0b10000111]
+  assert jaxmem.ops.pack_ints(jnp.array([-1, 1, 0, -2], jnp.int8), 2).tolist() == [0b10000111]
   # Odd length pads with zero fields.
-  assert jaxmem.pack(jnp.array([3, -3, 5], jnp.int8), 4).tolist() == [0xD3, 0x05]
+  assert jaxmem.ops.pack_ints(jnp.array([3, -3, 5], jnp.int8), 4).tolist() == [0xD3, 0x05]
 
 
 def test_pack_known_bytes_along_an_axis():
   # Along axis 0 of a (4, 2) array: rows 0 and 1 share byte row 0, rows 2 and 3 byte row 1.
   v = jnp.array([[-1, 1], [7, 2], [-8, 0], [1, -2]], jnp.int8)
-  assert jaxmem.pack(v, 4, axis=0).tolist() == [[0x7F, 0x21], [0x18, 0xE0]]
+  assert jaxmem.ops.pack_ints(v, 4, axis=0).tolist() == [[0x7F, 0x21], [0x18, 0xE0]]
   # int2, four rows per byte: column 0 holds -1, 1, 0, -2 (0b11, 0b01, 0b00, 0b10, low first).
   v2 = jnp.array([[-1, 1], [1, 0], [0, -2], [-2, -1]], jnp.int8)
-  assert jaxmem.pack(v2, 2, axis=0).tolist() == [[0b10_00_01_11, 0b11_10_00_01]]
-  assert jaxmem.unpack(jaxmem.pack(v2, 2, axis=0), 2, axis=0).tolist() == v2.tolist()
+  assert jaxmem.ops.pack_ints(v2, 2, axis=0).tolist() == [[0b10_00_01_11, 0b11_10_00_01]]
+  packed = jaxmem.ops.pack_ints(v2, 2, axis=0)
+  assert jaxmem.ops.unpack_ints(packed, 2, axis=0).tolist() == v2.tolist()
 
 
 def test_pack_unpack_under_jit():
   v = jnp.arange(-7, 8, dtype=jnp.int8)
-  back = jax.jit(lambda x: jaxmem.unpack(jaxmem.pack(x, 4), 4, size=x.shape[-1]))(v)
+  ops = jaxmem.ops
+  back = jax.jit(lambda x: ops.unpack_ints(ops.pack_ints(x, 4), 4, size=x.shape[-1]))(v)
   np.testing.assert_array_equal(back, v)
   m = v[:12].reshape(6, 2)
-  back = jax.jit(lambda x: jaxmem.unpack(jaxmem.pack(x, 2, axis=0), 2, axis=0, size=6))(m % 2)
+  back = jax.jit(lambda x: ops.unpack_ints(ops.pack_ints(x, 2, axis=0), 2, axis=0, size=6))(m % 2)
   np.testing.assert_array_equal(back, m % 2)
 
 
@@ -122,7 +124,7 @@ def _grouped_reference(x: np.ndarray, bits: int, group_size: int):
 )
 def test_grouped_quantize_matches_reference(bits, group_size, groups, n_out, seed):
   x = np.random.default_rng(seed).normal(size=(group_size * groups, n_out)).astype(np.float32)
-  q = jaxmem.quantize(jnp.asarray(x), bits, channel_axes=(1,), group_size=group_size)
+  q = jaxmem.ops.quantize(jnp.asarray(x), bits, channel_axes=(1,), group_size=group_size)
   deq_ref, scales_ref = _grouped_reference(x, bits, group_size)
   assert q.packed == (bits <= 4)
   if q.packed:  # along the group axis, keeping the rank
@@ -135,7 +137,7 @@ def test_grouped_quantize_matches_reference(bits, group_size, groups, n_out, see
   step = np.repeat(np.asarray(q.scale), group_size, axis=0)
   assert np.all(np.abs(x - np.asarray(q.dequantize())) <= step / 2 * (1 + 1e-5))
   # Packing is exact: the packed and unpacked forms dequantize to identical values.
-  u = jaxmem.quantize(jnp.asarray(x), bits, channel_axes=(1,), group_size=group_size,
+  u = jaxmem.ops.quantize(jnp.asarray(x), bits, channel_axes=(1,), group_size=group_size,
                       pack_bits=False)
   np.testing.assert_array_equal(np.asarray(u.dequantize()), np.asarray(q.dequantize()))
 
@@ -177,14 +179,14 @@ def test_quantize_int4_indivisible_group_names_leaf():
     jaxmem.transform(jaxmem.quantize_int4(group_size=64), params)
 
 
-def test_quantize_grouped_int2_and_errors():
+def test_quantize_weights_grouped_int2_and_errors():
   x = jnp.asarray(np.random.default_rng(1).normal(size=(64, 8)), jnp.float32)
-  q = jaxmem.transform(jaxmem.quantize_grouped(2, group_size=32), {"kernel": x})["kernel"]
+  q = jaxmem.transform(jaxmem.quantize_weights(2, group_size=32), {"kernel": x})["kernel"]
   assert q.qvalue.nbytes == 64 * 8 // 4 and q.qvalue.shape == (16, 8)  # 4 per byte on axis 0
-  values = np.asarray(jaxmem.unpack(q.qvalue, 2, q.pack_axis))
+  values = np.asarray(jaxmem.ops.unpack_ints(q.qvalue, 2, q.pack_axis))
   assert values.shape == q.shape and set(np.unique(values)) <= {-1, 0, 1}
   with pytest.raises(ValueError, match="bits=1"):
-    jaxmem.quantize_grouped(1)
+    jaxmem.quantize_weights(1)
   with pytest.raises(ValueError, match="already a QArray"):
     jaxmem.transform(jaxmem.quantize_int4(group_size=32), {"kernel": q})
 
@@ -259,8 +261,8 @@ def _correlated_inputs(n=512, d=64, seed=0):
 
 def test_gptq_with_isotropic_hessian_is_round_to_nearest():
   w = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
-  q = jaxmem.gptq_kernel(w, np.eye(64), 4, group_size=32, act_order=False, clip_search=False)
-  rtn = jaxmem.quantize(jnp.asarray(w), 4, channel_axes=(1,), group_size=32)
+  q = jaxmem.ops.gptq_kernel(w, np.eye(64), 4, group_size=32, act_order=False, clip_search=False)
+  rtn = jaxmem.ops.quantize(jnp.asarray(w), 4, channel_axes=(1,), group_size=32)
   np.testing.assert_array_equal(q.qvalue, rtn.qvalue)
   np.testing.assert_allclose(q.scale, rtn.scale, rtol=1e-6)
   assert (q.shape, q.scale.shape, q.packed, q.group_axis) == (rtn.shape, rtn.scale.shape, True, 0)
@@ -270,11 +272,11 @@ def test_gptq_with_isotropic_hessian_is_round_to_nearest():
 def test_gptq_reduces_output_error(group_size, act_order):
   x = _correlated_inputs()
   w = np.random.default_rng(1).normal(size=(64, 16)).astype(np.float32)
-  q = jaxmem.gptq_kernel(w, x.T @ x, 4, group_size=group_size, act_order=act_order)
-  rtn = jaxmem.quantize(jnp.asarray(w), 4, channel_axes=(1,), group_size=group_size)
+  q = jaxmem.ops.gptq_kernel(w, x.T @ x, 4, group_size=group_size, act_order=act_order)
+  rtn = jaxmem.ops.quantize(jnp.asarray(w), 4, channel_axes=(1,), group_size=group_size)
   err = lambda wq: np.linalg.norm(x @ (np.asarray(wq, np.float64) - w))
   assert err(q.dequantize()) < 0.8 * err(rtn.dequantize())
-  values = np.asarray(jaxmem.unpack(q.qvalue, 4, q.pack_axis))
+  values = np.asarray(jaxmem.ops.unpack_ints(q.qvalue, 4, q.pack_axis))
   assert values.shape == (64, 16) and q.qvalue.shape == (32, 16)
   assert values.min() >= -7 and values.max() <= 7
 
@@ -339,7 +341,7 @@ def test_asymmetric_weights_through_dot_general_and_einsum(act_bits):
   w = (rng.uniform(0.5, 2.0, size=(48, 16)) * rng.uniform(0.1, 3.0, size=(1, 16))).astype(
       np.float32)
   x = rng.normal(size=(5, 48)).astype(np.float32)
-  q = jaxmem.quantize(jnp.asarray(w), 8, channel_axes=(1,), symmetric=False, act_bits=act_bits)
+  q = jaxmem.ops.quantize(jnp.asarray(w), 8, channel_axes=(1,), symmetric=False, act_bits=act_bits)
   assert (q.scale.shape, q.offset.shape, q.symmetric, q.act_bits) == ((1, 16), (1, 16), False,
                                                                        act_bits)
   codes = np.asarray(q.qvalue)
@@ -348,16 +350,16 @@ def test_asymmetric_weights_through_dot_general_and_einsum(act_bits):
   np.testing.assert_allclose(np.asarray(q.dequantize()), deq, rtol=1e-6, atol=1e-6)
   ref = _hand_activations(x, (1,), act_bits) @ deq
   dn = (((1,), (0,)), ((), ()))
-  y = jax.jit(lambda x, q: jaxmem.quantized_dot_general(x, q, dn))(x, q)
+  y = jax.jit(lambda x, q: jaxmem.ops.quantized_dot_general(x, q, dn))(x, q)
   _assert_matmul_close(y, ref)
-  _assert_matmul_close(jaxmem.quantized_einsum("bi,io->bo", x, q), ref)
+  _assert_matmul_close(jaxmem.ops.quantized_einsum("bi,io->bo", x, q), ref)
   # Batched activations through einsum: one activation scale per (batch, position).
   x3 = rng.normal(size=(2, 3, 48)).astype(np.float32)
-  _assert_matmul_close(jaxmem.quantized_einsum("btc,cd->btd", x3, q),
+  _assert_matmul_close(jaxmem.ops.quantized_einsum("btc,cd->btd", x3, q),
                        _hand_activations(x3, (2,), act_bits) @ deq)
   if act_bits == 8:  # both integer-dot routes give the same (exact) integer sums
-    a = jaxmem.quantized_dot_general(x, q, dn, int8_route="int32")
-    b = jaxmem.quantized_dot_general(x, q, dn, int8_route="bf16")
+    a = jaxmem.ops.quantized_dot_general(x, q, dn, int8_route="int32")
+    b = jaxmem.ops.quantized_dot_general(x, q, dn, int8_route="bf16")
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -367,10 +369,10 @@ def test_asymmetric_einsum_summing_a_weight_only_axis(act_bits):
   rng = np.random.default_rng(4)
   w = (rng.normal(size=(24, 6, 3)) + 1.5).astype(np.float32)
   x = rng.normal(size=(4, 24)).astype(np.float32)
-  q = jaxmem.quantize(jnp.asarray(w), 8, channel_axes=(1,), symmetric=False, act_bits=act_bits)
+  q = jaxmem.ops.quantize(jnp.asarray(w), 8, channel_axes=(1,), symmetric=False, act_bits=act_bits)
   assert q.scale.shape == (1, 6, 1)
   ref = np.einsum("bc,cde->bd", _hand_activations(x, (1,), act_bits), _hand_dequantize(q))
-  _assert_matmul_close(jaxmem.quantized_einsum("bc,cde->bd", x, q), ref)
+  _assert_matmul_close(jaxmem.ops.quantized_einsum("bc,cde->bd", x, q), ref)
 
 
 def test_asymmetric_int8_codes_shorten_the_exact_bf16_chunks():
@@ -379,16 +381,16 @@ def test_asymmetric_int8_codes_shorten_the_exact_bf16_chunks():
   x = jnp.ones((2, 1040))
 
   def dots(q):
-    f = jax.jit(lambda x, q: jaxmem.quantized_dot_general(x, q, dn, int8_route="bf16"))
+    f = jax.jit(lambda x, q: jaxmem.ops.quantized_dot_general(x, q, dn, int8_route="bf16"))
     return f.lower(x, q).as_text().count("dot_general")
 
   w = jnp.asarray(np.random.default_rng(5).normal(size=(1040, 4)), jnp.float32)
-  sym = jaxmem.quantize(w, 8, act_bits=8)
-  asym = jaxmem.quantize(w, 8, act_bits=8, symmetric=False)
+  sym = jaxmem.ops.quantize(w, 8, act_bits=8)
+  asym = jaxmem.ops.quantize(w, 8, act_bits=8, symmetric=False)
   assert dots(sym) == 1 and dots(asym) == 2  # one exact dot, or two exact chunks
   np.testing.assert_array_equal(
-      np.asarray(jaxmem.quantized_dot_general(x, asym, dn, int8_route="bf16")),
-      np.asarray(jaxmem.quantized_dot_general(x, asym, dn, int8_route="int32")))
+      np.asarray(jaxmem.ops.quantized_dot_general(x, asym, dn, int8_route="bf16")),
+      np.asarray(jaxmem.ops.quantized_dot_general(x, asym, dn, int8_route="int32")))
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -420,7 +422,7 @@ def test_quantize_weights_groups_embedding_tables_along_features():
   s = np.repeat(np.asarray(q.scale), 128, axis=1)
   assert np.all(np.abs(np.asarray(q.dequantize()) - np.asarray(table)) <= s / 2 * (1 + 1e-5))
   ids = jnp.array([[0, 49, 7], [3, 3, 12]])
-  np.testing.assert_allclose(jaxmem.quantized_take(q, ids), np.asarray(q.dequantize())[ids],
+  np.testing.assert_allclose(jaxmem.ops.quantized_take(q, ids), np.asarray(q.dequantize())[ids],
                              rtol=1e-6, atol=1e-6)
   got = jaxmem.apply(model, {"params": {"embedding": q}}, ids)
   np.testing.assert_allclose(got, np.asarray(q.dequantize())[ids], rtol=1e-6, atol=1e-6)

@@ -202,7 +202,9 @@ def test_topk_agreement_by_hand():
 
 
 def test_main_job_saves_restorable_params(tmp_path, capsys):
-  rows = minilm.main(
+  from jaxmem.models.minilm.__main__ import main
+
+  rows = main(
     [
       "--workdir",
       str(tmp_path),
@@ -216,15 +218,56 @@ def test_main_job_saves_restorable_params(tmp_path, capsys):
     ]
   )
   assert [r["recipe"] for r in rows] == ["fp32", "int8_dynamic"]
+  assert all(list(r) == list(minilm.ROW_KEYS) for r in rows)
   assert rows[0]["cos_min"] == pytest.approx(1.0, abs=1e-6)
   assert rows[1]["ratio"] <= 0.30
   out = capsys.readouterr().out
   assert "int8_dynamic" in out and "top-10 agree" in out
+  assert f"saved int8_dynamic: {tmp_path / 'int8_dynamic'}" in out
   m = minilm.load()
-  restored = minilm.restore_params(tmp_path / "int8_dynamic", "int8_dynamic", m.params)
+  restored = minilm.restore_params(tmp_path, "int8_dynamic")
   want = jaxmem.transform(minilm.recipe("int8_dynamic"), m.params)
   k = restored["encoder"]["layer_0"]["intermediate"]["kernel"]
   assert isinstance(k, jaxmem.QArray) and k.act_bits == 8
   np.testing.assert_array_equal(
     k.qvalue, want["encoder"]["layer_0"]["intermediate"]["kernel"].qvalue
   )
+  assert not minilm.is_saved(tmp_path, "fp32")  # the job saves compressed recipes only
+
+
+def test_recipe_checkpoints_are_keyed_by_name(tmp_path):
+  q = jaxmem.transform(jaxmem.quantize_int8(), {"kernel": jnp.ones((8, 4))})
+  assert not minilm.is_saved(tmp_path, "int8_weight_channel")
+  path = minilm.save_params(tmp_path, "int8_weight_channel", q)
+  assert path == tmp_path / "int8_weight_channel" and minilm.is_saved(tmp_path, path.name)
+  minilm.save_params(tmp_path, "int8_weight_channel", q)  # a second save replaces the first
+  with jaxmem.CheckpointManager(str(path), read_only=True) as mgr:
+    assert mgr.all_steps() == [1]
+  restored = minilm.restore_params(tmp_path, "int8_weight_channel")
+  np.testing.assert_array_equal(restored["kernel"].qvalue, q["kernel"].qvalue)
+  # A directory renamed to another recipe's name is refused, not restored as that recipe.
+  path.rename(tmp_path / "int8_weight")
+  with pytest.raises(ValueError, match="int8_weight_channel"):
+    minilm.restore_params(tmp_path, "int8_weight")
+  with pytest.raises(FileNotFoundError):
+    minilm.restore_params(tmp_path, "int4_g64")
+  with pytest.raises(ValueError, match="cannot name a checkpoint directory"):
+    minilm.save_params(tmp_path, "../elsewhere", q)
+
+
+def test_one_evaluation_path_orders_and_reuses(m):
+  sentences = minilm.eval_sentences(6)
+  data = minilm.make_batches(m.tokenizer, sentences, batch_size=4)
+  emb, speed = minilm.embed(m.model, m.params, data)
+  # Rows come back in the sentences' order, not the length-sorted batch order.
+  np.testing.assert_allclose(emb[:2], _embed(m, m.params, sentences[:2]), atol=2e-6)
+  assert speed > 0
+  seen = []
+  finished = {"int8_weight": {"recipe": "int8_weight", "marker": 1}}
+  rows = minilm.evaluate_recipes(
+    m, sentences, ["int8_weight", "fp32"], batch_size=4, top_k=2, progress=False,
+    finished=finished, on_result=lambda name, params, row: seen.append(name),
+  )
+  assert rows[0] == finished["int8_weight"] and rows[1]["recipe"] == "fp32"
+  assert seen == ["fp32"]  # a finished recipe is neither recomputed nor reported
+  np.testing.assert_allclose(rows[1]["cos_min"], 1.0, atol=1e-6)

@@ -30,19 +30,19 @@ def _sq_err(params):
 def test_leaf_sensitivity_matches_hand_computed_errors():
   params = _params()
   low = jaxmem.transform(jaxmem.quantize_int4(64), params)
-  sens = jaxmem.leaf_sensitivity(_sq_err(params), params, low)
+  sens = jaxmem.memory.leaf_sensitivity(_sq_err(params), params, low)
   assert list(sens) == ["a/kernel", "b/kernel", "c/kernel"]
   for k in params:
     want = float(jnp.sum((low[k]["kernel"].dequantize() - params[k]["kernel"]) ** 2))
     np.testing.assert_allclose(sens[f"{k}/kernel"], want, rtol=1e-5)
   # Swapping in the compressed leaf itself gives the same numbers here.
-  direct = jaxmem.leaf_sensitivity(_sq_err(params), params, low, materialize=False)
+  direct = jaxmem.memory.leaf_sensitivity(_sq_err(params), params, low, materialize=False)
   np.testing.assert_allclose([direct[p] for p in sens], list(sens.values()), rtol=1e-5)
   with pytest.raises(ValueError, match="no leaf at.*'z/kernel'"):
-    jaxmem.leaf_sensitivity(_sq_err(params), params, low, paths=["z/kernel"])
+    jaxmem.memory.leaf_sensitivity(_sq_err(params), params, low, paths=["z/kernel"])
 
 
-def test_mixed_precision_greedy_by_gain_per_byte_within_budget():
+def test_allocate_bits_greedy_by_gain_per_byte_within_budget():
   params = _params()
   low = jaxmem.transform(jaxmem.quantize_int4(64), params)
   high = jaxmem.transform(jaxmem.quantize_int8(), params)
@@ -56,25 +56,25 @@ def test_mixed_precision_greedy_by_gain_per_byte_within_budget():
   base = jaxmem.tree_bytes(low)
   # Room for c and a, not b: b is skipped.
   budget = base + extra["c/kernel"] + extra["a/kernel"] + extra["b/kernel"] - 1
-  mixed, chosen = jaxmem.mixed_precision(low, high, sens, budget)
+  mixed, chosen = jaxmem.memory.allocate_bits(low, high, sens, budget)
   assert chosen == ["c/kernel", "a/kernel"]
   assert jaxmem.tree_bytes(mixed) == base + extra["c/kernel"] + extra["a/kernel"] <= budget
   assert mixed["c"]["kernel"] is high["c"]["kernel"] and mixed["b"]["kernel"] is low["b"]["kernel"]
   # Too little room for c: the smaller a still fits.
-  _, chosen = jaxmem.mixed_precision(low, high, sens, base + extra["a/kernel"])
+  _, chosen = jaxmem.memory.allocate_bits(low, high, sens, base + extra["a/kernel"])
   assert chosen == ["a/kernel"]
   # Zero gain is never paid for.
-  _, chosen = jaxmem.mixed_precision(low, high, {"a/kernel": 0.0}, budget)
+  _, chosen = jaxmem.memory.allocate_bits(low, high, {"a/kernel": 0.0}, budget)
   assert chosen == []
 
 
-def test_mixed_precision_errors_name_the_problem():
+def test_allocate_bits_errors_name_the_problem():
   params = _params()
   low = jaxmem.transform(jaxmem.quantize_int4(64), params)
   high = jaxmem.transform(jaxmem.quantize_int8(), params)
   with pytest.raises(ValueError, match="low-precision tree alone takes"):
-    jaxmem.mixed_precision(low, high, {}, jaxmem.tree_bytes(low) - 1)
+    jaxmem.memory.allocate_bits(low, high, {}, jaxmem.tree_bytes(low) - 1)
   with pytest.raises(ValueError, match="not leaves of `low`"):
-    jaxmem.mixed_precision(low, high, {"kernel": 1.0}, 10**9)
+    jaxmem.memory.allocate_bits(low, high, {"kernel": 1.0}, 10**9)
   with pytest.raises(ValueError, match="differ in structure"):
-    jaxmem.mix_leaves(low, {"a": high["a"]}, [])
+    jaxmem.memory.mix_leaves(low, {"a": high["a"]}, [])

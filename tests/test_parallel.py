@@ -18,7 +18,7 @@ def _params():
   return {
       "w1": f(8, 16),
       "b1": jnp.zeros(16),
-      "frozen": jaxmem.quantize(f(8, 16)),  # int8 values + float scales; never trained
+      "frozen": jaxmem.ops.quantize(f(8, 16)),  # int8 values + float scales; never trained
       "w2": f(16, 4),
   }
 
@@ -32,7 +32,7 @@ def _batch(n=16, seed=1):
 
 
 def _loss(p, b):
-  h = jnp.tanh(b["x"] @ p["w1"] + p["b1"][None] + b["x"] @ jaxmem.dequantize(p["frozen"]))
+  h = jnp.tanh(b["x"] @ p["w1"] + p["b1"][None] + b["x"] @ jaxmem.ops.dequantize(p["frozen"]))
   return jnp.mean((h @ p["w2"] - b["y"]) ** 2)
 
 
@@ -104,7 +104,7 @@ def test_train_step_data_parallel_matches_single_device(backend):
   opt, masks = _optimizer(params)
 
   single = jax.jit(jaxmem.train_step(_loss, opt))
-  ref = jaxmem.init_train_state(params, opt)
+  ref = jaxmem.init_step_state(params, opt)
   for b in batches:
     ref, ref_metrics = single(ref, b)
 
@@ -112,7 +112,7 @@ def test_train_step_data_parallel_matches_single_device(backend):
   dp = jaxmem.data_parallel(
       jaxmem.train_step(_loss, opt, axis_name="batch", microbatches=2), backend=backend
   )
-  state = dp.replicate(jaxmem.init_train_state(params, opt))
+  state = dp.replicate(jaxmem.init_step_state(params, opt))
   for b in batches:
     state, metrics = dp(state, b)
   state, metrics = dp.unreplicate(state), dp.unreplicate(metrics)
@@ -130,24 +130,40 @@ def test_train_step_data_parallel_matches_single_device(backend):
 def test_microbatches_equal_full_batch_and_trainable_subset():
   params, batch = _params(), _batch()
   opt = optax.sgd(0.5)
-  full = jaxmem.train_step(_loss, opt)(jaxmem.init_train_state(params, opt), batch)[0]
+  full = jaxmem.train_step(_loss, opt)(jaxmem.init_step_state(params, opt), batch)[0]
   micro = jaxmem.train_step(_loss, opt, microbatches=4)(
-      jaxmem.init_train_state(params, opt), batch
+      jaxmem.init_step_state(params, opt), batch
   )[0]
   assert _rel_err(_trainable(micro.params), _trainable(full.params)) <= 1e-6
 
-  state = jaxmem.init_train_state(params, opt, trainable="w2")
+  state = jaxmem.init_step_state(params, opt, trainable="w2")
   new = jaxmem.train_step(_loss, opt, trainable="w2")(state, batch)[0]
   np.testing.assert_array_equal(new.params["w1"], params["w1"])
   g = jax.grad(lambda w2: _loss({**params, "w2": w2}, batch))(params["w2"])
   np.testing.assert_allclose(new.params["w2"], params["w2"] - 0.5 * g, rtol=1e-6)
 
 
+def test_extra_step_args_reach_the_loss_whole_and_get_no_gradient():
+  params, batch = _params(), _batch()
+  opt = optax.sgd(0.5)
+  # A scalar and a leading size of 3: splitting either into 4 microbatches would fail.
+  scaled = lambda p, b, s, v: s * _loss(p, b) + jnp.sum(v) * 0.0
+  step = jaxmem.train_step(scaled, opt, microbatches=4)
+  new, metrics = jax.jit(step)(jaxmem.init_step_state(params, opt), batch, 0.5, jnp.ones(3))
+  ref, ref_metrics = jaxmem.train_step(lambda p, b: 0.5 * _loss(p, b), opt)(
+      jaxmem.init_step_state(params, opt), batch
+  )
+  assert _rel_err(_trainable(new.params), _trainable(ref.params)) <= 1e-6
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
+  with pytest.raises(TypeError, match=r"state is a dict, not a jaxmem\.StepState"):
+    step(params, batch, 0.5, jnp.ones(3))
+
+
 def test_bf16_compute_keeps_f32_master_params():
   params, batch = _params(), _batch()
   opt = optax.adam(1e-2)
   step = jaxmem.train_step(_loss, opt, compute_dtype=jnp.bfloat16)
-  state = jaxmem.init_train_state(params, opt)
+  state = jaxmem.init_step_state(params, opt)
   jaxpr = str(jax.make_jaxpr(step)(state, batch))
   assert "bf16[16,8]" in jaxpr and "dot_general" in jaxpr  # the forward runs in bfloat16
   new, metrics = jax.jit(step)(state, batch)
@@ -170,17 +186,17 @@ def test_microbatch_not_divisible_is_a_clear_error():
   opt = optax.sgd(0.1)
   step = jaxmem.train_step(_loss, opt, microbatches=3)
   with pytest.raises(ValueError, match=r"'x' has leading size 16, not divisible by microbatches=3"):
-    step(jaxmem.init_train_state(_params(), opt), _batch())
+    step(jaxmem.init_step_state(_params(), opt), _batch())
 
 
 def test_state_is_donated_and_caller_arrays_survive():
   params, batch = _params(), _batch()
   opt = optax.adam(1e-3)
   dp = jaxmem.data_parallel(jaxmem.train_step(_loss, opt, axis_name="batch"))
-  host_state = jaxmem.init_train_state(params, opt)
+  host_state = jaxmem.init_step_state(params, opt)
   state = dp.replicate(host_state)
   compiled = dp.lower(state, batch).compile()
-  prof = jaxmem.compiled_profile(compiled, params=params)
+  prof = jaxmem.memory.compiled_profile(compiled, params=params)
   # The float state (params, adam mu/nu, counters) is updated in place.
   assert prof.alias_bytes >= 3 * jaxmem.tree_bytes(_trainable(params))
   new_state, _ = dp(state, batch)
@@ -202,11 +218,11 @@ def test_data_parallel_argument_errors():
 
 
 def test_mesh_from_axes_resolves_minus_one_and_checks_sizes():
-  mesh = jaxmem.mesh_from_axes({"data": -1, "model": 2})
+  mesh = jaxmem.distributed.mesh_from_axes({"data": -1, "model": 2})
   assert mesh.shape == {"data": jax.device_count() // 2, "model": 2}
   with pytest.raises(ValueError, match="does not cover the 4 devices"):
-    jaxmem.mesh_from_axes({"data": 3})
+    jaxmem.distributed.mesh_from_axes({"data": 3})
   with pytest.raises(ValueError, match="more than one -1"):
-    jaxmem.mesh_from_axes({"data": -1, "model": -1})
+    jaxmem.distributed.mesh_from_axes({"data": -1, "model": -1})
   with pytest.raises(ValueError, match="batch_size=6 does not divide over the 4 devices"):
-    jaxmem.mesh_from_axes({"data": -1}, batch_size=6)
+    jaxmem.distributed.mesh_from_axes({"data": -1}, batch_size=6)

@@ -53,11 +53,11 @@ def test_layer_magnitude_prune_is_exact(sparsity):
 
 def test_ties_are_deterministic():
   x = jnp.ones((4, 4))
-  mask = jaxmem.magnitude_mask(x, 0.25)
+  mask = jaxmem.ops.magnitude_mask(x, 0.25)
   # All equal: the first four (row-major) entries are pruned.
   np.testing.assert_array_equal(np.asarray(mask).reshape(-1), [False] * 4 + [True] * 12)
   x = jnp.array([2.0, -1.0, 1.0, 3.0, -1.0])
-  np.testing.assert_array_equal(np.asarray(jaxmem.magnitude_mask(x, 0.4)),
+  np.testing.assert_array_equal(np.asarray(jaxmem.ops.magnitude_mask(x, 0.4)),
                                 [True, False, False, True, True])
 
 
@@ -69,7 +69,7 @@ def test_global_prune_uses_one_threshold():
   keep = _ref_keep(flat, round(0.6 * flat.size))
   got = np.concatenate([np.asarray(out[k]["kernel"]).reshape(-1) != 0 for k in ("a", "b")])
   np.testing.assert_array_equal(got, keep)
-  assert jaxmem.tree_sparsity(out) == pytest.approx(round(0.6 * 72) / 72)
+  assert jaxmem.sparsity.tree_sparsity(out) == pytest.approx(round(0.6 * 72) / 72)
   assert (np.asarray(out["b"]["kernel"]) != 0).mean() > (np.asarray(out["a"]["kernel"]) != 0).mean()
 
 
@@ -95,7 +95,7 @@ def test_nm_prune_matches_reference(n, m, rows):
 
 def test_nm_prune_conv_kernel_groups_input_axis():
   w = jnp.asarray(np.random.default_rng(0).standard_normal((3, 3, 8, 2)), jnp.float32)
-  mask = jaxmem.nm_masks({"conv": {"kernel": w}}, 2, 4)["conv"]["kernel"]
+  mask = jaxmem.sparsity.nm_masks({"conv": {"kernel": w}}, 2, 4)["conv"]["kernel"]
   groups = np.asarray(mask).reshape(3, 3, 2, 4, 2).sum(axis=3)
   assert (groups == 2).all()
 
@@ -137,7 +137,7 @@ def test_prune_then_sparsify_int8():
   out = jaxmem.transform(tx, params)
   s = out["a"]["kernel"]
   assert isinstance(s, jaxmem.SparseArray) and s.nnz == 12 and s.values.dtype == jnp.int8
-  assert jaxmem.tree_sparsity(out) == 0.75
+  assert jaxmem.sparsity.tree_sparsity(out) == 0.75
   assert isinstance(out["a"]["bias"], jax.Array)
 
 
@@ -172,19 +172,19 @@ def test_bad_input_names_the_path():
   with pytest.raises(ValueError, match="'a/kernel'.*NaN"):
     bad = {"a": {"kernel": jnp.full((2, 2), jnp.nan)}}
     jaxmem.transform(jaxmem.magnitude_prune(0.5), bad)
-  masks = jaxmem.magnitude_masks(params, 0.5)
+  masks = jaxmem.sparsity.magnitude_masks(params, 0.5)
   with pytest.raises(ValueError, match="only in params"):
-    jaxmem.apply_masks(params, {"a": masks["a"]})
+    jaxmem.sparsity.apply_masks(params, {"a": masks["a"]})
   masks["b"]["kernel"] = jnp.ones((2, 2), bool)
   with pytest.raises(ValueError, match="'b/kernel': mask shape"):
-    jaxmem.apply_masks(params, masks)
+    jaxmem.sparsity.apply_masks(params, masks)
 
 
 def test_masks_have_params_structure():
   params = _params()
-  masks = jaxmem.magnitude_masks(params, 0.5)
+  masks = jaxmem.sparsity.magnitude_masks(params, 0.5)
   assert masks["a"]["bias"] is None and masks["count"] is None
   assert masks["a"]["kernel"].dtype == jnp.bool_ and int(masks["a"]["kernel"].sum()) == 24
-  out = jaxmem.apply_masks(params, masks)
+  out = jaxmem.sparsity.apply_masks(params, masks)
   np.testing.assert_array_equal(np.asarray(out["a"]["kernel"] != 0),
                                 np.asarray(masks["a"]["kernel"]))

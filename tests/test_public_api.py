@@ -1,70 +1,107 @@
-"""The public surface: what `import jaxmem` offers is deliberate and documented."""
+"""The public surface: what `import jaxmem` offers is deliberate, grouped and documented."""
 
+import importlib.metadata
 import inspect
+import pathlib
+import tomllib
 
 import jaxmem
 
-EXPECTED = {
-    # core
-    "Compressed", "EmptyState", "MaskedState", "PartitionState", "ParamTransform", "chain",
-    "is_compressed", "leafwise", "leaves_with_paths", "map_with_path", "masked", "partition",
-    "select", "transform",
-    # memory
-    "MemoryReport", "memory_report", "tree_bytes", "MemoryProfile", "compiled_profile",
-    "memory_profile", "Candidate", "MemoryPlan", "jaxpr_flops", "memory_candidates",
-    "plan_memory",
-    # quantization and execution
-    "QArray", "dequantize", "pack", "quantize", "unpack", "dequantize_params",
-    "quantize_dynamic_int8", "quantize_int8", "quantize_weights", "quantize_int4",
-    "quantize_grouped", "gptq_kernel", "input_hessians", "quantize_gptq", "leaf_sensitivity",
-    "mix_leaves", "mixed_precision", "apply", "merge_compressed", "int8_dot_route",
-    "quantize_activations", "quantized_conv", "quantized_dot_general", "quantized_einsum",
-    "quantized_take", "set_act_bits", "partition_specs",
+TOP = {
+    # param transforms
+    "ParamTransform", "EmptyState", "MaskedState", "PartitionState", "chain", "leafwise",
+    "masked", "partition", "select", "transform",
+    # pytrees of params
+    "Compressed", "is_compressed", "leaves_with_paths", "map_with_path", "path_str",
+    # quantization
+    "QArray", "QATWeights", "dequantize_params", "input_hessians", "qat_weights",
+    "quantize_dynamic_int8", "quantize_gptq", "quantize_int4", "quantize_int8",
+    "quantize_weights", "set_act_bits",
     # pruning and sparse storage
-    "GradualPruneState", "KeepMasksState", "gradual_prune", "keep_masks", "mask_sparsity",
-    "sparsity_schedule", "apply_masks", "magnitude_mask", "magnitude_masks", "magnitude_prune",
-    "nm_mask", "nm_masks", "nm_prune", "sparsify", "tree_sparsity", "SparseArray",
-    "sparse_pack", "sparse_unpack",
-    # QAT and distillation
-    "QATWeights", "fake_quant_activations", "fake_quantize", "fake_quantize_activations",
-    "qat_weights", "DistillState", "distill_init", "distill_train_step",
-    "feature_distill_loss", "kd_loss",
-    # function transforms and parallelism
-    "REMAT_OFFLOAD_POLICIES", "REMAT_POLICIES", "checkpoint_name", "offload_supported", "remat",
-    "remat_policy", "scan_layers", "DataParallel", "TrainState", "data_parallel",
-    "init_train_state", "mesh_from_axes", "train_step", "ProcessInfo", "initialize", "shutdown",
-    # checkpoints
-    "CheckpointCorruptError", "CheckpointFallbackWarning", "CheckpointLockedError",
-    "CheckpointManager", "abstract_target", "checkpoint_layout", "register_checkpoint_type",
-    # test helpers
-    "testing",
+    "SparseArray", "gradual_prune", "keep_masks", "magnitude_prune", "nm_prune", "sparsify",
+    # running and sharding
+    "apply", "merge_compressed", "partition_specs",
+    # function transforms and training
+    "StepState", "data_parallel", "init_step_state", "remat", "scan_layers", "train_step",
+    # memory and checkpoints
+    "CheckpointManager", "MemoryReport", "memory_report", "tree_bytes",
+}
+
+NAMESPACES = {
+    "ops": {
+        "dequantize", "fake_quantize", "fake_quantize_activations", "gptq_kernel",
+        "int8_dot_route", "magnitude_mask", "nm_mask", "pack_ints", "quantize",
+        "quantize_activations", "quantized_conv", "quantized_dot_general", "quantized_einsum",
+        "quantized_take", "sparse_pack", "sparse_unpack", "unpack_ints",
+    },
+    "sparsity": {
+        "GradualPruneState", "KeepMasksState", "apply_masks", "magnitude_masks", "mask_sparsity",
+        "nm_masks", "sparsity_schedule", "tree_sparsity",
+    },
+    "train": {"distill_loss", "fake_quantize_linen_inputs", "feature_distill_loss", "kd_loss"},
+    "memory": {
+        "REMAT_OFFLOAD_POLICIES", "REMAT_POLICIES", "Candidate", "MemoryPlan", "MemoryProfile",
+        "allocate_bits", "checkpoint_name", "compiled_profile", "jaxpr_flops", "leaf_sensitivity",
+        "memory_candidates", "memory_profile", "mix_leaves", "offload_supported", "plan_memory",
+        "remat_policy",
+    },
+    "distributed": {"DataParallel", "ProcessInfo", "initialize", "mesh_from_axes", "shutdown"},
+    "checkpoint": {
+        "CheckpointCorruptError", "CheckpointFallbackWarning", "CheckpointLockedError",
+        "abstract_target", "checkpoint_layout", "register_checkpoint_type",
+    },
 }
 
 
-def test_public_names_are_exactly_the_documented_surface():
-  # Subpackages (e.g. jaxmem.models) appear as attributes once something imports them.
-  public = {
-      n for n in dir(jaxmem)
-      if not n.startswith("_") and (n == "testing" or not inspect.ismodule(getattr(jaxmem, n)))
+def _public(module) -> set[str]:
+  return {
+      n for n in dir(module)
+      if not n.startswith("_") and not inspect.ismodule(getattr(module, n))
   }
-  assert public == EXPECTED, (
-      f"added: {sorted(public - EXPECTED)}; missing: {sorted(EXPECTED - public)}"
-  )
+
+
+def test_top_level_is_the_everyday_names_plus_namespaces():
+  # Subpackages (e.g. jaxmem.models) appear as attributes once something imports them.
+  names = _public(jaxmem)
+  assert names == TOP, f"added: {sorted(names - TOP)}; missing: {sorted(TOP - names)}"
+  assert set(jaxmem.__all__) == TOP | set(NAMESPACES) | {"testing"}
+  assert len(jaxmem.__all__) == len(set(jaxmem.__all__))
+
+
+def test_each_namespace_holds_exactly_its_names():
+  for ns, expected in NAMESPACES.items():
+    module = getattr(jaxmem, ns)
+    assert _public(module) == expected == set(module.__all__), ns
+
+
+def test_one_name_per_idea_each_in_one_place():
+  places: dict[str, list[str]] = {}
+  for n in TOP:
+    places.setdefault(n, []).append("jaxmem")
+  for ns, names in NAMESPACES.items():
+    for n in names:
+      places.setdefault(n, []).append(f"jaxmem.{ns}")
+  twice = {n: p for n, p in places.items() if len(p) > 1}
+  assert not twice, twice
+  objects = [getattr(jaxmem, n) for n in TOP] + [
+      getattr(getattr(jaxmem, ns), n) for ns, names in NAMESPACES.items() for n in names]
+  callables = [o for o in objects if callable(o)]
+  assert len({id(o) for o in callables}) == len(callables), "one object under two names"
 
 
 def test_every_public_function_and_class_has_a_docstring():
-  for name in sorted(EXPECTED):
-    obj = getattr(jaxmem, name)
+  items = [("jaxmem", n, getattr(jaxmem, n)) for n in TOP] + [
+      (f"jaxmem.{ns}", n, getattr(getattr(jaxmem, ns), n))
+      for ns, names in NAMESPACES.items() for n in names]
+  for where, name, obj in items:
     if inspect.isfunction(obj) or inspect.isclass(obj):
-      assert (obj.__doc__ or "").strip(), f"jaxmem.{name} has no docstring"
+      assert (obj.__doc__ or "").strip(), f"{where}.{name} has no docstring"
       assert obj.__module__.startswith("jaxmem"), name
+  for ns in NAMESPACES:
+    assert (getattr(jaxmem, ns).__doc__ or "").strip(), ns
 
 
 def test_version_comes_from_pyproject():
-  import importlib.metadata
-  import pathlib
-  import tomllib
-
   pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
   expected = tomllib.loads(pyproject.read_text())["project"]["version"]
   assert jaxmem.__version__ == importlib.metadata.version("jaxmem") == expected

@@ -37,8 +37,8 @@ def _data(n=64, d=64, seed=0):
 @pytest.mark.parametrize("bits,group_size", [(2, None), (4, 16), (4, None), (8, 32)])
 def test_fake_quantize_forward_is_quantize_dequantize(bits, group_size):
   x = jnp.asarray(np.random.default_rng(bits).normal(size=(64, 6)), jnp.float32)
-  fq = jaxmem.fake_quantize(x, bits, channel_axes=(1,), group_size=group_size)
-  q = jaxmem.quantize(x, bits, channel_axes=(1,), group_size=group_size)
+  fq = jaxmem.ops.fake_quantize(x, bits, channel_axes=(1,), group_size=group_size)
+  q = jaxmem.ops.quantize(x, bits, channel_axes=(1,), group_size=group_size)
   np.testing.assert_array_equal(fq, q.dequantize())
   if bits < 8:
     rows = group_size or x.shape[0]  # one scale per group: at most 2**bits - 1 levels
@@ -49,11 +49,11 @@ def test_straight_through_gradient():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 3)), jnp.float32)
   c = jnp.asarray(np.random.default_rng(1).normal(size=(16, 3)), jnp.float32)
   loss = lambda w: jnp.sum(c * w**2)
-  g = jax.jit(jax.grad(lambda w: loss(jaxmem.fake_quantize(w, 3, group_size=8))))(x)
+  g = jax.jit(jax.grad(lambda w: loss(jaxmem.ops.fake_quantize(w, 3, group_size=8))))(x)
   # STE: the gradient of the loss at the quantized weights, passed through unchanged.
-  fq = jaxmem.fake_quantize(x, 3, group_size=8)
+  fq = jaxmem.ops.fake_quantize(x, 3, group_size=8)
   np.testing.assert_allclose(g, 2 * c * fq, rtol=1e-6)
-  np.testing.assert_allclose(jax.grad(lambda w: jaxmem.fake_quantize(w, 4).sum())(x),
+  np.testing.assert_allclose(jax.grad(lambda w: jaxmem.ops.fake_quantize(w, 4).sum())(x),
                              jnp.ones_like(x))
 
 
@@ -123,21 +123,21 @@ def test_qat_composes_with_pruning_masks():
   x, y = _data()
   model = MLP()
   params = model.init(jax.random.key(1), x)["params"]
-  masks = jaxmem.magnitude_masks(params, 0.75)
+  masks = jaxmem.sparsity.magnitude_masks(params, 0.75)
   qat = jaxmem.qat_weights(4, group_size=16)
 
   def loss_fn(p):
-    logits = model.apply({"params": qat.fake_quant(jaxmem.apply_masks(p, masks))}, x)
+    logits = model.apply({"params": qat.fake_quant(jaxmem.sparsity.apply_masks(p, masks))}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   params, losses = _train(loss_fn, params)
   assert losses[-1] < 0.7 * losses[0]
-  final = jaxmem.apply_masks(params, masks)
+  final = jaxmem.sparsity.apply_masks(params, masks)
   converted = jaxmem.transform(qat.convert, final)
   for name in ("Dense_0", "Dense_1"):
     q = converted[name]["kernel"]
     assert q.packed and q.qvalue.shape[q.pack_axis] * 2 == q.shape[q.pack_axis]
-    values = np.asarray(jaxmem.unpack(q.qvalue, 4, q.pack_axis))
+    values = np.asarray(jaxmem.ops.unpack_ints(q.qvalue, 4, q.pack_axis))
     assert values.shape == q.shape
     assert np.all(values[~np.asarray(masks[name]["kernel"])] == 0)  # pruned stay exactly zero
   want = model.apply({"params": qat.fake_quant(final)}, x)
@@ -152,7 +152,7 @@ def test_activation_fake_quant_interceptor_and_w8a8_convert():
   qat = jaxmem.qat_weights(8, act_bits=8)
 
   def forward(p):
-    with jaxmem.fake_quant_activations():
+    with jaxmem.train.fake_quantize_linen_inputs():
       return model.apply({"params": qat.fake_quant(p)}, x)
 
   def loss_fn(p):
@@ -163,8 +163,8 @@ def test_activation_fake_quant_interceptor_and_w8a8_convert():
   # The interceptor quantizes exactly the Dense inputs, as an explicit call would.
   fq = qat.fake_quant(params)
   d0 = fq["Dense_0"]
-  h = jaxmem.fake_quantize_activations(x) @ d0["kernel"] + d0["bias"][None]
-  h = jaxmem.fake_quantize_activations(jax.nn.relu(h))
+  h = jaxmem.ops.fake_quantize_activations(x) @ d0["kernel"] + d0["bias"][None]
+  h = jaxmem.ops.fake_quantize_activations(jax.nn.relu(h))
   manual = h @ fq["Dense_1"]["kernel"] + fq["Dense_1"]["bias"][None]
   np.testing.assert_allclose(forward(params), manual, rtol=1e-5, atol=1e-5)
   # Converted: int8 x int8 matmuls (dynamic W8A8) reproduce the fake-quant model.
@@ -178,11 +178,12 @@ def test_activation_interceptor_where_selects_modules():
   x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 64)), jnp.float32)
   model = MLP()
   params = model.init(jax.random.key(0), x)
-  with jaxmem.fake_quant_activations(where="Dense_1"):
+  with jaxmem.train.fake_quantize_linen_inputs(where="Dense_1"):
     only_second = model.apply(params, x)
   p = params["params"]
   h = jax.nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"][None])
-  want = jaxmem.fake_quantize_activations(h) @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"][None]
+  fq = jaxmem.ops.fake_quantize_activations(h)
+  want = fq @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"][None]
   np.testing.assert_allclose(only_second, want, rtol=1e-5, atol=1e-5)
 
 
@@ -192,9 +193,9 @@ def test_errors():
   with pytest.raises(ValueError, match="act_bits=4"):
     jaxmem.qat_weights(4, act_bits=4)
   with pytest.raises(ValueError, match="8 bits"):
-    jaxmem.fake_quantize_activations(jnp.ones((2, 2)), bits=4)
+    jaxmem.ops.fake_quantize_activations(jnp.ones((2, 2)), bits=4)
   with pytest.raises(ValueError, match="8 bits"):
-    with jaxmem.fake_quant_activations(bits=4):
+    with jaxmem.train.fake_quantize_linen_inputs(bits=4):
       pass
   qat = jaxmem.qat_weights(4, group_size=16)
   q = jaxmem.transform(qat.convert, {"layer": {"kernel": jnp.ones((32, 2))}})
@@ -230,11 +231,11 @@ def test_activation_fake_quant_is_the_w8a8_quantizer():
   """One activation quantizer: QAT's forward value is W8A8's integer values times scales."""
   x = jnp.asarray(np.random.default_rng(5).normal(size=(3, 7, 64)), jnp.float32)
   x = x.at[1, 2].set(0.0)  # an all-zero row: zeros, not NaN
-  xq, xs = jaxmem.quantize_activations(x, axes=(2,))
+  xq, xs = jaxmem.ops.quantize_activations(x, axes=(2,))
   np.testing.assert_array_equal(
-      np.asarray(jaxmem.fake_quantize_activations(x)),
+      np.asarray(jaxmem.ops.fake_quantize_activations(x)),
       np.asarray(xq.astype(jnp.float32) * xs))
-  fq = np.asarray(jaxmem.fake_quantize_activations(x))
+  fq = np.asarray(jaxmem.ops.fake_quantize_activations(x))
   assert not np.isnan(fq).any()
   # Bit for bit, signed zeros included (a small negative input rounds to 0, not -0).
   np.testing.assert_array_equal(np.signbit(fq), np.signbit(np.asarray(xq.astype(jnp.float32) * xs)))

@@ -62,12 +62,12 @@ def _unrolled_apply(params, tokens):
   """A hand-unrolled reference: one Block per layer on the QArray slices ``q[i]``."""
   block = transformer.Block(CFG)
   table = params["embed"]["embedding"]
-  x = jaxmem.quantized_take(table, tokens) + params["pos"][None, : tokens.shape[1]]
+  x = jaxmem.ops.quantized_take(table, tokens) + params["pos"][None, : tokens.shape[1]]
   for i in range(CFG.layers):
     layer = {k: {n: w[i] for n, w in v.items()} for k, v in params["layers"].items()}
     x, _ = jaxmem.apply(block, {"params": layer}, x, None)
   x = nn.LayerNorm().apply({"params": params["ln_f"]}, x)
-  return jaxmem.quantized_dot_general(x, table, (((2,), (1,)), ((), ())))
+  return jaxmem.ops.quantized_dot_general(x, table, (((2,), (1,)), ((), ())))
 
 
 @pytest.mark.parametrize("method", ["int8_weight", "int8_dynamic", "int4_g32"])
@@ -138,12 +138,12 @@ def test_lax_scan_over_a_stacked_qarray_with_the_public_kernels():
     q = jaxmem.transform(tx, {"kernel": w})["kernel"]
 
     def step(h, layer):
-      return jnp.tanh(jaxmem.quantized_dot_general(h, layer, dn)), None
+      return jnp.tanh(jaxmem.ops.quantized_dot_general(h, layer, dn)), None
 
     y, _ = jax.jit(lambda x, q: jax.lax.scan(step, x, q))(x, q)
     ref = x
     for i in range(5):  # unrolled, on each layer's own QArray
-      ref = jnp.tanh(jaxmem.quantized_dot_general(ref, q[i], dn))
+      ref = jnp.tanh(jaxmem.ops.quantized_dot_general(ref, q[i], dn))
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -191,9 +191,9 @@ def test_nnx_scan_runs_quantized_twins_on_each_layers_slice():
         v, nnx.Variable))
     w = {k: {n: (a[i] if isinstance(a, jaxmem.QArray) else a[i]) for n, a in v.items()}
          for k, v in p.items()}
-    h = jaxmem.quantized_dot_general(ref, w["up"]["kernel"], (((1,), (0,)), ((), ())))
+    h = jaxmem.ops.quantized_dot_general(ref, w["up"]["kernel"], (((1,), (0,)), ((), ())))
     h = jax.nn.gelu(h + w["up"]["bias"][None])
-    ref = ref + jaxmem.quantized_dot_general(h, w["down"]["kernel"], (((1,), (0,)), ((), ())))
+    ref = ref + jaxmem.ops.quantized_dot_general(h, w["down"]["kernel"], (((1,), (0,)), ((), ())))
     ref = ref + w["down"]["bias"][None]
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(y - model(x)).max()) < 0.1  # close to the float model

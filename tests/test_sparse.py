@@ -43,9 +43,9 @@ def _ref_rice_cost(x: np.ndarray, k: int) -> int:
 )
 def test_pack_unpack_exact_under_jit(shape, density):
   x = _sparse(shape, density, seed=len(shape))
-  unpack = jax.jit(jaxmem.sparse_unpack)
+  unpack = jax.jit(jaxmem.ops.sparse_unpack)
   for encoding in ("bitmask", "rice", "auto"):
-    s = jaxmem.sparse_pack(jnp.asarray(x), encoding=encoding)
+    s = jaxmem.ops.sparse_pack(jnp.asarray(x), encoding=encoding)
     assert s.nnz == np.count_nonzero(x)
     assert s.values.dtype == jnp.float32
     if encoding != "auto":
@@ -54,13 +54,13 @@ def test_pack_unpack_exact_under_jit(shape, density):
     # Values are the nonzeros in row-major order.
     np.testing.assert_array_equal(np.asarray(s.values), x[x != 0])
   # -0.0 comes back as 0.0 (equal, as the docstring says).
-  neg_zero = jaxmem.sparse_pack(jnp.array([-0.0, 2.0]))
+  neg_zero = jaxmem.ops.sparse_pack(jnp.array([-0.0, 2.0]))
   np.testing.assert_array_equal(np.asarray(neg_zero.materialize()), [0.0, 2.0])
 
 
 def test_bitmask_index_matches_reference():
   x = _sparse((5, 7), 0.4)
-  s = jaxmem.sparse_pack(jnp.asarray(x), encoding="bitmask")
+  s = jaxmem.ops.sparse_pack(jnp.asarray(x), encoding="bitmask")
   bits = "".join("1" if v != 0 else "0" for v in x.reshape(-1))
   bits += "0" * (-len(bits) % 8)
   ref = bytes(int(bits[i : i + 8], 2) for i in range(0, len(bits), 8))
@@ -70,7 +70,7 @@ def test_bitmask_index_matches_reference():
 def test_rice_index_matches_reference_and_k_is_optimal():
   x = np.zeros(40, np.float32)
   x[[1, 4, 5, 17, 39]] = [1.0, -2.0, 3.0, 4.0, 5.0]
-  s = jaxmem.sparse_pack(jnp.asarray(x), encoding="rice")
+  s = jaxmem.ops.sparse_pack(jnp.asarray(x), encoding="rice")
   ref, ulen = _ref_rice(x, s.rice_k)
   assert bytes(np.asarray(s.index)) == ref
   assert s.unary_bits == ulen
@@ -85,53 +85,53 @@ def test_rice_index_matches_reference_and_k_is_optimal():
 
 def test_rice_beats_bitmask_at_ten_percent():
   x = _sparse((64, 256), 0.1)
-  s = jaxmem.sparse_pack(jnp.asarray(x))
+  s = jaxmem.ops.sparse_pack(jnp.asarray(x))
   assert s.encoding == "rice"
   bits_per_weight = s.index.size * 8 / x.size
   # The entropy of a 10% Bernoulli mask is 0.469 bits; Rice coding lands close to it.
   assert 0.46 < bits_per_weight < 0.5
-  dense = jaxmem.sparse_pack(jnp.asarray(_sparse((64, 256), 0.6)))
+  dense = jaxmem.ops.sparse_pack(jnp.asarray(_sparse((64, 256), 0.6)))
   assert dense.encoding == "bitmask"
 
 
 def test_int8_values_match_hand_quantization():
   x = _sparse((16, 6), 0.3, seed=3)
-  s = jaxmem.sparse_pack(jnp.asarray(x), bits=8)
+  s = jaxmem.ops.sparse_pack(jnp.asarray(x), bits=8)
   assert s.values.dtype == jnp.int8 and s.scale.shape == (1, 6)
   scale = np.abs(x).max(0, keepdims=True) / 127
   q = np.clip(np.round(x / np.where(scale > 0, scale, 1)), -127, 127)
   np.testing.assert_array_equal(np.asarray(s.values), q[x != 0].astype(np.int8))
-  np.testing.assert_allclose(np.asarray(jax.jit(jaxmem.sparse_unpack)(s)), q * scale, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(jax.jit(jaxmem.ops.sparse_unpack)(s)), q * scale, rtol=1e-6)
   assert s.nnz == np.count_nonzero(x)
   # Per-tensor scale.
-  t = jaxmem.sparse_pack(jnp.asarray(x), bits=8, channel_axes=())
+  t = jaxmem.ops.sparse_pack(jnp.asarray(x), bits=8, channel_axes=())
   assert t.scale.shape == (1, 1)
   assert np.abs(np.asarray(t.materialize()) - x).max() <= np.abs(x).max() / 127 / 2 + 1e-7
 
 
 def test_int4_values_are_packed():
   x = _sparse((8, 16), 0.5, seed=4)
-  s = jaxmem.sparse_pack(jnp.asarray(x), bits=4)
+  s = jaxmem.ops.sparse_pack(jnp.asarray(x), bits=4)
   assert s.packed and s.values.dtype == jnp.uint8 and s.values.size == -(-s.nnz // 2)
   scale = np.abs(x).max(0, keepdims=True) / 7
   q = np.clip(np.round(x / np.where(scale > 0, scale, 1)), -7, 7)
-  np.testing.assert_allclose(np.asarray(jax.jit(jaxmem.sparse_unpack)(s)), q * scale, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(jax.jit(jaxmem.ops.sparse_unpack)(s)), q * scale, rtol=1e-6)
 
 
 def test_from_qarray_keeps_values_and_scales():
   x = _sparse((12, 5), 0.4, seed=5)
-  q = jaxmem.quantize(jnp.asarray(x), 8)
-  s = jaxmem.sparse_pack(q)
+  q = jaxmem.ops.quantize(jnp.asarray(x), 8)
+  s = jaxmem.ops.sparse_pack(q)
   assert s.bits == 8 and s.nnz == int(np.count_nonzero(np.asarray(q.qvalue)))
-  np.testing.assert_array_equal(np.asarray(s.materialize()), np.asarray(jaxmem.dequantize(q)))
+  np.testing.assert_array_equal(np.asarray(s.materialize()), np.asarray(jaxmem.ops.dequantize(q)))
   with pytest.raises(ValueError, match="group"):
-    jaxmem.sparse_pack(jaxmem.quantize(jnp.asarray(x), 8, channel_axes=(), group_size=4),
+    jaxmem.ops.sparse_pack(jaxmem.ops.quantize(jnp.asarray(x), 8, channel_axes=(), group_size=4),
                        path="w")
 
 
 def test_explicit_mask_keeps_zero_values():
   x = jnp.array([0.0, 1.0, 2.0, 0.0])
-  s = jaxmem.sparse_pack(x, mask=jnp.array([True, True, False, False]))
+  s = jaxmem.ops.sparse_pack(x, mask=jnp.array([True, True, False, False]))
   assert s.nnz == 2
   np.testing.assert_array_equal(np.asarray(s.materialize()), [0.0, 1.0, 0.0, 0.0])
 
@@ -152,7 +152,7 @@ def test_memory_report_counts_real_bytes():
 
 
 def test_pytree_and_jit_round_trip():
-  s = jaxmem.sparse_pack(jnp.asarray(_sparse((6, 10), 0.3)), bits=8)
+  s = jaxmem.ops.sparse_pack(jnp.asarray(_sparse((6, 10), 0.3)), bits=8)
   leaves, treedef = jax.tree.flatten(s)
   assert len(leaves) == 3  # values, index, scale
   s2 = jax.tree.unflatten(treedef, [np.asarray(a) for a in leaves])
@@ -180,17 +180,17 @@ def test_model_runs_from_sparse_params():
 def test_errors_name_the_path():
   x = jnp.asarray(_sparse((4, 4), 0.5))
   with pytest.raises(ValueError, match="outside jax.jit"):
-    jax.jit(lambda a: jaxmem.sparse_pack(a, path="layer/kernel").values)(x)
+    jax.jit(lambda a: jaxmem.ops.sparse_pack(a, path="layer/kernel").values)(x)
   with pytest.raises(ValueError, match="'w'.*not float"):
-    jaxmem.sparse_pack(jnp.ones((4, 4), jnp.int32), path="w")
-  s = jaxmem.sparse_pack(x)
+    jaxmem.ops.sparse_pack(jnp.ones((4, 4), jnp.int32), path="w")
+  s = jaxmem.ops.sparse_pack(x)
   with pytest.raises(ValueError, match="already a SparseArray"):
-    jaxmem.sparse_pack(s, path="w")
+    jaxmem.ops.sparse_pack(s, path="w")
   with pytest.raises(ValueError, match="'w': mask shape"):
-    jaxmem.sparse_pack(x, mask=jnp.ones((4,), bool), path="w")
+    jaxmem.ops.sparse_pack(x, mask=jnp.ones((4,), bool), path="w")
   with pytest.raises(ValueError, match="encoding"):
-    jaxmem.sparse_pack(x, encoding="huffman")
+    jaxmem.ops.sparse_pack(x, encoding="huffman")
   with pytest.raises(ValueError, match="'kernel': the leaf is already a SparseArray"):
     jaxmem.transform(jaxmem.sparsify(), {"kernel": s})
   with pytest.raises(TypeError, match="SparseArray"):
-    jaxmem.sparse_unpack(x)
+    jaxmem.ops.sparse_unpack(x)

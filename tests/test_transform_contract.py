@@ -31,7 +31,7 @@ FACTORIES = {
     "quantize_weights_asym": lambda: jaxmem.quantize_weights(
         3, group_size=4, symmetric=False, stack_axes=STACK),
     "quantize_int4": lambda: jaxmem.quantize_int4(group_size=4, stack_axes=STACK),
-    "quantize_grouped": lambda: jaxmem.quantize_grouped(2, group_size=4, stack_axes=STACK),
+    "quantize_weights_int2_g4": lambda: jaxmem.quantize_weights(2, group_size=4, stack_axes=STACK),
     "magnitude_prune": lambda: jaxmem.magnitude_prune(0.5),
     "magnitude_prune_global": lambda: jaxmem.magnitude_prune(0.5, scope="global"),
     "nm_prune": lambda: jaxmem.nm_prune(2, 4),

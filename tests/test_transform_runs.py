@@ -53,5 +53,5 @@ def test_partition_and_masked_states_are_typed():
   assert isinstance(legacy, jaxmem.PartitionState)
   m = jaxmem.masked(jaxmem.quantize_int8(), "a/.*")
   assert isinstance(m.init(PARAMS), jaxmem.MaskedState)
-  layout = jaxmem.checkpoint_layout({"state": state})  # registered under a stable name
+  layout = jaxmem.checkpoint.checkpoint_layout({"state": state})  # registered under a stable name
   assert dict(layout["tree"]["items"])["state"]["class"] == "jaxmem.PartitionState"

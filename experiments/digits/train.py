@@ -44,7 +44,7 @@ def make_mesh(config: ml_collections.ConfigDict) -> Mesh | None:
   """A device mesh from ``config.mesh`` ({axis: size}, one size may be -1), or None."""
   if config.mesh is None:
     return None
-  return jaxmem.mesh_from_axes(dict(config.mesh), batch_size=config.batch_size)
+  return jaxmem.distributed.mesh_from_axes(dict(config.mesh), batch_size=config.batch_size)
 
 
 def batch_indices(config, step: int, n: int) -> np.ndarray:
@@ -67,17 +67,14 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 def make_train_step(model, tx):
-  @jax.jit
-  def train_step(params, opt_state, x, y):
-    def loss_fn(p):
-      logits = model.apply({"params": p}, x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  """The jitted :func:`jaxmem.train_step` ``(StepState, {"x", "y"}) -> (StepState, metrics)``."""
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  def loss_fn(p, batch):
+    logits = model.apply({"params": p}, batch["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
 
-  return train_step
+  # Not donated: the dense weights kept at ``dense_steps`` are the state's params then.
+  return jax.jit(jaxmem.train_step(loss_fn, tx))
 
 
 def recipe_transform(name: str) -> jaxmem.ParamTransform | None:
@@ -161,7 +158,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   n_total = total_steps(config)
   train_step = make_train_step(model, tx)
   writer = SummaryWriter(str(workdir / "tensorboard"))
-  params, opt_state, dense_params = state["params"], state["opt_state"], state["dense_params"]
+  # The step runs on a jaxmem.StepState; checkpoints keep the plain dict above.
+  step_state = jaxmem.StepState(np.int32(state["step"]), state["params"], state["opt_state"])
+  dense_params = state["dense_params"]
   start = state["step"]
   bar = tqdm(range(start, n_total), initial=start, total=n_total, desc="digits",
              disable=not config.progress_bar)
@@ -171,22 +170,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     x, y = data.x_train[idx], data.y_train[idx]
     if batch_sharding is not None:
       x, y = jax.device_put(x, batch_sharding), jax.device_put(y, batch_sharding)
-    params, opt_state, loss = train_step(params, opt_state, x, y)
+    step_state, train_metrics = train_step(step_state, {"x": x, "y": y})
+    loss = train_metrics["loss"]
     done = step + 1
     if done == config.dense_steps:
-      dense_params = params
+      dense_params = step_state.params
     if done % config.log_every == 0 or done == n_total:
       loss_f = float(loss)
-      sparsity = jaxmem.mask_sparsity(opt_state[1].masks)
+      sparsity = jaxmem.sparsity.mask_sparsity(step_state.opt_state[1].masks)
       writer.add_scalar("train/loss", loss_f, done)
       writer.add_scalar("train/sparsity", sparsity, done)
       bar.set_postfix(loss=f"{loss_f:.4f}", sparsity=f"{sparsity:.3f}")
     if done % config.checkpoint_every == 0 or done == n_total:
-      state = {"params": params, "opt_state": opt_state, "dense_params": dense_params,
-               "step": done}
+      state = {"params": step_state.params, "opt_state": step_state.opt_state,
+               "dense_params": dense_params, "step": done}
       mgr.save(done, state)
   bar.close()
   mgr.close()
+  params = step_state.params
   if dense_params is None:  # dense_steps == 0
     dense_params = params
 
@@ -213,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   metrics = {
       "step": n_total,
       "final_train_loss": float(jax.device_get(loss)) if loss is not None else None,
-      "sparsity": jaxmem.tree_sparsity(params),
+      "sparsity": jaxmem.sparsity.tree_sparsity(params),
       "recipes": rows,
   }
   if loss is None:  # resumed after training had finished: keep the earlier value

@@ -11,6 +11,8 @@ import pathlib
 import jax
 import numpy as np
 
+import jaxmem
+
 HERE = pathlib.Path(__file__).resolve().parent
 
 
@@ -47,13 +49,14 @@ def test_train_step_reduces_loss():
   model = digits.MLP()
   tx = train.make_optimizer(config)
   params = model.init(jax.random.key(0), data.x_train[:1])["params"]
-  opt_state = tx.init(params)
+  state = jaxmem.init_step_state(params, tx)
   step = train.make_train_step(model, tx)
   idx = train.batch_indices(config, 0, len(data.x_train))
-  x, y = data.x_train[idx], data.y_train[idx]
-  params1, opt_state, loss0 = step(params, opt_state, x, y)
-  _, _, loss1 = step(params1, opt_state, x, y)
-  assert np.isfinite(float(loss0)) and float(loss1) < float(loss0)
+  batch = {"x": data.x_train[idx], "y": data.y_train[idx]}
+  state, m0 = step(state, batch)
+  state, m1 = step(state, batch)
+  assert np.isfinite(float(m0["loss"])) and float(m1["loss"]) < float(m0["loss"])
+  assert int(state.step) == 2
 
 
 def test_train_and_evaluate(tmp_path):
@@ -65,8 +68,6 @@ def test_train_and_evaluate(tmp_path):
   assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
   assert (tmp_path / "pareto.png").stat().st_size > 1000
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-  import jaxmem
-
   with jaxmem.CheckpointManager(tmp_path / "checkpoints") as mgr:
     assert mgr.latest_step() == 6
   with jaxmem.CheckpointManager(tmp_path / "compressed") as mgr:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -39,87 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmem._src import tree as tree_lib
+from jaxmem._src.tree import is_compressed, is_float_leaf, leaves_with_paths, map_with_path
+
 PyTree = Any
 Where = None | str | Sequence[str] | Callable[[str, Any], bool]
-
-
-def _array_op(symbol: str):
-  """A Compressed operator method that raises the "not an array" TypeError."""
-
-  def op(self, *args):
-    raise self._not_an_array(f"`{symbol}`")
-
-  return op
-
-
-class Compressed:
-  """Marker base class for jaxmem's compressed leaf types (QArray, SparseArray, ...).
-
-  Compressed values are pytree nodes (their arrays are leaves), but path
-  selection treats each one as a single leaf named by its parameter path.
-
-  Subclasses expose ``shape`` and ``dtype`` (the logical dense array's) and
-  ``materialize()``, which rebuilds the dense float array (meant to run inside a
-  jitted function, so no dense copy is kept between calls).
-  """
-
-  __slots__ = ()
-  _dense_hint = "w.materialize()"  # how to get the dense array, for error messages
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def size(self) -> int:
-    return math.prod(self.shape)
-
-  @property
-  def nbytes(self) -> int:
-    """Real storage bytes: the sum over the value's arrays (values, indices, scales)."""
-    return sum(
-        math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(self)
-    )
-
-  def materialize(self):
-    raise NotImplementedError(f"{type(self).__name__} does not implement materialize().")
-
-  # A compressed value is not an array: array operations raise a TypeError saying what to
-  # call instead (numpy's ufuncs and binary operators defer here through __array_ufunc__).
-  __array_ufunc__ = None
-
-  def _not_an_array(self, op: str) -> TypeError:
-    return TypeError(
-        f"{op}: a jaxmem.{type(self).__name__} is a compressed parameter, not an array, so "
-        "array operations do not run on it. Run a Flax model on compressed params with "
-        "jaxmem.apply(model, variables, *inputs); multiply a raw array by it with "
-        "jaxmem.quantized_dot_general(x, w, dimension_numbers) (or jaxmem.quantized_einsum); "
-        f"or get the dense float array with {self._dense_hint}."
-    )
-
-  def __jax_array__(self):
-    raise self._not_an_array("a jax.numpy operation (x @ w, jnp.dot, jnp.asarray, ...)")
-
-  def __array__(self, dtype=None, copy=None):
-    raise self._not_an_array("np.asarray")
-
-  def __getitem__(self, index):
-    raise self._not_an_array("indexing (w[...])")
-
-  __matmul__ = __rmatmul__ = _array_op("@")
-  __add__ = __radd__ = _array_op("+")
-  __sub__ = __rsub__ = _array_op("-")
-  __mul__ = __rmul__ = _array_op("*")
-  __truediv__ = __rtruediv__ = _array_op("/")
-  __floordiv__ = __rfloordiv__ = _array_op("//")
-  __pow__ = __rpow__ = _array_op("**")
-  __neg__ = _array_op("unary -")
-  __abs__ = _array_op("abs()")
-
-
-def is_compressed(x: Any) -> bool:
-  """True for jaxmem's compressed leaf types."""
-  return isinstance(x, Compressed)
 
 
 class EmptyState(NamedTuple):
@@ -345,87 +268,12 @@ def require_finite(
 # ----------------------------------------------------------------------------- paths
 
 
-def _key_str(k: Any) -> str:
-  if isinstance(k, jax.tree_util.DictKey):
-    return str(k.key)
-  if isinstance(k, jax.tree_util.GetAttrKey):
-    return k.name
-  if isinstance(k, jax.tree_util.SequenceKey):
-    return str(k.idx)
-  if isinstance(k, jax.tree_util.FlattenedIndexKey):
-    return str(k.key)
-  return str(k)
-
-
-def path_str(path: Sequence[Any]) -> str:
-  """``a/b/kernel`` for a jax key path; NNX's trailing ``.value`` is dropped."""
-  keys = list(path)
-  if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
-    keys = keys[:-1]
-  return "/".join(_key_str(k) for k in keys)
-
-
-def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
-  """``[(path, leaf)]`` in tree order; compressed values count as single leaves."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_compressed)
-  return [(path_str(p), x) for p, x in flat]
-
-
-def map_with_path(fn: Callable[[str, Any], Any], tree: PyTree, *rest: PyTree) -> PyTree:
-  """``jax.tree.map`` whose function also gets the ``a/b/kernel`` path."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest, is_leaf=is_compressed
-  )
-
-
-def is_float_leaf(x: Any) -> bool:
-  """True for float arrays (concrete or abstract); False for ints, bools, compressed values."""
-  if is_compressed(x) or x is None:
-    return False
-  dtype = getattr(x, "dtype", None)
-  return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
-
-
-def _describe_paths(tree: PyTree, limit: int = 12) -> str:
-  paths = [p for p, _ in leaves_with_paths(tree)]
-  more = f" ... (+{len(paths) - limit} more)" if len(paths) > limit else ""
-  return ", ".join(paths[:limit]) + more
-
-
-class _NoMatchError(ValueError):
-  """A ``where`` pattern matched no leaf (lets partition/masked say the match is scoped)."""
-
-  def __init__(self, name: str, pattern: str, paths: str):
-    super().__init__(
-        f"{name}: pattern {pattern!r} matches no leaf (patterns are re.fullmatch'ed on "
-        f"'a/b/kernel' paths). Paths are: {paths}"
-    )
-    self.name, self.pattern, self.paths = name, pattern, paths
-
-
-def compile_patterns(patterns: Sequence[str], name: str, what: str = "`where`") -> list[re.Pattern]:
-  """``re.compile`` of each pattern; a bad regex is a ValueError naming ``name`` and the pattern."""
-  out = []
-  for p in patterns:
-    if not isinstance(p, str):
-      raise TypeError(f"{name}: {what} patterns must be regex strings, got {p!r}.")
-    try:
-      out.append(re.compile(p))
-    except re.error as e:
-      raise ValueError(
-          f"{name}: {what} pattern {p!r} is not a valid regular expression ({e}). Patterns "
-          "are re.fullmatch'ed on 'a/b/kernel' paths, e.g. r'.*/kernel' or r'Dense_0/.*'; "
-          "escape literal brackets and dots with a backslash."
-      ) from None
-  return out
-
-
-def _patterns(where: Where, name: str) -> list[re.Pattern] | None:
-  """The compiled patterns of ``where`` (None for None or a predicate), validating its type."""
+def _patterns(where: Where, name: str) -> tree_lib.PathRules | None:
+  """The rules of ``where`` (None for None or a predicate), validating its type."""
   if where is None or callable(where):
     return None
   if isinstance(where, str):
-    return compile_patterns([where], name)
+    return tree_lib.PathRules([where], name)
   if isinstance(where, bytes) or not isinstance(where, Sequence):
     raise TypeError(
         f"{name}: `where` must be None, a regex string, a sequence of them or a predicate "
@@ -433,7 +281,7 @@ def _patterns(where: Where, name: str) -> list[re.Pattern] | None:
     )
   if not where:
     raise ValueError(f"{name}: `where` is an empty list of patterns; pass None for the default.")
-  return compile_patterns(list(where), name)
+  return tree_lib.PathRules(list(where), name)
 
 
 def check_where(where: Where, name: str) -> None:
@@ -470,23 +318,17 @@ def select(
   elif compiled is None:
     chosen = [bool(where(p, x)) and (is_float_leaf(x) or is_compressed(x)) for p, x in items]
   else:
-    chosen = []
-    hits = [0] * len(compiled)
+    chosen, used = [], set()
     for p, x in items:
-      hit = False
-      for i, rx in enumerate(compiled):
-        if rx.fullmatch(p):
-          hits[i] += 1
-          hit = True
-      if hit and not (is_float_leaf(x) or is_compressed(x)):
+      hits = compiled.matching(p)
+      if hits and not (is_float_leaf(x) or is_compressed(x)):
         raise ValueError(
             f"{name}: pattern selects leaf '{p}' of dtype {getattr(x, 'dtype', type(x))}; "
             "only float leaves can be transformed. Narrow the pattern to exclude it."
         )
-      chosen.append(hit)
-    for rx, n in zip(compiled, hits):
-      if n == 0:
-        raise _NoMatchError(name, rx.pattern, _describe_paths(tree))
+      used.update(hits)
+      chosen.append(bool(hits))
+    compiled.check_used(used, [p for p, _ in items])
   treedef = jax.tree.structure(tree, is_leaf=is_compressed)
   return jax.tree.unflatten(treedef, chosen)
 
@@ -499,30 +341,15 @@ def _scoped(name: str, kind: str, scope: str, route: str, sub: PyTree, fn: Calla
   """
   try:
     return fn(sub, *args)
-  except _NoMatchError as e:
+  except tree_lib.NoMatchError as e:
     raise ValueError(
-        f"{name}: {scope} routes only the leaves [{_describe_paths(sub)}] to its transform, "
+        f"{name}: {scope} routes only the leaves [{tree_lib.describe_paths(sub)}] to its "
+        "transform, "
         f"so that transform's own `where` is scoped to them: {e.name}'s pattern "
         f"{e.pattern!r} matches none of them. {route}, or apply that transform outside "
         f"{kind}, e.g. jaxmem.chain(jaxmem.{kind}(...), tx), where its `where` sees the "
         "whole tree."
     ) from None
-
-
-def _hole(tree: PyTree, mask: PyTree) -> PyTree:
-  """Replaces unselected leaves by None (an empty pytree node)."""
-  return jax.tree.map(lambda x, m: x if m else None, tree, mask, is_leaf=is_compressed)
-
-
-def _fill(sub: PyTree, tree: PyTree, mask: PyTree) -> PyTree:
-  """Inverse of ``_hole``: selected leaves come from ``sub``, the rest from ``tree``."""
-  treedef = jax.tree.structure(tree, is_leaf=is_compressed)
-  flat_tree = treedef.flatten_up_to(tree)
-  flat_mask = treedef.flatten_up_to(mask)
-  flat_sub = treedef.flatten_up_to(sub)
-  return jax.tree.unflatten(
-      treedef, [s if m else t for s, t, m in zip(flat_sub, flat_tree, flat_mask)]
-  )
 
 
 def leafwise(
@@ -582,22 +409,22 @@ def masked(tx: ParamTransform, where: Where, *, name: str = "masked") -> ParamTr
 
   def init(params):
     mask = select(params, where, name=name)
-    sub = _hole(params, mask)
+    sub = tree_lib.hole(params, mask)
     return MaskedState(_scoped(name, "masked", scope, route, sub, tx.init))
 
   def update(params, state):
     mask = select(params, where, name=name)
-    sub = _hole(params, mask)
+    sub = tree_lib.hole(params, mask)
     inner = state.inner_state if isinstance(state, MaskedState) else state
     new, inner = _scoped(name, "masked", scope, route, sub, tx.update, inner)
-    return _fill(new, params, mask), MaskedState(inner)
+    return tree_lib.fill(new, params, mask), MaskedState(inner)
 
   def init_update(params):
     mask = select(params, where, name=name)
-    sub = _hole(params, mask)
+    sub = tree_lib.hole(params, mask)
     new, inner = _scoped(name, "masked", scope, route, sub, functools.partial(
         init_and_update, tx))
-    return _fill(new, params, mask), MaskedState(inner)
+    return tree_lib.fill(new, params, mask), MaskedState(inner)
 
   return ParamTransform(init, update, init_update)
 
@@ -690,29 +517,20 @@ def partition(
           f"{name}: rule {i} is {rule!r}; each rule is a (regex, ParamTransform or None) pair, "
           "e.g. ('.*kernel', jaxmem.quantize_int8())."
       )
-  patterns = compile_patterns([p for p, _ in rules], name, what="rule")
-  compiled = list(zip(patterns, [t for _, t in rules]))
+  matcher = tree_lib.PathRules([p for p, _ in rules], name, what="rule pattern")
+  compiled = list(zip(matcher.compiled, [t for _, t in rules]))
 
   def labels(params):
     items = leaves_with_paths(params)
-    out, counts = [], [0] * len(compiled)
-    for p, x in items:
-      label = -1
-      if is_float_leaf(x) or is_compressed(x):
-        for i, (rx, _) in enumerate(compiled):
-          if rx.fullmatch(p):
-            label = i
-            counts[i] += 1
-            break
-      out.append(label)
-    for (rx, _), n in zip(compiled, counts):
-      if n == 0:
-        raise ValueError(
-            f"{name}: rule {rx.pattern!r} is the first match of no float leaf (an earlier rule "
-            f"may shadow it, or it has a typo). Paths are: {_describe_paths(params)}"
-        )
+    out = [
+        matcher.first(p) if is_float_leaf(x) or is_compressed(x) else None for p, x in items
+    ]
+    matcher.check_used(
+        out, [p for p, _ in items], of="float leaf as its first match",
+        why="an earlier rule may shadow it, or it has a typo",
+    )
     treedef = jax.tree.structure(params, is_leaf=is_compressed)
-    return jax.tree.unflatten(treedef, out)
+    return jax.tree.unflatten(treedef, [-1 if i is None else i for i in out])
 
   def masks(params):
     lab = labels(params)
@@ -724,7 +542,7 @@ def partition(
       if t is None:
         states.append(EmptyState())
         continue
-      sub = _hole(params, m)
+      sub = tree_lib.hole(params, m)
       states.append(_scoped(name, "partition", f"rule {rx.pattern!r}", _ROUTE, sub, t.init))
     return PartitionState(tuple(states))
 
@@ -736,14 +554,14 @@ def partition(
       if t is None:
         new_states.append(s)
         continue
-      sub = _hole(params, m)
+      sub = tree_lib.hole(params, m)
       scope = f"rule {rx.pattern!r}"
       if first:
         new, s = _scoped(name, "partition", scope, _ROUTE, sub, functools.partial(
             init_and_update, t))
       else:
         new, s = _scoped(name, "partition", scope, _ROUTE, sub, t.update, s)
-      out = _fill(new, out, m)
+      out = tree_lib.fill(new, out, m)
       new_states.append(s)
     return out, PartitionState(tuple(new_states))
 

@@ -90,9 +90,11 @@ values back with ``nnx.replace_by_pure_dict``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import importlib
 import json
+import logging
 import math
 import os
 import pkgutil
@@ -110,14 +112,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmem._src import base
+from jaxmem._src import tree as tree_lib
 from jaxmem._src.qarray import (
-    QArray,
-    check_bits,
-    default_pack_axis,
-    pack,
-    unpack,
-    values_per_byte,
+  QArray,
+  check_bits,
+  default_pack_axis,
+  pack_ints,
+  unpack_ints,
+  values_per_byte,
 )
+from jaxmem._src.tree import join_path as _join
 
 try:  # POSIX only; elsewhere the one-writer rule is not enforced (documented above).
   import fcntl
@@ -183,9 +187,16 @@ _V1_NAMES = {
     "jaxmem._src.base:EmptyState": "jaxmem.EmptyState",
     "jaxmem._src.gradual:GradualPruneState": "jaxmem.GradualPruneState",
     "jaxmem._src.gradual:KeepMasksState": "jaxmem.KeepMasksState",
-    "jaxmem._src.parallel:TrainState": "jaxmem.TrainState",
-    "jaxmem._src.distill:DistillState": "jaxmem.DistillState",
+    "jaxmem._src.parallel:TrainState": "jaxmem.StepState",
+    "jaxmem._src.distill:DistillState": "jaxmem.StepState",
     "jaxmem._src.qat:QATWeights": "jaxmem.QATWeights",
+}
+
+# Registered names of jaxmem classes that were merged into another since a checkpoint recorded
+# them: NamedTuples whose fields are the same set, restored by field name.
+_RENAMED = {
+    "jaxmem.TrainState": "jaxmem.StepState",  # fields were (params, opt_state, step)
+    "jaxmem.DistillState": "jaxmem.StepState",  # fields were (step, params, opt_state)
 }
 
 # Optax namespaces whose NamedTuples are registered (each imported if it exists).
@@ -280,7 +291,7 @@ def _load_defaults() -> None:
       if not isinstance(obj, type) or obj.__module__ != module.__name__:
         continue
       state = _kind_of(obj) == "namedtuple" and (obj.__module__, obj.__qualname__) not in _NOT_STATE
-      compressed = dataclasses.is_dataclass(obj) and issubclass(obj, base.Compressed)
+      compressed = dataclasses.is_dataclass(obj) and issubclass(obj, tree_lib.Compressed)
       if (state or compressed) and obj not in _REGISTRY.by_class:
         short = f"jaxmem.{obj.__qualname__}"
         _add(obj, short if short not in _REGISTRY.by_name else f"{module.__name__}.{attr}")
@@ -303,12 +314,10 @@ def _load_defaults() -> None:
       if obj not in _REGISTRY.by_class:
         _add(obj, f"{name}.{obj.__qualname__}")
   _add(collections.OrderedDict, "collections.OrderedDict")
-  try:
-    from flax.core import FrozenDict
-  except ImportError:  # pragma: no cover (flax is a dependency)
-    pass
-  else:
-    _add(FrozenDict, "flax.core.FrozenDict")
+  from jaxmem._src.flax import containers
+
+  for cls, name in containers.CHECKPOINT_TYPES:
+    _add(cls, name)
   for old, new in _V1_NAMES.items():
     if new in _REGISTRY.by_name:
       _REGISTRY.legacy.setdefault(old, new)
@@ -353,7 +362,7 @@ def register_checkpoint_type(cls: type, name: str | None = None) -> type:
     >>> import tempfile, typing, jax, jax.numpy as jnp, jaxmem
     >>> class EmaState(typing.NamedTuple):
     ...   ema: jax.Array
-    >>> _ = jaxmem.register_checkpoint_type(EmaState, name='docs.EmaState')
+    >>> _ = jaxmem.checkpoint.register_checkpoint_type(EmaState, name='docs.EmaState')
     >>> with jaxmem.CheckpointManager(tempfile.mkdtemp(), async_save=False) as mgr:
     ...   _ = mgr.save(0, {'ema': EmaState(jnp.ones(3))})
     ...   type(mgr.restore()['ema']).__name__
@@ -366,7 +375,7 @@ def register_checkpoint_type(cls: type, name: str | None = None) -> type:
 def _entry_by_name(name: str, version: str) -> _Entry | None:
   reg = _registry()
   if ":" not in name:
-    return reg.by_name.get(name)
+    return reg.by_name.get(_RENAMED.get(name, name))
   if version != FORMAT_V1:  # 'module:Qualname' is format 1's spelling only
     return None
   known = reg.legacy.get(name)
@@ -425,10 +434,6 @@ def _dtype_name(dtype: Any) -> str:
   return np.dtype(dtype).name
 
 
-def _join(path: str, key: Any) -> str:
-  return f"{path}/{key}" if path else str(key)
-
-
 def _is_array_like(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
@@ -440,7 +445,8 @@ def _registered_name(x: Any, path: str, what: str) -> str:
     raise TypeError(
         f"checkpoint: {_where(path)} is a {cls.__name__} {what} ({cls.__module__}."
         f"{cls.__qualname__}) that is not registered for checkpoints, so restore could not "
-        f"rebuild it. Call jaxmem.register_checkpoint_type({cls.__name__}) once, in the saving "
+        f"rebuild it. Call jaxmem.checkpoint.register_checkpoint_type({cls.__name__}) once, in "
+        "the saving "
         "and in the restoring program, or save its arrays in a plain dict."
     )
   return entry.name
@@ -588,7 +594,7 @@ def checkpoint_layout(tree: PyTree) -> dict:
   Example:
     >>> import jax.numpy as jnp, jaxmem
     >>> q = jaxmem.transform(jaxmem.quantize_int8(), {'kernel': jnp.ones((4, 2))})
-    >>> node = jaxmem.checkpoint_layout(q)['tree']['items'][0][1]
+    >>> node = jaxmem.checkpoint.checkpoint_layout(q)['tree']['items'][0][1]
     >>> node['class'], node['static']['bits'], node['items'][0][1]['dtype']
     ('jaxmem.QArray', 8, 'int8')
   """
@@ -685,7 +691,8 @@ def _resolve(name: Any, kind: str, path: str, version: str) -> _Entry:
         path,
         f"names the type {name!r}, which is not registered for checkpoints. Restore builds "
         "only registered types and imports nothing a checkpoint names. If it is a class "
-        "from your own code, call jaxmem.register_checkpoint_type on it before restoring; "
+        "from your own code, call jaxmem.checkpoint.register_checkpoint_type on it before "
+        "restoring; "
         "otherwise the layout was edited or is corrupt",
     )
   if entry.kind != kind:
@@ -738,10 +745,14 @@ def _parse_node(node: Any, path: str, version: str) -> dict:
     entry = _resolve(node["class"], kind, path, version)
     out["class"] = entry.name
     fields = [k for k, _ in pairs]
-    if kind == "namedtuple" and tuple(fields) != tuple(entry.cls._fields):
+    renamed = node["class"] in _RENAMED  # its fields are matched by name, see _reorder
+    same = sorted if renamed else tuple
+    if kind == "namedtuple" and same(fields) != same(entry.cls._fields):
       raise _LayoutError(
           path, f"lists the fields {fields}, but {entry.name} has {list(entry.cls._fields)}"
       )
+    if renamed:
+      out["renamed"] = True
     if kind == "dataclass":
       static = node["static"]
       if not isinstance(static, dict):
@@ -781,6 +792,20 @@ class _Layout:
   paths: list[str]
 
 
+def _reorder(node: dict) -> dict:
+  """The parsed tree with each renamed NamedTuple's fields in its current class's order."""
+  if node["kind"] in ("array", "none", "str"):
+    return node
+  items = node["items"]
+  if node["kind"] in ("list", "tuple"):
+    return {**node, "items": [_reorder(n) for n in items]}
+  items = [[k, _reorder(n)] for k, n in items]
+  if node.get("renamed"):
+    by_name = dict(items)
+    items = [[f, by_name[f]] for f in _registry().by_name[node["class"]].cls._fields]
+  return {**node, "items": items}
+
+
 def _parse_layout(doc: Any) -> _Layout:
   if not isinstance(doc, dict) or doc.get("format") not in _FORMATS:
     fmt = doc.get("format") if isinstance(doc, dict) else None
@@ -800,6 +825,8 @@ def _parse_layout(doc: Any) -> _Layout:
   paths = [p for p, _ in _array_nodes(tree)]
   if doc["paths"] != paths:
     raise _LayoutError("", "lists array paths that differ from its tree")
+  tree = _reorder(tree)
+  paths = [p for p, _ in _array_nodes(tree)]
   keys = set()
   for p in paths:
     if p in keys or any(p.startswith(q + "/") for q in keys if q):
@@ -891,12 +918,12 @@ def _legacy_qarray(path, qvalue, scale, bits, shape, dtype, channel_axes, group_
   except (ValueError, TypeError, ZeroDivisionError) as e:
     raise _LayoutError(path, f"is a format-1/2 QArray that does not convert ({e})") from None
   axis = None
-  if packed:  # where jaxmem.quantize packs this layout today
+  if packed:  # where jaxmem.ops.quantize packs this layout today
     axis = default_pack_axis(shape, bits, channel, group_axis if group_size else None)
 
   def convert(qvalue, scale):
-    ints = unpack(qvalue, bits, -1, size=n).reshape(shape) if packed else qvalue
-    qv = pack(ints, bits, axis) if axis is not None else ints
+    ints = unpack_ints(qvalue, bits, -1, size=n).reshape(shape) if packed else qvalue
+    qv = pack_ints(ints, bits, axis) if axis is not None else ints
     return qv, scale.reshape(sshape)
 
   if isinstance(qvalue, jax.ShapeDtypeStruct):
@@ -966,7 +993,7 @@ def abstract_target(tx: base.ParamTransform, params: PyTree) -> PyTree:
   Example:
     >>> import jax, jax.numpy as jnp, jaxmem
     >>> abstract = {'kernel': jax.ShapeDtypeStruct((256, 64), jnp.float32)}
-    >>> t = jaxmem.abstract_target(jaxmem.quantize_int8(), abstract)
+    >>> t = jaxmem.checkpoint.abstract_target(jaxmem.quantize_int8(), abstract)
     >>> t['kernel'].qvalue.dtype, t['kernel'].scale.shape
     (dtype('int8'), (1, 64))
   """
@@ -1115,6 +1142,24 @@ def _tracer_type() -> type:
   return tracer
 
 
+def _not_read_only_notice(record: logging.LogRecord) -> bool:
+  return not record.getMessage().startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notice(read_only: bool):
+  """Drops the notice Orbax logs for every read-only manager (read_only is what was asked)."""
+  if not read_only:
+    yield
+    return
+  logger = logging.getLogger("absl")
+  logger.addFilter(_not_read_only_notice)
+  try:
+    yield
+  finally:
+    logger.removeFilter(_not_read_only_notice)
+
+
 class CheckpointManager:
   """Saves and restores pytrees of (compressed) params and training state with Orbax.
 
@@ -1189,9 +1234,10 @@ class CheckpointManager:
           create=not read_only,
           read_only=self.read_only,
       )
-      self._manager = ocp.CheckpointManager(
-          self.directory, options=options, item_names=(_STATE, _LAYOUT)
-      )
+      with _quiet_read_only_notice(read_only):
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=(_STATE, _LAYOUT)
+        )
     except BaseException:
       if self._lock is not None:
         self._lock.release()

@@ -1,4 +1,4 @@
-"""Knowledge distillation: the Hinton loss, feature distillation and a frozen-teacher train step.
+"""Knowledge distillation: the Hinton loss, feature distillation and a frozen-teacher loss.
 
 * :func:`kd_loss`: Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural
   Network": KL divergence between temperature-softened teacher and student distributions,
@@ -6,20 +6,19 @@
   ordinary cross-entropy on hard labels.
 * :func:`feature_distill_loss`: match chosen hidden states or pooled embeddings (cosine or
   MSE), as DistilBERT (Sanh et al. 2019) adds a cosine loss on hidden states.
-* :func:`distill_train_step`: one optimizer step of a student against a teacher that is
-  frozen: its outputs are computed outside the differentiated function and under
-  ``stop_gradient`` (so it is never differentiated), and its params are an argument of
-  the step, never part of the :class:`DistillState` that gets checkpointed.
+* :func:`distill_loss`: a student-against-frozen-teacher loss for :func:`jaxmem.train_step`
+  (the one step builder: microbatches, compute dtype, ``pmean``): the teacher runs on
+  ``stop_gradient`` params (so it is never differentiated), and its params are an extra
+  argument of the step, never part of the :class:`jaxmem.StepState` that gets checkpointed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 PyTree = Any
 
@@ -85,7 +84,7 @@ def kd_loss(
   Example:
     >>> import jax.numpy as jnp, jaxmem
     >>> s = jnp.array([[1.0, 0.0]]); t = jnp.array([[0.0, 1.0]])
-    >>> round(float(jaxmem.kd_loss(s, t, jnp.array([0]), temperature=1.0, alpha=0.5)), 4)
+    >>> round(float(jaxmem.train.kd_loss(s, t, jnp.array([0]), temperature=1.0, alpha=0.5)), 4)
     0.3877
   """
   _check_number(temperature, "kd_loss: temperature", lambda v: v > 0, "it must be > 0")
@@ -156,9 +155,9 @@ def feature_distill_loss(
   Example:
     >>> import jax.numpy as jnp, jaxmem
     >>> s = jnp.array([[1.0, 0.0], [1.0, 1.0]]); t = jnp.array([[0.0, 1.0], [2.0, 2.0]])
-    >>> float(jaxmem.feature_distill_loss(s, t, kind='cosine'))
+    >>> float(jaxmem.train.feature_distill_loss(s, t, kind='cosine'))
     0.5
-    >>> float(jaxmem.feature_distill_loss(s, t, kind='mse'))
+    >>> float(jaxmem.train.feature_distill_loss(s, t, kind='mse'))
     1.0
   """
   if kind not in ("cosine", "mse"):
@@ -197,78 +196,51 @@ def feature_distill_loss(
   return total
 
 
-class DistillState(NamedTuple):
-  """The student's train state: everything a checkpoint holds (the teacher is not in it).
-
-  Attributes:
-    step: ``[] int32`` number of steps taken.
-    params: the student's params.
-    opt_state: the optax state of the student's params.
-  """
-
-  step: jax.Array
-  params: PyTree
-  opt_state: PyTree
-
-
-def distill_init(student_params: PyTree, optimizer: optax.GradientTransformation) -> DistillState:
-  """A fresh :class:`DistillState` for the student (the teacher has no state)."""
-  return DistillState(jnp.zeros([], jnp.int32), student_params, optimizer.init(student_params))
-
-
-def distill_train_step(
+def distill_loss(
     student_fn: Callable[[PyTree, Any], Any],
     teacher_fn: Callable[[PyTree, Any], Any],
-    loss_fn: Callable[[Any, Any, Any], jax.Array],
-    optimizer: optax.GradientTransformation,
-) -> Callable[[DistillState, PyTree, Any], tuple[DistillState, dict[str, jax.Array]]]:
-  """Builds ``step(state, teacher_params, batch) -> (state, metrics)`` for distillation.
+    loss_fn: Callable[[Any, Any, Any], Any],
+) -> Callable[[PyTree, Any, PyTree], Any]:
+  """A :func:`jaxmem.train_step` loss ``loss(params, batch, teacher_params)`` for distillation.
 
-  The teacher runs first, on ``stop_gradient`` params, outside the function that is
-  differentiated; only the student's params get gradients and optimizer updates. The
-  teacher params are an argument of each step (close over them or pass them), never part
-  of the returned state, so checkpointing the state never saves the teacher.
+  The teacher runs on ``stop_gradient`` params and its outputs are put under
+  ``stop_gradient``: it is never differentiated, and only the student's params (the step's
+  state) get gradients and optimizer updates. The teacher params are the step's extra
+  argument, ``step(state, batch, teacher_params)``: never part of the
+  :class:`jaxmem.StepState` that gets checkpointed, and not baked into the compiled step as
+  constants. Microbatching, ``compute_dtype``, ``trainable`` masks and the ``pmean`` over a
+  data-parallel axis all come from :func:`jaxmem.train_step`; with ``microbatches`` the
+  teacher runs on each microbatch.
 
   Args:
     student_fn: ``(student_params, batch) -> student outputs`` (e.g. logits).
     teacher_fn: ``(teacher_params, batch) -> teacher outputs``.
-    loss_fn: ``(student_out, teacher_out, batch) -> scalar``, e.g. built on
-      :func:`kd_loss` or :func:`feature_distill_loss`.
-    optimizer: an optax transformation for the student.
+    loss_fn: ``(student_out, teacher_out, batch) -> scalar`` (mean over the batch), e.g.
+      built on :func:`kd_loss` or :func:`feature_distill_loss`; or ``(scalar, aux)``,
+      passed through for ``train_step(..., has_aux=True)``.
 
   Returns:
-    A pure step function; wrap it in ``jax.jit``.
+    ``loss(params, batch, teacher_params)``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, jaxmem
     >>> student_fn = lambda p, b: b['x'] @ p['w']
     >>> teacher_fn = lambda p, b: b['x'] @ p['w']
-    >>> loss_fn = lambda s, t, b: jaxmem.kd_loss(s, t, b['y'], temperature=2.0, alpha=0.5)
+    >>> loss_fn = lambda s, t, b: jaxmem.train.kd_loss(s, t, b['y'], temperature=2.0, alpha=0.5)
     >>> opt = optax.sgd(0.1)
-    >>> step = jax.jit(jaxmem.distill_train_step(student_fn, teacher_fn, loss_fn, opt))
-    >>> state = jaxmem.distill_init({'w': jnp.zeros((3, 2))}, opt)
+    >>> loss = jaxmem.train.distill_loss(student_fn, teacher_fn, loss_fn)
+    >>> step = jax.jit(jaxmem.train_step(loss, opt, microbatches=2))
+    >>> state = jaxmem.init_step_state({'w': jnp.zeros((3, 2))}, opt)
     >>> batch = {'x': jnp.ones((4, 3)), 'y': jnp.zeros(4, jnp.int32)}
-    >>> state, metrics = step(state, {'w': jnp.ones((3, 2))}, batch)
-    >>> int(state.step)
-    1
+    >>> state, metrics = step(state, batch, {'w': jnp.ones((3, 2))})
+    >>> int(state.step), round(float(metrics['loss']), 4)
+    (1, 0.3466)
   """
 
-  def step(state: DistillState, teacher_params: PyTree, batch: Any):
-    if not isinstance(state, DistillState):
-      raise TypeError(
-          f"distill step: state is a {type(state).__name__}; build it with jaxmem.distill_init."
-      )
+  def loss(params: PyTree, batch: Any, teacher_params: PyTree):
     teacher_out = jax.lax.stop_gradient(
         teacher_fn(jax.lax.stop_gradient(teacher_params), batch)
     )
+    return loss_fn(student_fn(params, batch), teacher_out, batch)
 
-    def loss(params):
-      return loss_fn(student_fn(params, batch), teacher_out, batch)
-
-    value, grads = jax.value_and_grad(loss)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new = DistillState(state.step + 1, params, opt_state)
-    return new, {"loss": value}
-
-  return step
+  return loss

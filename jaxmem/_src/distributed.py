@@ -55,7 +55,7 @@ def initialize(
 
   Example (two terminals; the same script with ``process_id`` 0 and 1)::
 
-    info = jaxmem.initialize("localhost:12355", num_processes=2, process_id=0)
+    info = jaxmem.distributed.initialize("localhost:12355", num_processes=2, process_id=0)
     dp = jaxmem.data_parallel(step)   # spans both processes' devices
   """
   explicit = (coordinator_address, num_processes, process_id)

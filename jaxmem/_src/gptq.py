@@ -13,8 +13,9 @@ and it runs wherever any QArray runs (:func:`jaxmem.apply`).
 
 Two parts:
 
-* :func:`input_hessians` (Flax Linen glue): runs the model on calibration batches and returns
-  ``X^T X`` of the input of every chosen ``nn.Dense`` layer, keyed by its kernel's path;
+* :func:`jaxmem.input_hessians` (Flax Linen glue, in :mod:`jaxmem._src.flax.calibration`):
+  runs the model on calibration batches and returns ``X^T X`` of the input of every chosen
+  ``nn.Dense`` layer, keyed by its kernel's path;
 * :func:`quantize_gptq`: a param transform quantizing kernels that have a Hessian by GPTQ and
   other selected leaves (e.g. embedding tables) by round-to-nearest with the same layout.
 
@@ -23,16 +24,16 @@ The per-kernel solve runs on the host in float64 numpy (outside ``jit``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxmem._src import base, lowbit
-from jaxmem._src.qarray import QArray, default_pack_axis, pack, quantize
+from jaxmem._src import tree as tree_lib
+from jaxmem._src.qarray import QArray, default_pack_axis, pack_ints, quantize
 from jaxmem._src.quantize import default_channel_axes, default_quant_where, quantizing_leafwise
 
 _CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -83,8 +84,8 @@ def gptq_kernel(
     >>> import numpy as np, jaxmem
     >>> rng = np.random.default_rng(0)
     >>> x, w = rng.normal(size=(256, 64)), rng.normal(size=(64, 8))
-    >>> q = jaxmem.gptq_kernel(w, x.T @ x, 4, group_size=32)
-    >>> rtn = jaxmem.quantize(np.float32(w), 4, channel_axes=(1,), group_size=32)
+    >>> q = jaxmem.ops.gptq_kernel(w, x.T @ x, 4, group_size=32)
+    >>> rtn = jaxmem.ops.quantize(np.float32(w), 4, channel_axes=(1,), group_size=32)
     >>> err = lambda wq: np.linalg.norm(x @ (np.asarray(wq) - w))
     >>> bool(err(q.dequantize()) < err(rtn.dequantize()))
     True
@@ -175,12 +176,12 @@ def gptq_kernel(
       errs[i] = err
     w[b1:] -= u[b0:b1, b1:].T @ errs
   qvalue = jnp.asarray(q)
-  # Packed as jaxmem.quantize packs this layout: along the input (group) axis, else along the
+  # Packed as jaxmem.ops.quantize packs this layout: along the input (group) axis, else along the
   # outputs, else (no axis divisible by the packing factor) one int8 per value.
   axis = default_pack_axis((n_in, n_out), bits, (1,), 0) if bits <= 4 else None
   pack_axis = None if axis is None else axis - 2
   if axis is not None:
-    qvalue = pack(qvalue, bits, axis=axis)
+    qvalue = pack_ints(qvalue, bits, axis=axis)
   scale = scales.astype(np.float32)  # (1, out), or (in/g, out) with groups
   return QArray(
       qvalue=qvalue,
@@ -189,74 +190,6 @@ def gptq_kernel(
       dtype=np.dtype(np.float32),
       pack_axis=pack_axis,
   )
-
-
-def input_hessians(
-    model: nn.Module,
-    variables: Mapping[str, Any],
-    batches: Iterable[Sequence[Any]],
-    where: str | Sequence[str] | None = None,
-) -> dict[str, np.ndarray]:
-  """``X^T X`` of the inputs of a Linen model's ``nn.Dense`` layers over calibration batches.
-
-  Uses ``flax.linen.intercept_methods`` to see each Dense layer's input (no patching). Rows
-  are all leading positions of the input (batch, sequence...); padding positions count too,
-  so group calibration sentences of similar length.
-
-  Args:
-    model: a Linen module.
-    variables: its variables (float params).
-    batches: iterable of positional-argument tuples for ``model.apply``.
-    where: regex(es) fullmatched on kernel paths (``a/b/kernel``); None: all Dense layers.
-
-  Returns:
-    ``{kernel_path: (in, in) float64 array}``.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxmem
-    >>> model = nn.Dense(3)
-    >>> v = model.init(jax.random.key(0), jnp.ones((2, 4)))
-    >>> h = jaxmem.input_hessians(model, v, [(jnp.ones((2, 4)),)])
-    >>> list(h), h['kernel'].shape, float(h['kernel'][0, 0])
-    (['kernel'], (4, 4), 2.0)
-  """
-  patterns = [where] if isinstance(where, str) else list(where or [])
-  compiled = base.compile_patterns(patterns, "input_hessians")
-
-  def wanted(kpath):
-    return not compiled or any(rx.fullmatch(kpath) for rx in compiled)
-
-  def hessians(v, *args):
-    found: dict[str, jax.Array] = {}
-
-    def interceptor(next_fun, call_args, kwargs, context):
-      m = context.module
-      if context.method_name == "__call__" and isinstance(m, nn.Dense) and call_args:
-        kpath = "/".join(str(p) for p in m.path) + "/kernel" if m.path else "kernel"
-        if wanted(kpath):
-          x = jnp.asarray(call_args[0], jnp.float32)
-          x = x.reshape(-1, x.shape[-1])
-          found[kpath] = found.get(kpath, 0.0) + x.T @ x
-      return next_fun(*call_args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-      model.apply(v, *args)
-    return found
-
-  run = jax.jit(hessians)
-  total: dict[str, np.ndarray] = {}
-  for args in batches:
-    for k, h in run(variables, *args).items():
-      total[k] = total.get(k, 0.0) + np.asarray(h, np.float64)
-  if not total:
-    raise ValueError(
-        "input_hessians: no nn.Dense layer matched (or no batch was given); check `where` "
-        f"({patterns}) against the model's kernel paths."
-    )
-  for rx in compiled:
-    if not any(rx.fullmatch(k) for k in total):
-      raise ValueError(f"input_hessians: pattern {rx.pattern!r} matches no Dense kernel.")
-  return total
 
 
 def quantize_gptq(
@@ -270,9 +203,10 @@ def quantize_gptq(
 ) -> base.ParamTransform:
   """Weight-only PTQ: GPTQ for kernels with a Hessian, round-to-nearest for other leaves.
 
-  The layout is :func:`jaxmem.quantize_grouped`'s (kernels grouped along the input axis,
-  embedding tables along features), so ``quantize_gptq({}, 4, 64)`` equals
-  ``quantize_int4(64)``. Runs on concrete params (not under ``jit``).
+  The layout is that of :func:`jaxmem.quantize_weights` with ``group_size`` (kernels
+  grouped along the input axis, embedding tables along features), so
+  ``quantize_gptq({}, 4, 64)`` equals ``quantize_int4(64)``. Runs on concrete params (not
+  under ``jit``).
 
   Args:
     hessians: ``{kernel_path: X^T X}``, e.g. from :func:`input_hessians`.
@@ -304,7 +238,7 @@ def quantize_gptq(
   base.check_where(where, name)
 
   def fn(path, x):
-    if isinstance(x, base.Compressed):
+    if isinstance(x, tree_lib.Compressed):
       raise ValueError(f"quantize_gptq '{path}': the leaf is already a {type(x).__name__}.")
     if isinstance(x, jax.core.Tracer):
       raise ValueError(f"quantize_gptq '{path}': runs on concrete params, outside jax.jit.")
@@ -320,7 +254,7 @@ def quantize_gptq(
 
   def init(params):
     chosen = {p for p, m in zip(
-        [p for p, _ in base.leaves_with_paths(params)],
+        [p for p, _ in tree_lib.leaves_with_paths(params)],
         jax.tree.leaves(base.select(params, where, default=default_quant_where, name=tx_name)),
     ) if m}
     unused = sorted(set(hessians) - chosen)

@@ -26,6 +26,7 @@ import optax
 
 from jaxmem._src import base
 from jaxmem._src import pruning as pr
+from jaxmem._src import tree as tree_lib
 
 PyTree = Any
 
@@ -82,7 +83,7 @@ def sparsity_schedule(
 
   Example:
     >>> import jaxmem
-    >>> s = jaxmem.sparsity_schedule(0.8, 10, 20, update_every=5)
+    >>> s = jaxmem.sparsity.sparsity_schedule(0.8, 10, 20, update_every=5)
     >>> [round(float(s(t)), 3) for t in (0, 10, 14, 15, 20, 99)]
     [0.0, 0.0, 0.0, 0.7, 0.8, 0.8]
   """
@@ -110,7 +111,7 @@ def _flat(updates: PyTree, masks: PyTree, params: PyTree, name: str):
   if params is None:
     raise ValueError(f"{name}: update needs the params: call tx.update(grads, state, params).")
   flat = pr.flatten_masks(params, masks, name)
-  treedef = jax.tree.structure(params, is_leaf=base.is_compressed)
+  treedef = jax.tree.structure(params, is_leaf=tree_lib.is_compressed)
   try:
     flat_u = treedef.flatten_up_to(updates)
   except (ValueError, TypeError):
@@ -133,7 +134,7 @@ def _initial_masks(params: PyTree, where: base.Where, name: str, check_finite: b
   if check_finite:
     pr.check_finite_leaves(selected, name)
   chosen = dict(selected)
-  return base.map_with_path(
+  return tree_lib.map_with_path(
       lambda p, x: jnp.ones(x.shape, jnp.bool_) if p in chosen else None, params
   )
 
@@ -252,12 +253,12 @@ def keep_masks(masks: PyTree) -> optax.GradientTransformation:
 
   Args:
     masks: keep-masks (bool, True = kept; ``None`` at leaves not pruned), e.g. from
-      :func:`jaxmem.magnitude_masks` or :func:`jaxmem.nm_masks`.
+      :func:`jaxmem.sparsity.magnitude_masks` or :func:`jaxmem.sparsity.nm_masks`.
 
   Example:
     >>> import jax.numpy as jnp, optax, jaxmem
     >>> params = {'kernel': jnp.array([[1., -2.], [3., 0.5]])}
-    >>> masks = jaxmem.nm_masks(params, 1, 2)
+    >>> masks = jaxmem.sparsity.nm_masks(params, 1, 2)
     >>> tx = optax.chain(optax.adam(1e-2), jaxmem.keep_masks(masks))
     >>> updates, _ = tx.update(params, tx.init(params), params)
     >>> (optax.apply_updates(params, updates)['kernel'] == 0).tolist()
@@ -271,7 +272,7 @@ def keep_masks(masks: PyTree) -> optax.GradientTransformation:
       if mk is not None:
         pr.check_prunable(p, x, name)
     pr.check_finite_leaves([(p, x) for p, x, mk in flat if mk is not None], name, masks=True)
-    treedef = jax.tree.structure(params, is_leaf=base.is_compressed)
+    treedef = jax.tree.structure(params, is_leaf=tree_lib.is_compressed)
     return KeepMasksState(jax.tree.unflatten(treedef, [jnp.asarray(mk) if mk is not None else None
                                                         for _, _, mk in flat]))
 
@@ -288,7 +289,8 @@ def mask_sparsity(masks: PyTree) -> float:
 
   Example:
     >>> import jax.numpy as jnp, jaxmem
-    >>> jaxmem.mask_sparsity({'kernel': jnp.array([True, False, False, False]), 'bias': None})
+    >>> masks = {'kernel': jnp.array([True, False, False, False]), 'bias': None}
+    >>> jaxmem.sparsity.mask_sparsity(masks)
     0.75
   """
   leaves = [m for m in jax.tree.leaves(masks) if m is not None]

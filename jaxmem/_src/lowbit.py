@@ -9,56 +9,11 @@ model trained with.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from jaxmem._src import base
 from jaxmem._src.qarray import check_bits
 from jaxmem._src.quantize import StackAxes, leaf_layout, weights_transform
 
-__all__ = ["check_bits", "leaf_layout", "quantize_grouped", "quantize_int4"]
-
-
-def quantize_grouped(
-    bits: int,
-    group_size: int | None = 64,
-    where: base.Where = None,
-    *,
-    group_axis: int | None = None,
-    channel_axes: Sequence[int] | None = None,
-    per_tensor: bool = False,
-    stack_axes: StackAxes = 0,
-    check_finite: bool = True,
-) -> base.ParamTransform:
-  """Weight-only symmetric quantization to ``bits`` with group-wise scales.
-
-  :func:`jaxmem.quantize_weights` with ``group_size=64`` by default. Values of 4 bits or
-  fewer are packed (two per byte for 3-4 bits, four for 2 bits) along the group axis, so
-  :func:`jaxmem.memory_report` counts real bytes. Kernels are grouped along their input
-  axis and embedding tables along their feature axis.
-
-  Args:
-    bits: 2..8.
-    group_size: group length (e.g. 32/64/128), or None for per-channel scales.
-    where: leaves to quantize; default: ``kernel``/``embedding`` leaves with ndim >= 2.
-    group_axis: override the per-leaf group axis.
-    channel_axes: override the per-leaf channel axes.
-    per_tensor: no per-channel scales (one per group, or per tensor without groups).
-    stack_axes: leading layer axes (scan over layers), see :func:`jaxmem.quantize_weights`.
-    check_finite: raise a ValueError naming the leaf when a selected leaf holds NaN/Inf,
-      under ``jit`` too (see :func:`jaxmem.quantize_weights`).
-
-  Example:
-    >>> import jax.numpy as jnp, jaxmem
-    >>> params = {'kernel': jnp.ones((128, 8))}
-    >>> q = jaxmem.transform(jaxmem.quantize_grouped(2, group_size=32), params)['kernel']
-    >>> q.qvalue.dtype, q.qvalue.shape, q.scale.shape
-    (dtype('uint8'), (32, 8), (4, 8))
-  """
-  return weights_transform(
-      "quantize_grouped", bits, where, group_size=group_size, group_axis=group_axis,
-      channel_axes=channel_axes, per_tensor=per_tensor, stack_axes=stack_axes,
-      check_finite=check_finite,
-  )
+__all__ = ["check_bits", "leaf_layout", "quantize_int4"]
 
 
 def quantize_int4(

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxmem._src import base
+from jaxmem._src import tree as tree_lib
 
 
 def _array_bytes(x: Any) -> int:
@@ -102,10 +102,10 @@ def memory_report(tree: Any) -> MemoryReport:
     (67584, 263168)
   """
   rows = []
-  for path, x in base.leaves_with_paths(tree):
+  for path, x in tree_lib.leaves_with_paths(tree):
     shape = tuple(getattr(x, "shape", ()))
     dtype = getattr(x, "dtype", None)
-    kind = type(x).__name__ if base.is_compressed(x) else "array"
+    kind = type(x).__name__ if tree_lib.is_compressed(x) else "array"
     if kind == "QArray":
       kind = f"int{x.bits}" + ("/packed" if x.packed else "")
     rows.append(
@@ -123,4 +123,4 @@ def memory_report(tree: Any) -> MemoryReport:
 
 def tree_bytes(tree: Any) -> int:
   """Total real storage bytes of a pytree (compressed values by their real storage)."""
-  return sum(leaf_bytes(x) for x in jax.tree.leaves(tree, is_leaf=base.is_compressed))
+  return sum(leaf_bytes(x) for x in jax.tree.leaves(tree, is_leaf=tree_lib.is_compressed))

@@ -5,7 +5,7 @@ Two steps, both on concrete param trees of the same structure (outside ``jit``):
 * :func:`leaf_sensitivity`: how much a metric (e.g. ``1 - cosine`` to the float model on
   calibration data) grows when only one leaf is taken from a compressed tree and every
   other leaf stays as in the reference tree;
-* :func:`mixed_precision`: starts from the low-precision tree and moves the leaves whose
+* :func:`allocate_bits`: starts from the low-precision tree and moves the leaves whose
   sensitivity per extra byte is highest to the high-precision tree (greedy knapsack), as
   long as the whole tree's real bytes (:func:`jaxmem.tree_bytes`) stay within a budget.
 
@@ -18,11 +18,11 @@ Example:
   >>> def err(p):  # squared weight error; use a model metric on calibration data in practice
   ...   w = lambda x: x.materialize() if jaxmem.is_compressed(x) else x
   ...   return float(sum(jnp.sum((w(p[k]['kernel']) - params[k]['kernel']) ** 2) for k in 'ab'))
-  >>> sens = jaxmem.leaf_sensitivity(err, params, low)
+  >>> sens = jaxmem.memory.leaf_sensitivity(err, params, low)
   >>> sorted(sens)
   ['a/kernel', 'b/kernel']
   >>> budget = jaxmem.tree_bytes(low) + 300
-  >>> mixed, chosen = jaxmem.mixed_precision(low, high, sens, budget)
+  >>> mixed, chosen = jaxmem.memory.allocate_bits(low, high, sens, budget)
   >>> chosen, jaxmem.tree_bytes(mixed) <= budget
   (['a/kernel'], True)
 """
@@ -32,12 +32,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from jaxmem._src import base
+from jaxmem._src import tree as tree_lib
 from jaxmem._src.memory import tree_bytes
 
 
 def _leaves(tree) -> dict[str, Any]:
-  return dict(base.leaves_with_paths(tree))
+  return dict(tree_lib.leaves_with_paths(tree))
 
 
 def mix_leaves(base_tree, other, paths: Iterable[str]):
@@ -53,7 +53,7 @@ def mix_leaves(base_tree, other, paths: Iterable[str]):
         "mix_leaves: the trees differ in structure (first differing leaf: "
         f"{next((a for a, b in zip(mine, theirs) if a != b), 'a missing leaf')})."
     )
-  return base.map_with_path(lambda p, x: theirs[p] if p in paths else x, base_tree)
+  return tree_lib.map_with_path(lambda p, x: theirs[p] if p in paths else x, base_tree)
 
 
 def leaf_sensitivity(
@@ -82,11 +82,11 @@ def leaf_sensitivity(
   """
   ref = _leaves(reference)
   if paths is None:
-    paths = [p for p, x in base.leaves_with_paths(compressed) if x is not ref.get(p)]
+    paths = [p for p, x in tree_lib.leaves_with_paths(compressed) if x is not ref.get(p)]
   if materialize:  # same tree structure every call: a jitted metric compiles once
-    compressed = base.map_with_path(
+    compressed = tree_lib.map_with_path(
         lambda p, x: x.materialize().astype(ref[p].dtype)
-        if base.is_compressed(x) and p in ref and not base.is_compressed(ref[p]) else x,
+        if tree_lib.is_compressed(x) and p in ref and not tree_lib.is_compressed(ref[p]) else x,
         compressed,
     )
   base_value = float(metric(reference))
@@ -95,7 +95,7 @@ def leaf_sensitivity(
   }
 
 
-def mixed_precision(
+def allocate_bits(
     low,
     high,
     sensitivity: Mapping[str, float],
@@ -123,12 +123,12 @@ def mixed_precision(
   total = tree_bytes(low)
   if total > budget_bytes:
     raise ValueError(
-        f"mixed_precision: the low-precision tree alone takes {total:,} bytes, over the "
+        f"allocate_bits: the low-precision tree alone takes {total:,} bytes, over the "
         f"budget of {budget_bytes:,}; lower the precision or raise the budget."
     )
   unknown = sorted(set(sensitivity) - set(lo))
   if unknown:
-    raise ValueError(f"mixed_precision: sensitivity names {unknown[:5]}, not leaves of `low`.")
+    raise ValueError(f"allocate_bits: sensitivity names {unknown[:5]}, not leaves of `low`.")
   extra = {p: tree_bytes(hi[p]) - tree_bytes(lo[p]) for p in sensitivity}
   ranked = sorted(
       (p for p in sensitivity if sensitivity[p] > 0 and extra[p] > 0),

@@ -1,15 +1,9 @@
-"""Data parallelism for pmap-style per-replica steps, with the memory knobs of a train step.
+"""Data parallelism for pmap-style per-replica steps.
 
-Two pieces that compose:
-
-* :func:`train_step` builds a per-replica step ``(state, batch) -> (state, metrics)``
-  from a loss and an optax optimizer: gradients only for trainable float leaves
-  (quantized ``QArray`` leaves and int/bool leaves stay frozen), gradient accumulation
-  over microbatches, an optional low-precision compute dtype with float32 master params,
-  and ``lax.pmean`` of gradients and metrics over ``axis_name``.
-* :func:`data_parallel` runs any per-replica step written in pmap style (an axis name,
-  ``lax.pmean`` where replicas must agree) on several devices, with ``jax.shard_map`` over
-  a ``Mesh`` (default) or ``jax.pmap``, donating the state buffers.
+:func:`data_parallel` runs any per-replica step written in pmap style (an axis name,
+``lax.pmean`` where replicas must agree) on several devices, with ``jax.shard_map`` over a
+``Mesh`` (default) or ``jax.pmap``, donating the state buffers. :func:`jaxmem.train_step`
+builds such a step from a loss (``axis_name=`` names the axis of its ``pmean``).
 
 Under ``shard_map`` the step runs with ``check_vma=False``: each replica then sees its
 own (unsummed) gradients exactly as under ``pmap``, so ``lax.pmean(grads, axis)`` is the
@@ -20,163 +14,17 @@ already summed over the axis and a ``pmean`` of it is ``N`` times too large.)
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxmem._src import base
+from jaxmem._src import tree as tree_lib
 
 PyTree = Any
 BACKENDS = ("shard_map", "pmap")
-
-
-class TrainState(NamedTuple):
-  """State of :func:`train_step`.
-
-  Attributes:
-    params: all params: trainable float leaves and frozen ones (QArray, int, ...).
-    opt_state: the optimizer state of the trainable leaves (frozen leaves are ``None`` holes).
-    step: int32 scalar, number of updates applied.
-  """
-
-  params: PyTree
-  opt_state: PyTree
-  step: jax.Array
-
-
-def _trainable_mask(params: PyTree, trainable: base.Where) -> PyTree:
-  return base.select(params, trainable, name="train_step(trainable=...)")
-
-
-def init_train_state(
-    params: PyTree, optimizer: optax.GradientTransformation, *, trainable: base.Where = None
-) -> TrainState:
-  """A :class:`TrainState` whose optimizer state covers the ``trainable`` leaves only.
-
-  Args:
-    params: the params pytree (may hold ``jaxmem.QArray`` leaves).
-    optimizer: an optax transformation.
-    trainable: which leaves get gradients: None (every float leaf; compressed and
-      integer leaves are frozen), regex(es) on ``a/b/kernel`` paths, or a predicate.
-
-  Example:
-    >>> import jax.numpy as jnp, optax, jaxmem
-    >>> state = jaxmem.init_train_state({'w': jnp.ones(3)}, optax.sgd(0.1))
-    >>> int(state.step)
-    0
-  """
-  mask = _trainable_mask(params, trainable)
-  opt_state = optimizer.init(base._hole(params, mask))
-  return TrainState(params=params, opt_state=opt_state, step=jnp.zeros([], jnp.int32))
-
-
-def _split_microbatches(batch: PyTree, k: int) -> PyTree:
-  def split(path, x):
-    if x.ndim == 0 or x.shape[0] % k:
-      n = x.shape[0] if x.ndim else "a scalar"
-      raise ValueError(
-          f"train_step: batch leaf '{path}' has leading size {n}, not divisible by "
-          f"microbatches={k}; use a per-replica batch size that is a multiple of {k}."
-      )
-    return x.reshape((k, x.shape[0] // k) + x.shape[1:])
-
-  return base.map_with_path(split, batch)
-
-
-def _cast_floats(tree: PyTree, dtype: Any) -> PyTree:
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if base.is_float_leaf(x) else x, tree, is_leaf=base.is_compressed
-  )
-
-
-def train_step(
-    loss_fn: Callable[..., Any],
-    optimizer: optax.GradientTransformation,
-    *,
-    axis_name: str | None = None,
-    microbatches: int = 1,
-    compute_dtype: Any = None,
-    trainable: base.Where = None,
-    has_aux: bool = False,
-) -> Callable[[TrainState, PyTree], tuple[TrainState, dict[str, jax.Array]]]:
-  """Builds a per-replica train step ``(state, batch) -> (state, metrics)``.
-
-  ``loss_fn(params, batch)`` returns the mean loss over the batch (or ``(loss, aux)``
-  with ``has_aux``, ``aux`` a dict of scalar metrics). The step computes gradients of the
-  trainable leaves, averages them over ``microbatches`` equal slices of the batch (a
-  ``lax.scan``, so only one microbatch's activations are live at a time), averages them
-  over replicas with ``lax.pmean(..., axis_name)`` when ``axis_name`` is set, and applies
-  ``optimizer``. Run it as is on one device, or under :func:`data_parallel`. The step
-  donates nothing itself; :func:`data_parallel` donates the state (continue with the
-  state each call returns), and so does ``jax.jit(step, donate_argnums=0)``.
-
-  Args:
-    loss_fn: ``(params, batch) -> loss`` (mean over examples).
-    optimizer: optax transformation; its state lives in :class:`TrainState`.
-    axis_name: the data-parallel axis to ``pmean`` over (None: single replica).
-    microbatches: gradient accumulation steps; every batch leaf's leading size must divide.
-    compute_dtype: e.g. ``jnp.bfloat16``: float params and float batch leaves are cast to
-      it for the forward/backward pass; master params, gradients and optimizer state stay
-      float32. None computes in the params' dtype.
-    trainable: which leaves train (see :func:`init_train_state`); must match the state's.
-    has_aux: ``loss_fn`` returns ``(loss, aux_metrics)``.
-
-  Returns:
-    The step function; ``metrics`` holds ``"loss"`` (float32) and any aux metrics.
-
-  Example:
-    >>> import jax.numpy as jnp, optax, jaxmem
-    >>> loss = lambda p, b: jnp.mean((b['x'] @ p['w'] - b['y']) ** 2)
-    >>> step = jaxmem.train_step(loss, optax.sgd(0.1), microbatches=2)
-    >>> state = jaxmem.init_train_state({'w': jnp.zeros((3, 1))}, optax.sgd(0.1))
-    >>> batch = {'x': jnp.ones((4, 3)), 'y': jnp.ones((4, 1))}
-    >>> state, metrics = step(state, batch)
-    >>> float(metrics['loss'])
-    1.0
-  """
-  if not isinstance(microbatches, int) or microbatches < 1:
-    raise ValueError(f"train_step: microbatches={microbatches!r}; use an int >= 1.")
-
-  def step(state: TrainState, batch: PyTree):
-    params = state.params
-    mask = _trainable_mask(params, trainable)  # static: from leaf paths and dtypes
-    tparams = base._hole(params, mask)
-
-    def loss_of_trainable(tp, mb):
-      if compute_dtype is not None:
-        tp = _cast_floats(tp, compute_dtype)
-        mb = _cast_floats(mb, compute_dtype)
-      out = loss_fn(base._fill(tp, params, mask), mb)
-      loss, aux = out if has_aux else (out, {})
-      return loss.astype(jnp.float32), jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), aux)
-
-    grad_fn = jax.value_and_grad(loss_of_trainable, has_aux=True)
-    if microbatches == 1:
-      (loss, aux), grads = grad_fn(tparams, batch)
-    else:
-      micro = _split_microbatches(batch, microbatches)
-
-      def accumulate(carry, mb):
-        (loss_mb, a), g = grad_fn(tparams, mb)
-        return jax.tree.map(jnp.add, carry, (loss_mb, a, g)), None
-
-      (l0, a0), g0 = jax.eval_shape(grad_fn, tparams, jax.tree.map(lambda x: x[0], micro))
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
-      (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro)
-      loss, aux, grads = jax.tree.map(lambda x: x / microbatches, (loss, aux, grads))
-    if axis_name is not None:
-      loss, aux, grads = jax.lax.pmean((loss, aux, grads), axis_name)
-    updates, opt_state = optimizer.update(grads, state.opt_state, tparams)
-    new_tparams = optax.apply_updates(tparams, updates)
-    new_params = base._fill(new_tparams, params, mask)
-    metrics = {"loss": loss, **aux}
-    return TrainState(new_params, opt_state, state.step + 1), metrics
-
-  return step
 
 
 def _as_tuple(x: int | Sequence[int]) -> tuple[int, ...]:
@@ -186,7 +34,7 @@ def _as_tuple(x: int | Sequence[int]) -> tuple[int, ...]:
 def _array_leaves(tree: PyTree) -> list[tuple[str, Any]]:
   """``[(path, array)]`` down to the arrays inside compressed values (``w/qvalue``)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return [(base.path_str(p), x) for p, x in flat]
+  return [(tree_lib.path_str(p), x) for p, x in flat]
 
 
 class DataParallel:
@@ -259,7 +107,7 @@ class DataParallel:
 
   def _check_batch(self, i: int, batch: PyTree) -> None:
     n = len(self._local_devices)
-    for path, x in base.leaves_with_paths(batch):
+    for path, x in tree_lib.leaves_with_paths(batch):
       size = x.shape[0] if getattr(x, "ndim", 0) else None
       if size is None or size % n:
         raise ValueError(
@@ -369,7 +217,8 @@ def data_parallel(
   The step is written for one replica: it sees its slice of each batch argument and a
   full copy of every other argument, and uses ``lax.pmean(x, axis_name)`` wherever the
   replicas must agree (gradients, metrics). Every output must be replicated (the same on
-  all replicas). Use :func:`train_step` to build such a step from a loss.
+  all replicas). Use :func:`jaxmem.train_step` to build such a step from a loss; its
+  extra arguments (e.g. a teacher's params) are replicated like the state.
 
   Args:
     step: per-replica function.
@@ -438,7 +287,7 @@ def mesh_from_axes(
 
   Example:
     >>> import jax, jaxmem
-    >>> mesh = jaxmem.mesh_from_axes({'data': -1})
+    >>> mesh = jaxmem.distributed.mesh_from_axes({'data': -1})
     >>> mesh.shape['data'] == jax.device_count()
     True
   """

@@ -89,7 +89,7 @@ class Candidate:
   Attributes:
     policy: remat policy name.
     microbatches: gradient accumulation steps.
-    profile: its compiled :class:`jaxmem.MemoryProfile` (None if it failed to build).
+    profile: its compiled :class:`jaxmem.memory.MemoryProfile` (None if it failed to build).
     flops: jaxpr work count (see :func:`jaxpr_flops`).
     overhead: estimated extra cost relative to the cheapest candidate (0.1 = +10%).
     ms: measured step time when the planner timed it, else None.
@@ -269,7 +269,7 @@ def plan_memory(
     ...     return jnp.mean(x)
     ...   return jax.grad(loss)
     >>> args = (jnp.ones((64, 64)), jnp.ones((32, 64)))
-    >>> plan = jaxmem.plan_memory(make_step, args, 10**9, policies=('none', 'full'),
+    >>> plan = jaxmem.memory.plan_memory(make_step, args, 10**9, policies=('none', 'full'),
     ...                           microbatches=(1,))
     >>> plan.chosen.name
     'none/mb1'

@@ -122,7 +122,7 @@ def memory_profile(
     >>> import jax, jax.numpy as jnp, jaxmem
     >>> step = lambda w, x: w - 0.1 * jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w)))(w)
     >>> w, x = jnp.ones((64, 64)), jnp.ones((8, 64))
-    >>> prof = jaxmem.memory_profile(step, w, x, params=w, donate_argnums=0)
+    >>> prof = jaxmem.memory.memory_profile(step, w, x, params=w, donate_argnums=0)
     >>> prof.argument_bytes, prof.alias_bytes, prof.param_bytes
     (18432, 16384, 16384)
   """

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmem._src import base
+from jaxmem._src import tree as tree_lib
 from jaxmem._src.qarray import check_bits
 from jaxmem._src.sparse import ENCODINGS, SparseArray, sparse_pack
 
@@ -50,14 +51,14 @@ def check_sparsity(sparsity: float, name: str) -> float:
 
 def check_prunable(path: str, x, name: str) -> None:
   """Raises a ValueError naming ``path`` when ``x`` is not a float array that can be pruned."""
-  if isinstance(x, base.Compressed):
+  if isinstance(x, tree_lib.Compressed):
     raise ValueError(
         f"{name} '{path}': the leaf is already a {type(x).__name__}; pruning works on float "
         "weights. Prune first, then quantize or pack: e.g. jaxmem.chain(jaxmem.magnitude_prune("
         "0.9), jaxmem.quantize_int8()) or jaxmem.chain(jaxmem.magnitude_prune(0.9), "
         "jaxmem.sparsify(bits=8))."
     )
-  if not base.is_float_leaf(x):
+  if not tree_lib.is_float_leaf(x):
     raise ValueError(
         f"{name} '{path}': dtype {getattr(x, 'dtype', type(x).__name__)} is not float; only float "
         "leaves are pruned. Exclude it with `where`."
@@ -186,7 +187,7 @@ def _selected(params: PyTree, where: base.Where, name: str) -> list[tuple[str, A
   """``[(path, leaf)]`` of the selected leaves, validated as prunable."""
   sel = base.select(params, where, default=default_prune_where, name=name)
   chosen = [
-      (p, x) for (p, x), s in zip(base.leaves_with_paths(params), jax.tree.leaves(sel)) if s
+      (p, x) for (p, x), s in zip(tree_lib.leaves_with_paths(params), jax.tree.leaves(sel)) if s
   ]
   for p, x in chosen:
     check_prunable(p, x, name)
@@ -194,7 +195,7 @@ def _selected(params: PyTree, where: base.Where, name: str) -> list[tuple[str, A
 
 
 def _masks_tree(params: PyTree, masks_by_path: dict[str, jax.Array]) -> PyTree:
-  return base.map_with_path(lambda p, x: masks_by_path.get(p), params)
+  return tree_lib.map_with_path(lambda p, x: masks_by_path.get(p), params)
 
 
 def global_masks(leaves: Sequence[jax.Array], num_prune) -> list[jax.Array]:
@@ -234,7 +235,7 @@ def magnitude_masks(
     >>> import jax.numpy as jnp, jaxmem
     >>> params = {'a': {'kernel': jnp.array([[1., 2.], [3., 4.]])},
     ...           'b': {'kernel': jnp.full((2, 2), 9.)}}
-    >>> m = jaxmem.magnitude_masks(params, 0.5, scope='global')
+    >>> m = jaxmem.sparsity.magnitude_masks(params, 0.5, scope='global')
     >>> int(m['a']['kernel'].sum()), int(m['b']['kernel'].sum())
     (0, 4)
   """
@@ -270,7 +271,7 @@ def nm_masks(
 
   Example:
     >>> import jax.numpy as jnp, jaxmem
-    >>> m = jaxmem.nm_masks({'kernel': jnp.arange(8.).reshape(4, 2)}, 2, 4)
+    >>> m = jaxmem.sparsity.nm_masks({'kernel': jnp.arange(8.).reshape(4, 2)}, 2, 4)
     >>> m['kernel'][:, 0].tolist()
     [False, False, True, True]
   """
@@ -286,9 +287,9 @@ def nm_masks(
 
 def _paths_with_none(tree: PyTree) -> list[str]:
   flat, _ = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: x is None or base.is_compressed(x)
+      tree, is_leaf=lambda x: x is None or tree_lib.is_compressed(x)
   )
-  return [base.path_str(p) for p, _ in flat]
+  return [tree_lib.path_str(p) for p, _ in flat]
 
 
 def structure_error(name: str, params: PyTree, other: PyTree, what: str, fix: str) -> ValueError:
@@ -304,17 +305,18 @@ def structure_error(name: str, params: PyTree, other: PyTree, what: str, fix: st
 
 def flatten_masks(params: PyTree, masks: PyTree, name: str) -> list[tuple[str, Any, Any]]:
   """``[(path, leaf, mask or None)]``, checking that ``masks`` matches ``params`` leaf by leaf."""
-  treedef = jax.tree.structure(params, is_leaf=base.is_compressed)
+  treedef = jax.tree.structure(params, is_leaf=tree_lib.is_compressed)
   try:
     flat_masks = treedef.flatten_up_to(masks)
   except (ValueError, TypeError):
     raise structure_error(
         name, params, masks, "masks",
-        "Build them from the same params (jaxmem.magnitude_masks / nm_masks); None marks a "
+        "Build them from the same params (jaxmem.sparsity.magnitude_masks / nm_masks); None "
+        "marks a "
         "leaf that is not pruned.",
     ) from None
   out = []
-  for (p, x), mk in zip(base.leaves_with_paths(params), flat_masks):
+  for (p, x), mk in zip(tree_lib.leaves_with_paths(params), flat_masks):
     if mk is not None:
       if jax.tree.structure(mk).num_leaves != 1 or not hasattr(mk, "shape"):
         raise ValueError(f"{name} '{p}': the mask is a {type(mk).__name__}, not a bool array.")
@@ -337,7 +339,7 @@ def apply_masks(params: PyTree, masks: PyTree, *, check_finite: bool = True) -> 
   Example:
     >>> import jax.numpy as jnp, jaxmem
     >>> p = {'kernel': jnp.array([[1., -2.], [3., 0.5]]), 'bias': jnp.ones(2)}
-    >>> jaxmem.apply_masks(p, jaxmem.magnitude_masks(p, 0.5))['kernel'].tolist()
+    >>> jaxmem.sparsity.apply_masks(p, jaxmem.sparsity.magnitude_masks(p, 0.5))['kernel'].tolist()
     [[0.0, -2.0], [3.0, 0.0]]
   """
   flat = flatten_masks(params, masks, "apply_masks")
@@ -348,7 +350,7 @@ def apply_masks(params: PyTree, masks: PyTree, *, check_finite: bool = True) -> 
   if check_finite:
     items = [(p, x) for p, x, mk in flat if mk is not None]
     check_finite_leaves(items, "apply_masks", masks=True)
-  treedef = jax.tree.structure(params, is_leaf=base.is_compressed)
+  treedef = jax.tree.structure(params, is_leaf=tree_lib.is_compressed)
   return jax.tree.unflatten(
       treedef, [x if mk is None else jnp.where(mk, x, jnp.zeros((), x.dtype)) for _, x, mk in flat]
   )
@@ -489,7 +491,7 @@ def sparsify(
   def fn(path, x):
     if isinstance(x, SparseArray):
       raise ValueError(f"sparsify '{path}': the leaf is already a SparseArray; pack it once.")
-    if base.is_compressed(x):
+    if tree_lib.is_compressed(x):
       return sparse_pack(x, encoding=encoding, path=path)
     axes = () if per_tensor else (tuple(channel_axes) if channel_axes is not None else (-1,))
     return sparse_pack(x, bits=bits, channel_axes=axes, encoding=encoding, path=path)
@@ -507,19 +509,19 @@ def tree_sparsity(params: PyTree, where: base.Where = None) -> float:
 
   Example:
     >>> import jax.numpy as jnp, jaxmem
-    >>> jaxmem.tree_sparsity({'kernel': jnp.array([[0., 1.], [0., 0.]])})
+    >>> jaxmem.sparsity.tree_sparsity({'kernel': jnp.array([[0., 1.], [0., 0.]])})
     0.75
   """
   sel = base.select(params, where, default=default_prune_where, name="tree_sparsity")
   zeros = total = 0
-  for (_, x), s in zip(base.leaves_with_paths(params), jax.tree.leaves(sel)):
+  for (_, x), s in zip(tree_lib.leaves_with_paths(params), jax.tree.leaves(sel)):
     if not s:
       continue
     size = math.prod(x.shape)
     if isinstance(x, SparseArray):
       nz = x.nnz
     else:
-      nz = int(jnp.count_nonzero(x.materialize() if base.is_compressed(x) else x))
+      nz = int(jnp.count_nonzero(x.materialize() if tree_lib.is_compressed(x) else x))
     zeros += size - nz
     total += size
   return zeros / max(total, 1)

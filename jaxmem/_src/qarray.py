@@ -49,7 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmem._src.base import Compressed, check_bool, check_group_size, require_finite
+from jaxmem._src.base import check_bool, check_group_size, require_finite
+from jaxmem._src.tree import Compressed
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 
@@ -111,7 +112,7 @@ class QArray(Compressed):
   pack_axis: int | None = dataclasses.field(default=None, metadata=dict(static=True))
   act_bits: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
-  _dense_hint = "jaxmem.dequantize(w)"  # for Compressed's "not an array" TypeError
+  _dense_hint = "jaxmem.ops.dequantize(w)"  # for Compressed's "not an array" TypeError
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -215,7 +216,7 @@ def _norm_axes(axes: Sequence[int], ndim: int, what: str) -> tuple[int, ...]:
   return tuple(sorted(set(out)))
 
 
-def pack(values: jax.Array, bits: int, axis: int = -1) -> jax.Array:
+def pack_ints(values: jax.Array, bits: int, axis: int = -1) -> jax.Array:
   """Packs int8 values of ``bits`` (<= 4) bits along ``axis``, ``8 // bits`` per byte.
 
   Adjacent values of the axis share a byte (the first in the low bits); the axis is
@@ -224,8 +225,8 @@ def pack(values: jax.Array, bits: int, axis: int = -1) -> jax.Array:
   Example:
     >>> import jax.numpy as jnp
     >>> v = jnp.array([[-7, 7, 0, 3]], jnp.int8)
-    >>> p = pack(v, 4)
-    >>> p.shape, bool((unpack(p, 4) == v).all())
+    >>> p = pack_ints(v, 4)
+    >>> p.shape, bool((unpack_ints(p, 4) == v).all())
     ((1, 2), True)
   """
   per = values_per_byte(bits)
@@ -243,8 +244,8 @@ def pack(values: jax.Array, bits: int, axis: int = -1) -> jax.Array:
   return jnp.moveaxis(out, -1, axis)
 
 
-def unpack(packed: jax.Array, bits: int, axis: int = -1, size: int | None = None) -> jax.Array:
-  """Inverse of :func:`pack`: uint8 -> sign-extended int8 values along ``axis``.
+def unpack_ints(packed: jax.Array, bits: int, axis: int = -1, size: int | None = None) -> jax.Array:
+  """Inverse of :func:`pack_ints`: uint8 -> sign-extended int8 values along ``axis``.
 
   ``size`` trims the unpacked axis to its length before padding (default: all values).
   """
@@ -442,7 +443,7 @@ def quantize(
           f"{shape}: the axis length must be divisible by {per}. Pick another pack_axis, "
           "or pack_bits=False (one int8 per value)."
       )
-  qvalue = pack(q, bits, axis) if axis is not None else q
+  qvalue = pack_ints(q, bits, axis) if axis is not None else q
   return QArray(
       qvalue=qvalue,
       scale=scale.reshape(sshape).astype(jnp.float32),
@@ -457,7 +458,7 @@ def quantize(
 def int_values(q: QArray) -> jax.Array:
   """The int8 values in the logical shape (unpacking if needed)."""
   if q.packed:
-    return unpack(q.qvalue, q.bits, q.pack_axis)
+    return unpack_ints(q.qvalue, q.bits, q.pack_axis)
   return q.qvalue
 
 

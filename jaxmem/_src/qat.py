@@ -21,7 +21,7 @@ How QAT hooks into a model -- explicitly, with no patching of jax or flax:
   mask first (``qat.fake_quant(mask * params)``): zeros quantize to exactly zero.
 * **Activations** (8 bits, dynamic per row/token like the W8A8 run-time path): call
   :func:`fake_quantize_activations` where you want it, or run a Linen model under
-  :func:`fake_quant_activations`, a context manager built on
+  :func:`fake_quantize_linen_inputs`, a context manager built on
   ``flax.linen.intercept_methods`` that fake-quantizes the inputs of chosen layers.
 * **Convert**: ``jaxmem.transform(qat.convert, params)`` turns the trained float params
   into real :class:`jaxmem.QArray` params with the very same quantizer, so the converted
@@ -31,17 +31,15 @@ How QAT hooks into a model -- explicitly, with no patching of jax or flax:
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxmem._src import base, lowbit, qdot
+from jaxmem._src import tree as tree_lib
 from jaxmem._src.qarray import dequantize, quantize
 from jaxmem._src.quantize import (
     StackAxes,
@@ -77,7 +75,7 @@ def fake_quantize(
   """``dequantize(quantize(x))`` forward, identity gradient (straight-through estimator).
 
   The forward value equals, bit for bit, the dequantized :class:`jaxmem.QArray` that
-  :func:`jaxmem.quantize` makes with the same arguments.
+  :func:`jaxmem.ops.quantize` makes with the same arguments.
 
   Args:
     x: float array.
@@ -89,10 +87,10 @@ def fake_quantize(
   Example:
     >>> import jax, jax.numpy as jnp, jaxmem
     >>> x = jnp.array([[0.3, -1.0], [1.0, 0.1]])
-    >>> jaxmem.fake_quantize(x, 2, channel_axes=())
+    >>> jaxmem.ops.fake_quantize(x, 2, channel_axes=())
     Array([[ 0., -1.],
            [ 1.,  0.]], dtype=float32)
-    >>> jax.grad(lambda x: jaxmem.fake_quantize(x, 2).sum())(x)
+    >>> jax.grad(lambda x: jaxmem.ops.fake_quantize(x, 2).sum())(x)
     Array([[1., 1.],
            [1., 1.]], dtype=float32)
   """
@@ -116,13 +114,13 @@ def fake_quantize_activations(x: jax.Array, bits: int = 8) -> jax.Array:
   """Dynamic symmetric fake quantization of activations, one scale per row (last axis).
 
   The forward value is the dynamic W8A8 path's own activation quantizer
-  (:func:`jaxmem.quantize_activations`: one scale per token/row, ``max|x| / 127``)
+  (:func:`jaxmem.ops.quantize_activations`: one scale per token/row, ``max|x| / 127``)
   times its scale, so a QAT model trained with it sees what the converted W8A8 model
   computes; the gradient passes straight through.
 
   Example:
     >>> import jax.numpy as jnp, jaxmem
-    >>> jaxmem.fake_quantize_activations(jnp.array([[1.0, 0.5, -0.001]]))
+    >>> jaxmem.ops.fake_quantize_activations(jnp.array([[1.0, 0.5, -0.001]]))
     Array([[1.      , 0.503937, 0.      ]], dtype=float32)
   """
   if bits != 8:
@@ -163,7 +161,7 @@ def qat_weights(
 ) -> QATWeights:
   """Quantization-aware training of weights at ``bits`` (2..8), optionally group-wise.
 
-  Leaves, axes and groups are chosen exactly as by :func:`jaxmem.quantize_grouped`
+  Leaves, axes and groups are chosen exactly as by :func:`jaxmem.quantize_weights`
   (kernels grouped along the input axis, embeddings along features).
 
   Args:
@@ -206,7 +204,7 @@ def qat_weights(
     )
 
   def fq_leaf(path, x):
-    if isinstance(x, base.Compressed):
+    if isinstance(x, tree_lib.Compressed):
       raise ValueError(
           f"{name}: leaf '{path}' is already a {type(x).__name__}; fake quantization trains "
           "float params. Run QAT before converting/compressing the params."
@@ -220,7 +218,7 @@ def qat_weights(
     return base.transform(fq_tx, params)
 
   def convert_leaf(path, x):
-    if isinstance(x, base.Compressed):
+    if isinstance(x, tree_lib.Compressed):
       raise ValueError(
           f"{name}.convert: leaf '{path}' is already a {type(x).__name__}; convert the float "
           "params that were trained with fake_quant."
@@ -229,55 +227,3 @@ def qat_weights(
 
   convert = base.leafwise(convert_leaf, where, default=default_quant_where, name=f"{name}.convert")
   return QATWeights(fake_quant, checking_stack_rules(convert, where, rules, f"{name}.convert"))
-
-
-_DEFAULT_ACT_MODULES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
-
-
-@contextlib.contextmanager
-def fake_quant_activations(
-    bits: int = 8,
-    where: str | Sequence[str] | None = None,
-    *,
-    module_types: Sequence[type] = _DEFAULT_ACT_MODULES,
-) -> Iterator[None]:
-  """Within this context, Linen layers fake-quantize their input activations (8 bits).
-
-  Uses ``flax.linen.intercept_methods`` (no patching): each ``__call__`` of a module of
-  one of ``module_types`` whose path (``a/b/Dense_0``) fullmatches a pattern of
-  ``where`` (None: every such module) gets its first argument passed through
-  :func:`fake_quantize_activations`. Pair it with ``qat_weights(8, act_bits=8)`` to
-  train for dynamic W8A8. For NNX models call :func:`fake_quantize_activations` in
-  ``__call__``.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxmem
-    >>> model = nn.Dense(2)
-    >>> x = jnp.array([[1.0, 0.001]])
-    >>> params = model.init(jax.random.key(0), x)
-    >>> with jaxmem.fake_quant_activations():
-    ...   y = model.apply(params, x)
-    >>> bool(jnp.allclose(y, model.apply(params, jnp.array([[1.0, 0.0]]))))
-    True
-  """
-  if bits != 8:
-    raise ValueError(f"fake_quant_activations: bits={bits}; activations support 8 bits.")
-  patterns = [where] if isinstance(where, str) else list(where or [])
-  compiled = [re.compile(p) for p in patterns]
-  types = tuple(module_types)
-
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if context.method_name != "__call__" or not isinstance(module, types) or not args:
-      return next_fun(*args, **kwargs)
-    if compiled:
-      path = "/".join(str(p) for p in module.path)
-      if not any(rx.fullmatch(path) for rx in compiled):
-        return next_fun(*args, **kwargs)
-    x = args[0]
-    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
-      return next_fun(*args, **kwargs)
-    return next_fun(fake_quantize_activations(x, bits), *args[1:], **kwargs)
-
-  with nn.intercept_methods(interceptor):
-    yield

@@ -7,7 +7,7 @@ Each kernel takes a float activation and a weight that is a :class:`jaxmem.QArra
   the weight's scale is 1 on every contracted axis (per-channel or per-tensor), the
   scale factors out of the sum, so the op runs on ``qvalue.astype(float)`` and the
   result is multiplied by the scale, never materializing ``qvalue * scale``
-  (measured here: 0.95-0.96x fp32 speed against ~0.93x for dequantize-then-dot). Group-wise
+  (``benchmarks/quantization.py`` compares it with dequantize-then-dot). Group-wise
   scales along a contracted axis fall back to dequantizing inside the traced function.
 * **W8A16** (``w.act_bits == 16``): activations are rounded to bfloat16 and the op runs
   ``bf16 x bf16 -> f32`` on the integer weights (exact in bf16), scaled on the output: the
@@ -20,9 +20,9 @@ Each kernel takes a float activation and a weight that is a :class:`jaxmem.QArra
   the contracted axes (quantize with ``channel_axes`` on the output axes). Convolutions
   use one activation scale per example.
 
-**Integer accumulation on CPUs with native bf16 dots.** XLA:CPU's ``s8 x s8 -> s32``
-dot is only ~1.2-1.4x faster than f32 (measured on this project's AVX-512 EPYC), while
-a ``bf16 x bf16 -> f32`` dot runs ~1.6-1.8x faster. Integers in [-127, 127] are exact in
+**Integer accumulation on CPUs with native bf16 dots.** On CPUs with AVX512_BF16/AMX,
+XLA:CPU's ``bf16 x bf16 -> f32`` dot is faster than its ``s8 x s8 -> s32`` dot (measured
+per CPU in ``benchmarks/RESULTS.md``). Integers in [-127, 127] are exact in
 bf16, their products are exact in f32, and a sum of K such products stays an exact f32
 integer while ``127**2 * K < 2**24`` (K <= 1040; 1032 for asymmetric int8 weights, whose
 codes reach -128). So on a CPU with AVX512_BF16 or AMX
@@ -37,7 +37,7 @@ is mutated and no cache is cleared):
   :func:`quantized_einsum`, :func:`quantized_conv` and :func:`jaxmem.apply` fixes the
   route of that call;
 * otherwise (``int8_route=None``) the call takes the route of the innermost enclosing
-  ``with jaxmem.int8_dot_route(...):`` block *of the current thread*. The route is a
+  ``with jaxmem.ops.int8_dot_route(...):`` block *of the current thread*. The route is a
   ``jax.make_user_context`` value, part of ``jax.jit``'s trace/lower/compile cache key:
   a function jitted in the block retraces when called outside it, and other threads
   keep their own route;
@@ -68,8 +68,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmem._src.base import Compressed
-from jaxmem._src.qarray import QArray, expand_blocks, int_values, unpack
+from jaxmem._src.qarray import QArray, expand_blocks, int_values, unpack_ints
+from jaxmem._src.tree import Compressed
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -102,7 +102,7 @@ def _round_activations(x: jax.Array, axes: Sequence[int], bits: int):
   """:func:`quantize_activations` with the integer values still in float32.
 
   The one activation quantizer: W8A8 execution runs it, and QAT's
-  :func:`jaxmem.fake_quantize_activations` fake-quantizes with it (through
+  :func:`jaxmem.ops.fake_quantize_activations` fake-quantizes with it (through
   :func:`quantize_activations`).
   """
   qmax = 2 ** (bits - 1) - 1
@@ -130,7 +130,7 @@ def _route_from_env() -> str:
         f"{_ROUTE_ENV}={route!r} (read when jaxmem is imported): expected one of "
         f"{INT8_ROUTES}; unset it for 'auto' (bf16 accumulation on CPUs with native bf16 "
         "dots, int32 elsewhere), or pick a route per call with int8_route=... or "
-        "`with jaxmem.int8_dot_route(...)`."
+        "`with jaxmem.ops.int8_dot_route(...)`."
     )
   return route
 
@@ -144,7 +144,7 @@ def _check_route(route: str | None, what: str) -> str | None:
   if route is not None and route not in INT8_ROUTES:
     raise ValueError(
         f"{what}={route!r}: expected one of {INT8_ROUTES}, or None for the route of the "
-        "enclosing `with jaxmem.int8_dot_route(...)` block (default: $JAXMEM_INT8_DOT, "
+        "enclosing `with jaxmem.ops.int8_dot_route(...)` block (default: $JAXMEM_INT8_DOT, "
         "else 'auto')."
     )
   return route
@@ -171,13 +171,13 @@ def int8_dot_route(route: str):
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxmem
-    >>> q = jaxmem.quantize(jnp.ones((8, 4)), channel_axes=(1,), act_bits=8)
-    >>> f = jax.jit(lambda x, q: jaxmem.quantized_dot_general(x, q, (((1,), (0,)), ((), ()))))
-    >>> with jaxmem.int8_dot_route("bf16"):
+    >>> q = jaxmem.ops.quantize(jnp.ones((8, 4)), channel_axes=(1,), act_bits=8)
+    >>> f = jax.jit(lambda x, q: jaxmem.ops.quantized_dot_general(x, q, (((1,), (0,)), ((), ()))))
+    >>> with jaxmem.ops.int8_dot_route("bf16"):
     ...   text = f.lower(jnp.ones((2, 8)), q).as_text()
     >>> 'xbf16>' in text
     True
-    >>> with jaxmem.int8_dot_route("int32"):
+    >>> with jaxmem.ops.int8_dot_route("int32"):
     ...   text = f.lower(jnp.ones((2, 8)), q).as_text()
     >>> 'xi8>' in text and 'bf16' not in text
     True
@@ -185,7 +185,7 @@ def int8_dot_route(route: str):
   if route not in INT8_ROUTES:
     raise ValueError(
         f"int8_dot_route: route {route!r}; expected one of {INT8_ROUTES}, e.g. "
-        "`with jaxmem.int8_dot_route('int32'):`."
+        "`with jaxmem.ops.int8_dot_route('int32'):`."
     )
   with _ROUTE(route):
     yield
@@ -402,7 +402,7 @@ def quantized_dot_general(
   W8A8 weights run an integer dot: ``int8 x int8 -> int32``, or, on CPUs with native
   bf16 dots (AVX512_BF16/AMX), the same products as bf16 dots accumulating in f32 in
   exact chunks of <= 1040 contracted elements, bit-identical and faster on XLA:CPU
-  (``int8_route=``, :func:`jaxmem.int8_dot_route` or ``JAXMEM_INT8_DOT`` pick a route;
+  (``int8_route=``, :func:`jaxmem.ops.int8_dot_route` or ``JAXMEM_INT8_DOT`` pick a route;
   see the module docstring).
   W8A16 weights (``act_bits=16``) run ``bf16 x bf16 -> f32`` on bf16-rounded activations.
 
@@ -416,7 +416,7 @@ def quantized_dot_general(
     dtype: computation dtype (default: the promoted type of ``lhs`` and ``rhs.dtype``).
     path: the weight's path, for error messages.
     int8_route: W8A8 integer-dot route, ``"int32"``, ``"bf16"`` or ``"auto"``; None
-      (default) takes the enclosing :func:`jaxmem.int8_dot_route` block's route
+      (default) takes the enclosing :func:`jaxmem.ops.int8_dot_route` block's route
       (outside one: ``$JAXMEM_INT8_DOT`` at import, else ``"auto"``). Static.
 
   Returns:
@@ -427,7 +427,7 @@ def quantized_dot_general(
     >>> w = jax.random.normal(jax.random.key(0), (16, 8))
     >>> x = jax.random.normal(jax.random.key(1), (4, 16))
     >>> dn = (((1,), (0,)), ((), ()))
-    >>> y = quantized_dot_general(x, jaxmem.quantize(w, act_bits=8), dn)
+    >>> y = quantized_dot_general(x, jaxmem.ops.quantize(w, act_bits=8), dn)
     >>> bool(jnp.allclose(y, x @ w, atol=0.2))
     True
   """
@@ -511,7 +511,7 @@ def quantized_einsum(
     >>> import jax, jax.numpy as jnp, jaxmem
     >>> w = jax.random.normal(jax.random.key(0), (8, 3, 5))
     >>> x = jax.random.normal(jax.random.key(1), (2, 4, 8))
-    >>> q = jaxmem.quantize(w, channel_axes=(1, 2))
+    >>> q = jaxmem.ops.quantize(w, channel_axes=(1, 2))
     >>> y = quantized_einsum('abc,cde->abde', x, q)
     >>> bool(jnp.allclose(y, jnp.einsum('abc,cde->abde', x, w), atol=0.05))
     True
@@ -561,7 +561,7 @@ def quantized_conv(
     >>> w = jax.random.normal(jax.random.key(0), (3, 3, 4, 8))
     >>> x = jax.random.normal(jax.random.key(1), (2, 6, 6, 4))
     >>> dn = ('NHWC', 'HWIO', 'NHWC')
-    >>> y = quantized_conv(x, jaxmem.quantize(w), (1, 1), 'SAME', dimension_numbers=dn)
+    >>> y = quantized_conv(x, jaxmem.ops.quantize(w), (1, 1), 'SAME', dimension_numbers=dn)
     >>> ref = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=dn)
     >>> bool(jnp.allclose(y, ref, atol=0.1))
     True
@@ -616,7 +616,7 @@ def quantized_take(table, indices: jax.Array, *, dtype=None) -> jax.Array:
   Example:
     >>> import jax, jax.numpy as jnp, jaxmem
     >>> table = jax.random.normal(jax.random.key(0), (10, 4))
-    >>> q = jaxmem.quantize(table, channel_axes=(0,))
+    >>> q = jaxmem.ops.quantize(table, channel_axes=(0,))
     >>> ids = jnp.array([[1, 9], [0, 0]])
     >>> bool(jnp.allclose(quantized_take(q, ids), table[ids], atol=0.02))
     True
@@ -633,7 +633,7 @@ def quantized_take(table, indices: jax.Array, *, dtype=None) -> jax.Array:
   if table.packed and table.pack_axis != -len(shape):
     # Rows are whole bytes: gather packed rows, unpack only those.
     rows = jnp.take(table.qvalue, idx, axis=0, mode="clip")
-    vals = unpack(rows, table.bits, table.pack_axis)
+    vals = unpack_ints(rows, table.bits, table.pack_axis)
   else:
     vals = jnp.take(int_values(table), idx, axis=0, mode="clip")
 

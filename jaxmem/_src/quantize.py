@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
 from jaxmem._src import base
+from jaxmem._src import tree as tree_lib
 from jaxmem._src.qarray import (
     QArray,
     check_act_bits,
@@ -52,28 +52,33 @@ def _is_embedding(path: str) -> bool:
 StackAxes = int | Mapping[str, int]
 
 
-def check_stack_axes(name: str, stack_axes: Any) -> list[tuple[re.Pattern, int]] | int:
+class StackRules(NamedTuple):
+  """``stack_axes={regex: n}`` compiled: the rules and each rule's number of stack axes."""
+
+  rules: tree_lib.PathRules
+  counts: tuple[int, ...]
+
+
+def check_stack_axes(name: str, stack_axes: Any) -> StackRules | int:
   """Validates ``stack_axes`` (an int, or ``{regex: int}``); returns it compiled."""
   if isinstance(stack_axes, Mapping):
-    rules = []
     for k, v in stack_axes.items():
       base.check_int(name, f"stack_axes[{k!r}]", v, minimum=0)
-      rules.append((base.compile_patterns([k], name, "`stack_axes`")[0], int(v)))
-    return rules
+    rules = tree_lib.PathRules(list(stack_axes), name, "stack_axes rule")
+    return StackRules(rules, tuple(int(v) for v in stack_axes.values()))
   base.check_int(name, "stack_axes", stack_axes, minimum=0)
   return int(stack_axes)
 
 
-def stack_of(rules: list[tuple[re.Pattern, int]] | int, path: str) -> int:
+def stack_of(rules: StackRules | int, path: str) -> int:
   """The number of leading stack axes of the leaf at ``path`` (first fullmatching rule)."""
   if isinstance(rules, int):
     return rules
-  return next((n for rx, n in rules if rx.fullmatch(path)), 0)
+  i = rules.rules.first(path)
+  return 0 if i is None else rules.counts[i]
 
 
-def check_stack_rules_used(
-    params, where: base.Where, rules: list[tuple[re.Pattern, int]] | int, name: str
-) -> None:
+def check_stack_rules_used(params, where: base.Where, rules: StackRules | int, name: str) -> None:
   """Raises a ValueError naming the first ``stack_axes`` rule that no selected leaf takes.
 
   A leaf takes the first rule that fullmatches its path; only paths are read, so this runs
@@ -82,16 +87,13 @@ def check_stack_rules_used(
   if isinstance(rules, int):
     return
   mask = base.select(params, where, default=default_quant_where, name=name)
-  used = set()
-  for (path, _), chosen in zip(base.leaves_with_paths(params), jax.tree.leaves(mask)):
-    if chosen:
-      used.add(next((i for i, (rx, _) in enumerate(rules) if rx.fullmatch(path)), None))
-  unused = [rx.pattern for i, (rx, _) in enumerate(rules) if i not in used]
-  if unused:
-    raise ValueError(
-        f"{name}: stack_axes rule {unused[0]!r} matches no selected leaf (a leaf takes the "
-        "first rule that fullmatches its path, e.g. r'layers/.*'); remove the rule or fix it."
-    )
+  flat = zip(tree_lib.leaves_with_paths(params), jax.tree.leaves(mask))
+  selected = [p for (p, _), m in flat if m]
+  rules.rules.check_used(
+      [rules.rules.first(p) for p in selected], selected, of="selected leaf",
+      why="a leaf takes the first rule that fullmatches its path, e.g. r'layers/.*'; remove "
+      "the rule or fix it",
+  )
 
 
 def leaf_layout(
@@ -127,7 +129,7 @@ def leaf_layout(
     stack: leading axes that stack layers.
 
   Returns:
-    ``dict(channel_axes=..., group_size=..., group_axis=...)``; :func:`jaxmem.quantize`
+    ``dict(channel_axes=..., group_size=..., group_axis=...)``; :func:`jaxmem.ops.quantize`
     then packs sub-byte values along the group axis, else the first axis that is not a
     channel axis (the input axis of a kernel, the feature axis of an embedding).
 
@@ -212,10 +214,10 @@ def quantize_weights(
       an error). Stack axes keep per-layer scales, so slicing the QArray along them gives
       each layer's QArray.
     symmetric: False for asymmetric quantization (a zero point per group, see
-      :func:`jaxmem.quantize`); weight-only or W8A16/W8A8 through ``dot_general``/einsum.
+      :func:`jaxmem.ops.quantize`); weight-only or W8A16/W8A8 through ``dot_general``/einsum.
     pack_bits: pack sub-byte values (default: True for bits <= 4 where an axis divides).
     act_bits: 8 for dynamic activation quantization at run time (W8A8); 16 for bfloat16
-      activations (W8A16, see :func:`jaxmem.quantized_dot_general`); None: weight-only.
+      activations (W8A16, see :func:`jaxmem.ops.quantized_dot_general`); None: weight-only.
     check_finite: raise a ValueError naming the leaf when a selected leaf holds NaN or Inf
       (a single NaN would make its whole scale group NaN). Concrete params are checked at
       once; under ``jax.jit`` one ``jax.debug.callback`` per call checks them when the
@@ -279,7 +281,7 @@ def weights_transform(
   base.check_where(where, factory)
 
   def fn(path, x):
-    if isinstance(x, base.Compressed):
+    if isinstance(x, tree_lib.Compressed):
       raise ValueError(
           f"quantize '{path}': the leaf is already a {type(x).__name__}; leaves are quantized "
           "once, from float. The order that works is prune -> quantize -> pack, e.g. "
@@ -297,13 +299,13 @@ def weights_transform(
     )
 
   # The general factories name their transforms by the width (as before the presets merged).
-  name = f"quantize_int{bits}" if factory in ("quantize_weights", "quantize_grouped") else factory
+  name = f"quantize_int{bits}" if factory == "quantize_weights" else factory
   tx = quantizing_leafwise(fn, where, name=name, check_finite=check_finite)
   return checking_stack_rules(tx, where, rules, name)
 
 
 def checking_stack_rules(
-    tx: base.ParamTransform, where: base.Where, rules: list[tuple[re.Pattern, int]] | int,
+    tx: base.ParamTransform, where: base.Where, rules: StackRules | int,
     name: str,
 ) -> base.ParamTransform:
   """``tx`` whose ``init`` and ``update`` first run :func:`check_stack_rules_used`."""
@@ -340,7 +342,8 @@ def quantizing_leafwise(
     new, state = tx.update(params, state)
     items = [
         (p, q.scale, x)
-        for (p, x), (_, q) in zip(base.leaves_with_paths(params), base.leaves_with_paths(new))
+        for (p, x), (_, q) in zip(
+            tree_lib.leaves_with_paths(params), tree_lib.leaves_with_paths(new))
         if isinstance(q, QArray) and q is not x
     ]
     base.require_finite(items, name)

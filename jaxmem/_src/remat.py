@@ -31,6 +31,8 @@ from typing import Any
 import jax
 from jax import ad_checkpoint
 
+from jaxmem._src.flax import lifted
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "names")
 REMAT_OFFLOAD_POLICIES = ("offload_dots_no_batch", "offload_names")
 REMAT_ALL_POLICIES = REMAT_POLICIES + REMAT_OFFLOAD_POLICIES
@@ -45,7 +47,7 @@ def checkpoint_name(x: Any, name: str) -> Any:
   Example:
     >>> import jax, jax.numpy as jnp, jaxmem
     >>> def block(w, x):
-    ...   h = jaxmem.checkpoint_name(jnp.tanh(x @ w), 'hidden')
+    ...   h = jaxmem.memory.checkpoint_name(jnp.tanh(x @ w), 'hidden')
     ...   return jnp.sum(h @ w)
     >>> f = jaxmem.remat(block, 'names', names=('hidden',))
     >>> g = jax.grad(f)(jnp.eye(3), jnp.ones((2, 3)))
@@ -78,7 +80,7 @@ def remat_policy(policy: str, names: Sequence[str] = ()) -> Callable[..., Any] |
 
   Example:
     >>> import jaxmem
-    >>> jaxmem.remat_policy('full') is None
+    >>> jaxmem.memory.remat_policy('full') is None
     True
   """
   if policy not in REMAT_ALL_POLICIES:
@@ -88,7 +90,7 @@ def remat_policy(policy: str, names: Sequence[str] = ()) -> Callable[..., Any] |
     if not names:
       raise ValueError(
           f"remat: policy {policy!r} needs `names` (activation names tagged with "
-          "jaxmem.checkpoint_name); pass names=('attn_out', ...)."
+          "jaxmem.memory.checkpoint_name); pass names=('attn_out', ...)."
       )
   elif names:
     raise ValueError(
@@ -117,23 +119,6 @@ def remat_policy(policy: str, names: Sequence[str] = ()) -> Callable[..., Any] |
       offload_src="device",
       offload_dst="pinned_host",
   )
-
-
-def _is_linen_class(target: Any) -> bool:
-  import flax.linen as nn
-
-  return isinstance(target, type) and issubclass(target, nn.Module)
-
-
-def _is_nnx_node(x: Any) -> bool:
-  from flax import nnx
-
-  return isinstance(x, nnx.Module)
-
-
-def _has_nnx_arg(args: tuple, kwargs: dict) -> bool:
-  leaves = jax.tree.leaves((args, kwargs), is_leaf=_is_nnx_node)
-  return any(_is_nnx_node(x) for x in leaves)
 
 
 def remat(
@@ -172,16 +157,10 @@ def remat(
   pol = remat_policy(policy, names)
   if policy == "none":
     return target
-  if _is_linen_class(target):
-    import flax.linen as nn
-
-    return nn.remat(target, policy=pol, prevent_cse=prevent_cse, static_argnums=static_argnums)
-  if _is_nnx_node(target):
-    from flax import nnx
-
-    module = target
-    call = nnx.remat(lambda m, *a: m(*a), policy=pol, prevent_cse=prevent_cse)
-    return lambda *args: call(module, *args)
+  if lifted.is_linen_class(target):
+    return lifted.linen_remat(target, pol, prevent_cse, static_argnums)
+  if lifted.is_nnx_module(target):
+    return lifted.nnx_module_remat(target, pol, prevent_cse)
   if not callable(target):
     raise TypeError(
         f"remat: target is a {type(target).__name__}; pass a function, a Linen module class "
@@ -194,13 +173,9 @@ def remat(
 
   def wrapped(*args, **kwargs):
     nonlocal nnx_fn
-    if _has_nnx_arg(args, kwargs):
+    if lifted.has_nnx_arg(args, kwargs):
       if nnx_fn is None:
-        from flax import nnx
-
-        nnx_fn = nnx.remat(
-            target, policy=pol, prevent_cse=prevent_cse, static_argnums=static_argnums
-        )
+        nnx_fn = lifted.nnx_fn_remat(target, pol, prevent_cse, static_argnums)
       return nnx_fn(*args, **kwargs)
     return jax_fn(*args, **kwargs)
 

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec
 
-from jaxmem._src import base
+from jaxmem._src import tree as tree_lib
 from jaxmem._src.qarray import QArray, values_per_byte
 
 PyTree = Any
@@ -135,10 +135,10 @@ def partition_specs(compressed: PyTree, float_specs: PyTree, *, mesh=None) -> Py
     True
   """
   spec_paths = dict(
-      (base.path_str(p), s)
+      (tree_lib.path_str(p), s)
       for p, s in jax.tree_util.tree_flatten_with_path(float_specs, is_leaf=_is_spec)[0]
   )
-  leaf_paths = [p for p, _ in base.leaves_with_paths(compressed)]
+  leaf_paths = [p for p, _ in tree_lib.leaves_with_paths(compressed)]
   missing = [p for p in leaf_paths if p not in spec_paths]
   extra = sorted(set(spec_paths) - set(leaf_paths))
   if missing or extra:
@@ -154,10 +154,10 @@ def partition_specs(compressed: PyTree, float_specs: PyTree, *, mesh=None) -> Py
     spec = spec_paths[path]
     if isinstance(x, QArray):
       return _qarray_specs(x, spec, path, mesh)
-    if base.is_compressed(x):
+    if tree_lib.is_compressed(x):
       return jax.tree.map(lambda _: PartitionSpec(), x)
     if mesh is not None and hasattr(x, "shape"):
       _check_divides(mesh, path, "array", tuple(x.shape), _spec_entries(spec, len(x.shape), path))
     return PartitionSpec() if spec is None else spec
 
-  return base.map_with_path(one, compressed)
+  return tree_lib.map_with_path(one, compressed)

@@ -4,7 +4,7 @@ A :class:`SparseArray` ``s`` of logical shape ``S`` (``n = prod(S)`` elements) s
 
 * ``s.values``: the ``nnz`` kept entries in C (row-major) order. Float values keep the
   original dtype. Quantized values (``bits`` set) are int8, or flat uint8 holding
-  ``8 // bits`` values per byte when ``packed`` (see :func:`jaxmem.pack`), with
+  ``8 // bits`` values per byte when ``packed`` (see :func:`jaxmem.ops.pack_ints`), with
   ``s.scale`` (float32, the shape of ``S`` with a 1 on every axis not in
   ``channel_axes``) such that ``value = int_value * scale``.
 * ``s.index``: uint8, which flat positions the values sit at, in one of two encodings:
@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmem._src.base import Compressed
-from jaxmem._src.qarray import QArray, _norm_axes, int_values, pack, quantize, unpack
+from jaxmem._src.qarray import QArray, _norm_axes, int_values, pack_ints, quantize, unpack_ints
+from jaxmem._src.tree import Compressed
 
 ENCODINGS = ("auto", "bitmask", "rice")
 _MAX_RICE_K = 24
@@ -77,7 +77,7 @@ class SparseArray(Compressed):
   channel_axes: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
   packed: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
-  _dense_hint = "jaxmem.sparse_unpack(w)"  # for Compressed's "not an array" TypeError
+  _dense_hint = "jaxmem.ops.sparse_unpack(w)"  # for Compressed's "not an array" TypeError
 
   @property
   def density(self) -> float:
@@ -168,7 +168,7 @@ def sparse_pack(
     mask: bool array of ``x``'s shape saying which entries to store; default: the
       nonzero entries (for a QArray, the nonzero integer values).
     bits: quantize the stored float values to this many bits (2..8) with symmetric
-      per-channel scales (as :func:`jaxmem.quantize`); None keeps float values.
+      per-channel scales (as :func:`jaxmem.ops.quantize`); None keeps float values.
     channel_axes: axes with their own scale when ``bits`` is set; default: the last
       axis (per output feature of an ``(in, out)`` kernel); ``()`` is per-tensor.
     encoding: ``'bitmask'``, ``'rice'`` or ``'auto'`` (the smaller of the two).
@@ -271,7 +271,7 @@ def _quantized(qv: np.ndarray, scale, positions, bits, axes, common) -> SparseAr
   vals = jnp.asarray(qv.reshape(-1)[positions].astype(np.int8))
   packed = bits <= 4
   if packed:
-    vals = pack(vals, bits)
+    vals = pack_ints(vals, bits)
   return SparseArray(
       values=vals, scale=jnp.asarray(scale, jnp.float32), bits=bits, channel_axes=axes,
       packed=packed, **common,
@@ -318,7 +318,7 @@ def sparse_unpack(s: SparseArray, dtype=None) -> jax.Array:
   dtype = dtype or s.dtype
   if s.bits is None:
     return _positions_dense(s, s.values).reshape(s.shape).astype(dtype)
-  ints = unpack(s.values, s.bits, -1, size=s.nnz) if s.packed else s.values
+  ints = unpack_ints(s.values, s.bits, -1, size=s.nnz) if s.packed else s.values
   dense = _positions_dense(s, ints.astype(jnp.float32)).reshape(s.shape)
   return (dense * s.scale).astype(dtype)
 
@@ -327,5 +327,5 @@ def sparse_int_values(s: SparseArray) -> jax.Array:
   """The dense int8 values of a quantized :class:`SparseArray` (jit-able)."""
   if s.bits is None:
     raise ValueError("sparse_int_values: the SparseArray holds float values (bits=None).")
-  ints = unpack(s.values, s.bits, -1, size=s.nnz) if s.packed else s.values
+  ints = unpack_ints(s.values, s.bits, -1, size=s.nnz) if s.packed else s.values
   return _positions_dense(s, ints.astype(jnp.int8)).reshape(s.shape)

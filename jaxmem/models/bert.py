@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jaxmem
+
 PyTree = Any
 
 
@@ -276,10 +278,7 @@ def convert_tensors(
   model = BertModel(config)
   ids = jax.ShapeDtypeStruct((1, 2), jnp.int32)
   abstract = jax.eval_shape(lambda i: model.init(jax.random.key(0), i, i), ids)["params"]
-  expected = {
-    "/".join(str(k.key) for k in path): leaf
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
-  }
+  expected = dict(jaxmem.leaves_with_paths(abstract))
   tensors = _strip_prefix(dict(tensors))
   found: dict[str, np.ndarray] = {}
   named: set[str] = set()  # expected paths some tensor maps to (right shape or not)

@@ -2,7 +2,7 @@
 
 The layer stack is one ``nn.scan`` over a remat'ed :class:`Block` (``jaxmem.remat`` on
 the Linen class), so the compiled train step's temp memory reflects the policy. Blocks
-tag three activations with :func:`jaxmem.checkpoint_name` for the ``"names"`` policy:
+tag three activations with :func:`jaxmem.memory.checkpoint_name` for the ``"names"`` policy:
 ``"qkv"`` ``[B, T, 3D]``, ``"attn_ctx"`` ``[B, T, D]`` and ``"mlp_hidden"`` ``[B, T, F]``.
 
 Example:
@@ -53,7 +53,7 @@ class Block(nn.Module):
     b, t, d = x.shape
     hd = d // cfg.heads
     h = nn.LayerNorm(name="ln1")(x)
-    qkv = jaxmem.checkpoint_name(nn.Dense(3 * d, name="qkv")(h), "qkv")
+    qkv = jaxmem.memory.checkpoint_name(nn.Dense(3 * d, name="qkv")(h), "qkv")
     q, k, v = jnp.split(qkv.reshape(b, t, 3, cfg.heads, hd), 3, axis=2)
     q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # [B, T, H, hd]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd).astype(np.float32)
@@ -61,10 +61,10 @@ class Block(nn.Module):
     logits = jnp.where(causal[None, None], logits, jnp.finfo(logits.dtype).min)
     probs = jax.nn.softmax(logits, axis=-1)
     ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
-    ctx = jaxmem.checkpoint_name(ctx, "attn_ctx")
+    ctx = jaxmem.memory.checkpoint_name(ctx, "attn_ctx")
     x = x + nn.Dense(d, name="proj")(ctx)
     h = nn.LayerNorm(name="ln2")(x)
-    h = jaxmem.checkpoint_name(jax.nn.gelu(nn.Dense(cfg.d_ff, name="fc1")(h)), "mlp_hidden")
+    h = jaxmem.memory.checkpoint_name(jax.nn.gelu(nn.Dense(cfg.d_ff, name="fc1")(h)), "mlp_hidden")
     x = x + nn.Dense(d, name="fc2")(h)
     return x, None
 

@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 32
   config.pad_multiple = 8  # pad each batch to a multiple of this many tokens (fewer compiles)
   config.top_k = 10  # retrieval agreement: overlap of each sentence's top-k neighbours
-  # Recipe names: fp32, int8_weight, int8_dynamic, int4_g<group> (e.g. int4_g64), int4.
+  # Recipe names (jaxmem.models.minilm.recipe): fp32, int8_weight, int8_weight_channel,
+  # int8_dynamic, int8_dynamic_all, int4_g<group> (e.g. int4_g64).
   config.recipes = ("fp32", "int8_weight", "int8_dynamic", "int4_g64")
   config.progress_bar = True
   # Data parallelism: None runs on one device; {axis: size} (-1 = all remaining devices)

@@ -9,7 +9,7 @@ the model runs with ``model.apply`` under ``flax.linen.intercept_methods`` (an
 official, scoped Flax API; nothing global is patched). When a ``Dense``,
 ``DenseGeneral``, ``Einsum``, ``Conv`` or ``Embed`` (or a subclass that keeps its
 ``__call__``/``attend``) is called and its kernel/embedding is compressed, the layer is
-computed by :mod:`jaxmem`'s integer kernels (:func:`jaxmem.quantized_dot_general` and
+computed by :mod:`jaxmem`'s integer kernels (:func:`jaxmem.ops.quantized_dot_general` and
 friends) with all its attributes honored (bias, dtype, precision, axis/batch_dims,
 einsum string, strides/padding/dilation/feature groups). Before the real run, one
 abstract trace (``jax.eval_shape``) finds which compressed leaves belong to such layers;
@@ -34,7 +34,7 @@ Both paths run under ``jax.jit`` and ``jax.eval_shape`` (close over the model, e
 front: weight-only layers run on the integer values and scale the output; W8A8 layers
 (``QArray.act_bits == 8``) quantize activations per row and run an
 ``int8 x int8 -> int32`` ``lax.dot_general`` (or its bit-identical bf16 route on CPUs with
-native bf16 dots, see :func:`jaxmem.quantized_dot_general`; ``apply(..., int8_route=...)``
+native bf16 dots, see :func:`jaxmem.ops.quantized_dot_general`; ``apply(..., int8_route=...)``
 fixes the route of one call).
 
 **Scan over layers.** A stacked ``[L, ...]`` compressed param (quantized with
@@ -63,17 +63,17 @@ from flax import nnx
 from flax import struct as flax_struct
 from flax.core import meta as flax_meta
 from flax.linen import dtypes as linen_dtypes
-from flax.linen import module as linen_module
 from flax.nnx.nn import dtypes as nnx_dtypes
 
 from jaxmem._src import qdot
-from jaxmem._src.base import Compressed, is_compressed
+from jaxmem._src import tree as tree_lib
 from jaxmem._src.qdot import (
-    quantized_conv,
-    quantized_dot_general,
-    quantized_einsum,
-    quantized_take,
+  quantized_conv,
+  quantized_dot_general,
+  quantized_einsum,
+  quantized_take,
 )
+from jaxmem._src.tree import Compressed, is_compressed
 
 # ----------------------------------------------------------------------------- shared math
 
@@ -119,8 +119,44 @@ def _dense_general(w, path, inputs, bias, dtype, precision, axis, batch_dims, n_
   return y
 
 
-def _einsum(w, path, inputs, bias, dtype, precision, einsum_str, preferred_element_type,
-            broadcast_bias_shape):
+def _einsum_operands(einsum_str: str) -> tuple[str, str, str]:
+  """``(lhs, rhs, out)`` of an explicit two-operand equation (spaces removed), validated."""
+  einsum_str = einsum_str.replace(" ", "")
+  if "->" not in einsum_str:
+    raise ValueError('`einsum_str` equation must be explicit and include "->".')
+  ins, out = einsum_str.split("->", 1)
+  if ins.count(",") != 1:
+    raise ValueError(
+        "`einsum_str` equation must have exactly two operands and therefore exactly one comma "
+        f"character, instead of {ins.count(',')}"
+    )
+  lhs, rhs = ins.split(",")
+  return lhs, rhs, out
+
+
+def _einsum_bias_shape(einsum_str: str, lhs_ndim: int, kernel_shape: Sequence[int]) -> tuple:
+  """Where an Einsum layer's bias broadcasts in the output: kernel axes kept in the output.
+
+  The bias has the kernel's sizes at the output's letters that come from the kernel (its
+  feature axes) and 1 elsewhere. ``...`` stands for the same axes in every operand,
+  right-aligned as in numpy broadcasting.
+  """
+  lhs, rhs, out = _einsum_operands(einsum_str)
+  letters = iter(c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                 if c not in lhs + rhs + out)
+  counts = [max(0, n - (len(term) - 3)) if "..." in term else 0
+            for term, n in ((lhs, lhs_ndim), (rhs, len(kernel_shape)))]
+  ell = "".join(next(letters) for _ in range(max(counts)))
+  lhs, rhs = (term.replace("...", ell[len(ell) - k:]) for term, k in zip((lhs, rhs), counts))
+  out = out.replace("...", ell)
+  return tuple(kernel_shape[rhs.index(c)] if c in rhs else 1 for c in out)
+
+
+def _einsum(w, path, inputs, bias, dtype, precision, einsum_str, preferred_element_type):
+  _einsum_operands(einsum_str)
+  broadcast_bias_shape = None
+  if bias is not None:
+    broadcast_bias_shape = _einsum_bias_shape(einsum_str, inputs.ndim, tuple(w.shape))
   dtype = _promote(dtype, inputs, w, bias)
   y = quantized_einsum(
       einsum_str, inputs, w, precision=precision,
@@ -227,15 +263,10 @@ def _linen_dense_general(m, w, path, inputs):
 
 
 def _linen_einsum(m, w, path, inputs, einsum_str=None):
-  einsum_str = linen_module.merge_param("einsum_str", m.einsum_str, einsum_str)
-  einsum_str = einsum_str.replace(" ", "")
+  einsum_str = nn.merge_param("einsum_str", m.einsum_str, einsum_str).replace(" ", "")
   bias = _linen_param(m, "bias") if m.use_bias else None
-  shape = None
-  if bias is not None:
-    abstract = jax.ShapeDtypeStruct(tuple(w.shape), w.dtype)
-    _, shape = m._get_bias_shape(einsum_str, inputs, abstract)
   return _einsum(
-      w, path, inputs, bias, m.dtype, m.precision, einsum_str, m.preferred_element_type, shape
+      w, path, inputs, bias, m.dtype, m.precision, einsum_str, m.preferred_element_type
   )
 
 
@@ -397,7 +428,7 @@ def _apply_linen(model, variables, args, kwargs, apply_kwargs):
       p = ("params",) + tuple(context.module.scope.path) + (layer[0],)
       if p in handled:
         w = context.module.scope.get_variable("params", layer[0]).value  # this layer's slice
-        return layer[1](context.module, w, "/".join(p[1:]), *a, **kw)
+        return layer[1](context.module, w, tree_lib.path_str(p[1:]), *a, **kw)
     return next_fun(*a, **kw)
 
   with nn.intercept_methods(run_layer):
@@ -450,16 +481,9 @@ def _nnx_einsum_call(self, inputs, einsum_str=None, out_sharding=None):
   if einsum_str is None:
     raise ValueError("No `einsum_str` argument was provided to Einsum.")
   einsum_str = einsum_str.replace(" ", "")
-  self._einsum_str_check(einsum_str)
-  w = _nnx_weight(self, "kernel")
-  bias = _value(self.bias)
-  shape = None
-  if bias is not None:
-    abstract = jax.ShapeDtypeStruct(tuple(w.shape), w.dtype)
-    shape = self._infer_broadcasted_bias_shape(einsum_str, inputs, abstract)
   return _einsum(
-      w, _nnx_path(self, "kernel"), inputs, bias, self.dtype, self.precision, einsum_str,
-      self.preferred_element_type, shape,
+      _nnx_weight(self, "kernel"), _nnx_path(self, "kernel"), inputs, _value(self.bias),
+      self.dtype, self.precision, einsum_str, self.preferred_element_type,
   )
 
 
@@ -488,7 +512,7 @@ def _nnx_attend(self, query, out_sharding=None):
 
 
 def _nnx_path(module, name) -> str:
-  return "/".join(map(str, getattr(module, "_jaxmem_path", ()) + (name,)))
+  return tree_lib.path_str((*getattr(module, "_jaxmem_path", ()), name))
 
 
 def _nnx_supported(m) -> bool:
@@ -560,7 +584,7 @@ def _state_mismatches(module_state, state, partial: bool) -> list[str]:
   have, got = _flat_variables(module_state), _flat_variables(state)
   out = []
   for path, var in have.items():
-    name, kind = "/".join(path), type(var).__name__
+    name, kind = tree_lib.path_str(path), type(var).__name__
     if path in got:
       a, b = _logical_shape(var), _logical_shape(got[path])
       if a != b:
@@ -572,8 +596,8 @@ def _state_mismatches(module_state, state, partial: bool) -> list[str]:
   for path, x in got.items():
     if path not in have:
       out.append(
-          f"the state has '{'/'.join(path)}' (shape {_logical_shape(x)}), which the module "
-          "does not have"
+          f"the state has '{tree_lib.path_str(path)}' (shape {_logical_shape(x)}), which the "
+          "module does not have"
       )
   return out
 
@@ -613,7 +637,7 @@ def _layer_mismatches(module) -> list[str]:
       var = getattr(node, name, None)
       if isinstance(var, nnx.Variable) and (got := _logical_shape(var)) not in (None, want):
         out.append(
-            f"at '{'/'.join(map(str, tuple(path) + (name,)))}' the {type(node).__name__} "
+            f"at '{tree_lib.path_str((*path, name))}' the {type(node).__name__} "
             f"layer takes shape {want}, the state has shape {got}"
         )
   return out
@@ -778,8 +802,8 @@ def apply(
     mutable: Linen only: passed to ``model.apply`` (then ``(out, updates)`` returns).
     rngs: Linen only: passed to ``model.apply``.
     int8_route: the integer-dot route of every W8A8 layer in the call, ``"int32"``,
-      ``"bf16"`` or ``"auto"`` (see :func:`jaxmem.quantized_dot_general`); None
-      (default) takes the enclosing :func:`jaxmem.int8_dot_route` block's route
+      ``"bf16"`` or ``"auto"`` (see :func:`jaxmem.ops.quantized_dot_general`); None
+      (default) takes the enclosing :func:`jaxmem.ops.int8_dot_route` block's route
       (outside one: ``$JAXMEM_INT8_DOT`` at import, else ``"auto"``). Static.
     partial: NNX only: ``variables`` may lack some of the module's params, which keep
       the module's own values (an ``nnx.Module`` only; see :func:`merge_compressed`).

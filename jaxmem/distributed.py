@@ -1,0 +1,9 @@
+"""Several processes and devices: process setup, meshes and the data-parallel wrapper type.
+
+:func:`jaxmem.data_parallel` (top level) builds a :class:`DataParallel`.
+"""
+
+from jaxmem._src.distributed import ProcessInfo, initialize, shutdown
+from jaxmem._src.parallel import DataParallel, mesh_from_axes
+
+__all__ = ["DataParallel", "ProcessInfo", "initialize", "mesh_from_axes", "shutdown"]

@@ -1,0 +1,165 @@
+"""The MiniLM compression recipes, by name, and their checkpoints, keyed by that name.
+
+A recipe is a jaxmem param transform of the pretrained params (:func:`recipe`). Its
+compressed params are saved with :class:`jaxmem.CheckpointManager` in ``<workdir>/<name>/``
+(:func:`save_params`), so a checkpoint always belongs to the recipe its directory names,
+whatever order a job runs the recipes in; :func:`restore_params` brings QArray leaves back
+as QArrays without a hand-built target.
+
+Example:
+  >>> from jaxmem.models.minilm import recipes
+  >>> recipes.recipe('fp32') is None
+  True
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from typing import Any
+
+import jaxmem
+
+# Found by `python -m jaxmem.models.minilm --sensitivity` (a measured pass on calibration
+# sentences, :func:`jaxmem.models.minilm.sensitivity`): with every Dense in W8A8, keeping the
+# value projections' activations out of int8 (weight-only, or W8A16 with bf16 activations as
+# the recipe does) recovers most of the lost fidelity (their errors reach the output
+# unattenuated by the softmax), while costing 1/12 of the Dense FLOPs.
+W8A8_WEIGHT_ONLY_RULE = r".*/attention/self/value/kernel"
+
+# int8_weight: one scale per 128 inputs and output feature of a kernel, per 128 features and
+# row of an embedding table (1 + 4/128 bytes a weight: 0.258x fp32).
+WEIGHT_GROUP_SIZE = 128
+
+RECIPES = (
+  "fp32",
+  "int8_weight",
+  "int8_weight_channel",
+  "int8_dynamic",
+  "int8_dynamic_all",
+  "int4_g64",
+)
+DEFAULT_RECIPES = ("fp32", "int8_weight", "int8_dynamic", "int4_g64")
+
+
+def recipe(name: str) -> jaxmem.ParamTransform | None:
+  """The jaxmem param transform of a named recipe (None for ``fp32``).
+
+  Recipes (every ``kernel`` and ``embedding`` leaf is compressed, pooler and all embedding
+  tables included; biases and LayerNorm params stay float32):
+
+  * ``int8_weight``: int8 with one scale per 128 inputs and output feature of a kernel
+    (``quantize_weights(8, group_size=128)``) and per 128 features and row of an embedding
+    table; group-wise scales keep outlier channels from coarsening whole rows.
+  * ``int8_weight_channel``: plain ``quantize_int8()`` (one scale per output feature).
+  * ``int8_dynamic``: W8A8 (``quantize_dynamic_int8``) except the attention value projections,
+    whose activations are not int8-quantized (chosen by the sensitivity pass): their int8
+    weights run W8A16 (``quantize_weights(8, act_bits=16)``: bf16 activations, f32
+    accumulation); its speed and fidelity against weight-only are in ``benchmarks/RESULTS.md``.
+  * ``int8_dynamic_all``: ``quantize_dynamic_int8()`` on every kernel.
+  * ``int4_g<n>`` (``int4_g64`` listed): ``quantize_int4(group_size=n)`` (weight-only, packed).
+
+  Raises:
+    ValueError: an unknown name (the message lists the known ones).
+
+  Example:
+    >>> from jaxmem.models import minilm
+    >>> q = jaxmem.transform(recipe('int8_dynamic'), minilm.load().params)
+    >>> q['encoder']['layer_0']['intermediate']['kernel'].act_bits
+    8
+  """
+  if name == "fp32":
+    return None
+  if name == "int8_weight":
+    # Per-leaf layout: kernels grouped along their input axis, embedding tables per row
+    # and grouped along features.
+    return jaxmem.quantize_weights(8, group_size=WEIGHT_GROUP_SIZE)
+  if name == "int8_weight_channel":
+    return jaxmem.quantize_int8()
+  if name == "int8_dynamic":
+    return jaxmem.partition(
+      [
+        (W8A8_WEIGHT_ONLY_RULE, jaxmem.quantize_weights(8, act_bits=16)),
+        (r".*", jaxmem.quantize_dynamic_int8()),
+      ],
+      name="int8_dynamic",
+    )
+  if name == "int8_dynamic_all":
+    return jaxmem.quantize_dynamic_int8()
+  m = re.fullmatch(r"int4_g(\d+)", name)
+  if m:
+    return jaxmem.quantize_int4(group_size=int(m.group(1)))
+  raise ValueError(f"unknown recipe {name!r}; use one of {', '.join(RECIPES)} (or int4_g<size>).")
+
+
+def apply_recipe(name: str, params: Any) -> Any:
+  """``params`` compressed by recipe ``name`` (``params`` itself for ``fp32``)."""
+  tx = recipe(name)
+  return params if tx is None else jaxmem.transform(tx, params)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _recipe_dir(workdir: str | os.PathLike, name: str) -> pathlib.Path:
+  if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+    raise ValueError(
+        f"recipe name {name!r} cannot name a checkpoint directory; use letters, digits, "
+        "'_', '.' and '-'."
+    )
+  return pathlib.Path(workdir) / name
+
+
+def _reader(path: pathlib.Path) -> jaxmem.CheckpointManager:
+  return jaxmem.CheckpointManager(str(path), read_only=True)
+
+
+def save_params(workdir: str | os.PathLike, name: str, params: Any) -> pathlib.Path:
+  """Saves recipe ``name``'s params in ``<workdir>/<name>/`` and returns that directory.
+
+  The directory is a :class:`jaxmem.CheckpointManager` one; the step holds
+  ``{'recipe': name, 'params': params}``. A later save of the same name replaces it (written
+  as the next step, the older one deleted once the new one is on disk). The save is finished
+  when this returns.
+
+  Example:
+    >>> import tempfile, jax.numpy as jnp
+    >>> q = jaxmem.transform(jaxmem.quantize_int8(), {'kernel': jnp.ones((8, 4))})
+    >>> workdir = tempfile.mkdtemp()
+    >>> _ = save_params(workdir, 'int8_weight_channel', q)
+    >>> restore_params(workdir, 'int8_weight_channel')['kernel'].qvalue.dtype
+    dtype('int8')
+  """
+  path = _recipe_dir(workdir, name)
+  with jaxmem.CheckpointManager(str(path), max_to_keep=1, async_save=False) as mgr:
+    latest = mgr.latest_step()
+    mgr.save(0 if latest is None else latest + 1, {"recipe": name, "params": params}, force=True)
+  return path
+
+
+def is_saved(workdir: str | os.PathLike, name: str) -> bool:
+  """Whether ``<workdir>/<name>/`` holds a finished :func:`save_params` step."""
+  path = _recipe_dir(workdir, name)
+  if not path.is_dir():
+    return False
+  with _reader(path) as mgr:
+    return mgr.latest_step() is not None
+
+
+def restore_params(workdir: str | os.PathLike, name: str) -> Any:
+  """Restores what :func:`save_params` wrote for recipe ``name`` (QArray leaves included).
+
+  Raises:
+    FileNotFoundError: nothing was saved for ``name`` in ``workdir``.
+    ValueError: the checkpoint there was saved for another recipe.
+  """
+  path = _recipe_dir(workdir, name)
+  if not path.is_dir():
+    raise FileNotFoundError(f"no checkpoint of recipe {name!r}: {path} does not exist.")
+  with _reader(path) as mgr:
+    saved = mgr.restore()
+  if not isinstance(saved, dict) or saved.get("recipe") != name:
+    found = saved.get("recipe") if isinstance(saved, dict) else type(saved).__name__
+    raise ValueError(f"{path} holds the params of recipe {found!r}, not {name!r}.")
+  return saved["params"]

@@ -1,0 +1,39 @@
+"""Array-level operations: quantize one array, pack sub-byte integers, the quantized kernels.
+
+The param transforms in :mod:`jaxmem` run these over whole pytrees; call them directly to
+build your own layer or transform.
+"""
+
+from jaxmem._src.gptq import gptq_kernel
+from jaxmem._src.pruning import magnitude_mask, nm_mask
+from jaxmem._src.qarray import dequantize, pack_ints, quantize, unpack_ints
+from jaxmem._src.qat import fake_quantize, fake_quantize_activations
+from jaxmem._src.qdot import (
+    int8_dot_route,
+    quantize_activations,
+    quantized_conv,
+    quantized_dot_general,
+    quantized_einsum,
+    quantized_take,
+)
+from jaxmem._src.sparse import sparse_pack, sparse_unpack
+
+__all__ = [
+    "dequantize",
+    "fake_quantize",
+    "fake_quantize_activations",
+    "gptq_kernel",
+    "int8_dot_route",
+    "magnitude_mask",
+    "nm_mask",
+    "pack_ints",
+    "quantize",
+    "quantize_activations",
+    "quantized_conv",
+    "quantized_dot_general",
+    "quantized_einsum",
+    "quantized_take",
+    "sparse_pack",
+    "sparse_unpack",
+    "unpack_ints",
+]
