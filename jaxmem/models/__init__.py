@@ -8,4 +8,8 @@ Modules (import them directly):
   keyed by recipe name), ``evaluate`` (the one evaluation: batching, timed embedding, cosine,
   top-k agreement) and ``__main__``, the main job
   (``python -m jaxmem.models.minilm --workdir DIR``).
+  ``jaxmem.models.llama``: SmolLM2-135M-Instruct from its GGUF file (``gguf`` reader, the file's
+  own 4-bit blocks as QArrays, tokenizer), a Linen Llama with scan over layers and a KV cache,
+  ``recipes``, ``evaluate`` and ``__main__`` (``python -m jaxmem.models.llama --workdir DIR``).
+  ``jaxmem.models.transformer``: a small scan-over-layers LM for memory benchmarks.
 """

@@ -17,6 +17,11 @@ imported). Modules:
 * :mod:`~jaxmem.models.llama.tokenizer`: the byte-level BPE tokenizer stored in the file
   (:func:`load_tokenizer`, :func:`encode`, :func:`decode`).
 * :mod:`~jaxmem.models.llama.data`: the evaluation text, test prompts and windows.
+* :mod:`~jaxmem.models.llama.recipes`: the compression recipes (int8 weight-only, W8A8,
+  int4 round-to-nearest and GPTQ, the file's own bits, ``+kv8`` int8 KV cache) through
+  jaxmem's transforms (``recipes.build(name, fp32_params)``).
+* :mod:`~jaxmem.models.llama.evaluate`: perplexity, KL and top-1 against fp32, prefill and
+  decode tokens/s, KV and compiled memory; ``python -m jaxmem.models.llama`` prints the table.
 
 The names of the modules are re-exported here.
 
@@ -36,6 +41,8 @@ Example:
     print(llama.decode(llama.generate(net, {"params": params}, prompt, 8)[0]))
 """
 
+from jaxmem.models.llama import evaluate as evaluate
+from jaxmem.models.llama import recipes as recipes
 from jaxmem.models.llama.data import (
   EVAL_TEXT_DESCRIPTION,
   EVAL_TEXT_SHA256,
@@ -79,6 +86,7 @@ from jaxmem.models.llama.model import (
   decode_step,
   generate,
   init_cache,
+  param_shapes,
   prefill,
   quantize_kv,
   rope_tables,
@@ -94,6 +102,8 @@ from jaxmem.models.llama.tokenizer import (
 )
 
 __all__ = [
+  "evaluate",
+  "recipes",
   "EVAL_TEXT_DESCRIPTION",
   "EVAL_TEXT_SHA256",
   "INSTALL_HINT",
@@ -132,6 +142,7 @@ __all__ = [
   "load_params",
   "load_tokenizer",
   "permute_qk",
+  "param_shapes",
   "prefill",
   "quantize_kv",
   "read_config",

