@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from llama_params import random_params
 
 import jaxmem
 from jaxmem.models.llama import evaluate as ev
@@ -22,20 +23,7 @@ N, T = 3, 16  # windows
 
 
 def _random_params(seed=0):
-  """Random params of NET's shapes drawn in numpy (logits of std ~2; NET.init costs seconds)."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, s):
-    name = path[-1].key
-    if name == "scale":
-      x = 1.0 + 0.1 * rng.normal(size=s.shape)
-    elif name == "embedding":
-      x = 0.3 * rng.normal(size=s.shape)
-    else:
-      x = rng.normal(size=s.shape) / np.sqrt(s.shape[-2])
-    return jnp.asarray(x, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, llama.param_shapes(CFG))
+  return random_params(CFG, seed)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from llama_params import random_params
 
 import jaxmem
 from jaxmem.models.llama import model as llama
@@ -18,25 +19,7 @@ STACK = {r"layers/.*": 1}
 
 
 def _random_params(seed=0):
-  """Random params of NET's shapes, drawn in numpy (compiling NET.init costs seconds).
-
-  Kernels ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1^2), embeddings ~ N(0, 0.3^2)
-  (logits of std ~2: argmax has clear gaps, sampling at temperature 1 is not argmax).
-  """
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(NET.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-
-  def draw(path, s):
-    name = path[-1].key
-    if name == "scale":
-      x = 1.0 + 0.1 * rng.normal(size=s.shape)
-    elif name == "embedding":
-      x = 0.3 * rng.normal(size=s.shape)
-    else:
-      x = rng.normal(size=s.shape) / np.sqrt(s.shape[-2])
-    return jnp.asarray(x, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
+  return random_params(CFG, seed)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from llama_params import random_params
 
 import jaxmem
 from jaxmem.models.llama import data as llama_data
@@ -20,21 +21,7 @@ PROMPT = jnp.asarray([[5, 17, 3, 88]], jnp.int32)
 
 
 def _random_params(seed=0):
-  """Random params of NET's shapes, drawn in numpy (no NET.init compilation)."""
-  rng = np.random.default_rng(seed)
-  shapes = llama.param_shapes(CFG)
-
-  def draw(path, s):
-    name = path[-1].key
-    if name == "scale":
-      x = 1.0 + 0.1 * rng.normal(size=s.shape)
-    elif name == "embedding":
-      x = 0.3 * rng.normal(size=s.shape)
-    else:
-      x = rng.normal(size=s.shape) / np.sqrt(s.shape[-2])
-    return jnp.asarray(x, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
+  return random_params(CFG, seed)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ import numpy as np
 
 import jaxmem
 from jaxmem._src import qdot  # cpu_summary: the CPU line under the table
+from jaxmem.models import _recipe_checkpoints as _ckpt
 from jaxmem.models.llama import evaluate
 from jaxmem.models.llama.data import PROMPTS, WINDOW_LENGTH, windows
 from jaxmem.models.llama.model import Llama, generate
@@ -42,13 +42,6 @@ PROMPT = PROMPTS[0]  # "The capital of France is": the completion every recipe p
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
-def _recipe_dir(workdir: str | os.PathLike, name: str) -> pathlib.Path:
-  if not re.fullmatch(r"[A-Za-z0-9][\w.+-]*", name):
-    raise ValueError(f"recipe name {name!r} cannot name a checkpoint directory; use letters, "
-                     "digits, '_', '.', '+' and '-'.")
-  return pathlib.Path(workdir) / name
 
 
 def save_params(workdir: str | os.PathLike, name: str, params: Any,
@@ -67,12 +60,7 @@ def save_params(workdir: str | os.PathLike, name: str, params: Any,
     >>> params['kernel'].qvalue.dtype, kv_bits
     (dtype('int8'), 8)
   """
-  path = _recipe_dir(workdir, name)
-  with jaxmem.CheckpointManager(str(path), max_to_keep=1, async_save=False) as mgr:
-    latest = mgr.latest_step()
-    item = {"recipe": name, "kv_bits": int(kv_bits or 0), "params": params}
-    mgr.save(0 if latest is None else latest + 1, item, force=True)
-  return path
+  return _ckpt.save_recipe(workdir, name, {"kv_bits": int(kv_bits or 0), "params": params})
 
 
 def restore_params(workdir: str | os.PathLike, name: str) -> tuple[Any, int | None]:
@@ -82,14 +70,7 @@ def restore_params(workdir: str | os.PathLike, name: str) -> tuple[Any, int | No
     FileNotFoundError: nothing was saved for ``name`` in ``workdir``.
     ValueError: the checkpoint there was saved for another recipe.
   """
-  path = _recipe_dir(workdir, name)
-  if not path.is_dir():
-    raise FileNotFoundError(f"no checkpoint of recipe {name!r}: {path} does not exist.")
-  with jaxmem.CheckpointManager(str(path), read_only=True) as mgr:
-    saved = mgr.restore()
-  if not isinstance(saved, dict) or saved.get("recipe") != name:
-    found = saved.get("recipe") if isinstance(saved, dict) else type(saved).__name__
-    raise ValueError(f"{path} holds the params of recipe {found!r}, not {name!r}.")
+  saved = _ckpt.restore_recipe(workdir, name)
   return saved["params"], (int(saved["kv_bits"]) or None)
 
 
@@ -157,7 +138,7 @@ def main(argv: Sequence[str] | None = None, *,
     raise ValueError("--windows, --new-tokens and --prompt-len must be >= 1.")
   workdir = pathlib.Path(args.workdir)
   for name in names:
-    _recipe_dir(workdir, name)  # a bad directory name fails before the slow part
+    _ckpt.recipe_dir(workdir, name)  # a bad directory name fails before the slow part
   workdir.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
   src = source if isinstance(source, evaluate.Source) else (source or evaluate.load_smollm2)()

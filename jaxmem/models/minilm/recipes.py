@@ -20,6 +20,7 @@ import re
 from typing import Any
 
 import jaxmem
+from jaxmem.models import _recipe_checkpoints as _ckpt
 
 # Found by `python -m jaxmem.models.minilm --sensitivity` (a measured pass on calibration
 # sentences, :func:`jaxmem.models.minilm.sensitivity`): with every Dense in W8A8, keeping the
@@ -102,19 +103,6 @@ def apply_recipe(name: str, params: Any) -> Any:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _recipe_dir(workdir: str | os.PathLike, name: str) -> pathlib.Path:
-  if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
-    raise ValueError(
-        f"recipe name {name!r} cannot name a checkpoint directory; use letters, digits, "
-        "'_', '.' and '-'."
-    )
-  return pathlib.Path(workdir) / name
-
-
-def _reader(path: pathlib.Path) -> jaxmem.CheckpointManager:
-  return jaxmem.CheckpointManager(str(path), read_only=True)
-
-
 def save_params(workdir: str | os.PathLike, name: str, params: Any) -> pathlib.Path:
   """Saves recipe ``name``'s params in ``<workdir>/<name>/`` and returns that directory.
 
@@ -131,20 +119,12 @@ def save_params(workdir: str | os.PathLike, name: str, params: Any) -> pathlib.P
     >>> restore_params(workdir, 'int8_weight_channel')['kernel'].qvalue.dtype
     dtype('int8')
   """
-  path = _recipe_dir(workdir, name)
-  with jaxmem.CheckpointManager(str(path), max_to_keep=1, async_save=False) as mgr:
-    latest = mgr.latest_step()
-    mgr.save(0 if latest is None else latest + 1, {"recipe": name, "params": params}, force=True)
-  return path
+  return _ckpt.save_recipe(workdir, name, {"params": params})
 
 
 def is_saved(workdir: str | os.PathLike, name: str) -> bool:
   """Whether ``<workdir>/<name>/`` holds a finished :func:`save_params` step."""
-  path = _recipe_dir(workdir, name)
-  if not path.is_dir():
-    return False
-  with _reader(path) as mgr:
-    return mgr.latest_step() is not None
+  return _ckpt.is_saved(workdir, name)
 
 
 def restore_params(workdir: str | os.PathLike, name: str) -> Any:
@@ -154,12 +134,4 @@ def restore_params(workdir: str | os.PathLike, name: str) -> Any:
     FileNotFoundError: nothing was saved for ``name`` in ``workdir``.
     ValueError: the checkpoint there was saved for another recipe.
   """
-  path = _recipe_dir(workdir, name)
-  if not path.is_dir():
-    raise FileNotFoundError(f"no checkpoint of recipe {name!r}: {path} does not exist.")
-  with _reader(path) as mgr:
-    saved = mgr.restore()
-  if not isinstance(saved, dict) or saved.get("recipe") != name:
-    found = saved.get("recipe") if isinstance(saved, dict) else type(saved).__name__
-    raise ValueError(f"{path} holds the params of recipe {found!r}, not {name!r}.")
-  return saved["params"]
+  return _ckpt.restore_recipe(workdir, name)["params"]
