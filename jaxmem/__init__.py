@@ -38,7 +38,10 @@ from jaxmem._src.tree import map_with_path as map_with_path
 from jaxmem._src.tree import path_str as path_str
 
 # --- quantization
+from jaxmem._src.calibration import InputStats as InputStats
+from jaxmem._src.flax.calibration import calibrate_layers as calibrate_layers
 from jaxmem._src.flax.calibration import input_hessians as input_hessians
+from jaxmem._src.flax.calibration import input_stats as input_stats
 from jaxmem._src.gptq import quantize_gptq as quantize_gptq
 from jaxmem._src.lowbit import quantize_int4 as quantize_int4
 from jaxmem._src.qarray import QArray as QArray
@@ -97,6 +100,8 @@ __all__ = [
     "Compressed", "is_compressed", "leaves_with_paths", "map_with_path", "path_str",
     # quantization
     "QArray", "QATWeights", "dequantize_params", "input_hessians", "qat_weights",
+    # calibration
+    "InputStats", "calibrate_layers", "input_stats",
     "quantize_dynamic_int8", "quantize_gptq", "quantize_int4", "quantize_int8",
     "quantize_weights", "set_act_bits",
     # pruning and sparse storage

@@ -4,6 +4,7 @@ The param transforms in :mod:`jaxmem` run these over whole pytrees; call them di
 build your own layer or transform.
 """
 
+from jaxmem._src.calibration import row_stats
 from jaxmem._src.gptq import gptq_kernel
 from jaxmem._src.pruning import magnitude_mask, nm_mask
 from jaxmem._src.qarray import dequantize, pack_ints, quantize, unpack_ints
@@ -33,6 +34,7 @@ __all__ = [
     "quantized_dot_general",
     "quantized_einsum",
     "quantized_take",
+    "row_stats",
     "sparse_pack",
     "sparse_unpack",
     "unpack_ints",

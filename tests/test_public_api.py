@@ -17,6 +17,8 @@ TOP = {
     "QArray", "QATWeights", "dequantize_params", "input_hessians", "qat_weights",
     "quantize_dynamic_int8", "quantize_gptq", "quantize_int4", "quantize_int8",
     "quantize_weights", "set_act_bits",
+    # calibration
+    "InputStats", "calibrate_layers", "input_stats",
     # pruning and sparse storage
     "SparseArray", "gradual_prune", "keep_masks", "magnitude_prune", "nm_prune", "sparsify",
     # running and sharding
@@ -32,7 +34,7 @@ NAMESPACES = {
         "dequantize", "fake_quantize", "fake_quantize_activations", "gptq_kernel",
         "int8_dot_route", "magnitude_mask", "nm_mask", "pack_ints", "quantize",
         "quantize_activations", "quantized_conv", "quantized_dot_general", "quantized_einsum",
-        "quantized_take", "sparse_pack", "sparse_unpack", "unpack_ints",
+        "quantized_take", "row_stats", "sparse_pack", "sparse_unpack", "unpack_ints",
     },
     "sparsity": {
         "GradualPruneState", "KeepMasksState", "apply_masks", "magnitude_masks", "mask_sparsity",

@@ -456,7 +456,7 @@ class Llama(nn.Module):
     x = embed(tokens)
     stack = nn.scan(
         LlamaBlock,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.n_layers,

@@ -73,13 +73,11 @@ Example (the tiny model, shapes only through ``jax.eval_shape``; drop it to run 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
 import time
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -260,48 +258,9 @@ def calibration_tokens(tokenizer=None, n_windows: int = 8, length: int = 512) ->
   return np.asarray(wins, np.int32).reshape(n_windows, length)
 
 
-@functools.lru_cache(maxsize=8)
-def _capture_fn(config: LlamaConfig, dtype):
-  """jitted ``(layer_params, x, cos, sin, mask) -> ({input name: X^T X}, block output)``.
-
-  Runs the float block under ``nn.intercept_methods`` and reduces each distinct Dense
-  input (``SHARED_INPUT`` values) to ``X^T X`` in float32 over the batch's rows.
-  """
-  block = LlamaBlock(config, dtype)
-  wanted = set(SHARED_INPUT.values())
-
-  def run(layer_params, x, cos, sin, mask):
-    found = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-      m = context.module
-      if context.method_name == "__call__" and isinstance(m, nn.Dense) and args:
-        name = "/".join(m.path[-2:])
-        if name in wanted and name not in found:
-          a = jnp.asarray(args[0], jnp.float32).reshape(-1, args[0].shape[-1])
-          found[name] = jnp.matmul(a.T, a, precision=jax.lax.Precision.HIGHEST)
-      return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-      y, _ = block.apply({"params": layer_params}, x, None, cos, sin, mask, None)
-    return found, y
-
-  return jax.jit(run)
-
-
-@functools.lru_cache(maxsize=8)
-def _forward_fn(config: LlamaConfig, dtype):
-  """jitted ``(layer_params, x, cos, sin, mask) -> block output`` through jaxmem.apply."""
-  block = LlamaBlock(config, dtype)
-
-  def run(layer_params, x, cos, sin, mask):
-    return jaxmem.apply(block, {"params": layer_params}, x, None, cos, sin, mask, None)[0]
-
-  return jax.jit(run)
-
-
-def _layer(tree, i: int):
-  return jax.tree.map(lambda a: a[i], tree)
+def _layer_path(name: str) -> str:
+  """``'attn/q'`` -> ``'attn/q/kernel'`` (the kernel's path inside a :class:`LlamaBlock`)."""
+  return f"{name}/kernel"
 
 
 def _get(tree, path: str):
@@ -317,21 +276,79 @@ def _set(tree, path: str, value):
   tree[keys[-1]] = value
 
 
-@contextlib.contextmanager
-def _progress(total: int, enabled: bool, desc: str):
-  """A tqdm bar that shows only once 10 s have passed (none without tqdm or when off)."""
-  bar = None
-  if enabled:
-    try:
-      from tqdm.auto import tqdm
-      bar = tqdm(total=total, desc=desc, delay=10.0, leave=False)
-    except ImportError:
-      bar = None
-  try:
-    yield (lambda: bar.update(1)) if bar is not None else (lambda: None)
-  finally:
-    if bar is not None:
-      bar.close()
+def _check_tokens(name: str, calib_tokens, config: LlamaConfig) -> np.ndarray:
+  tokens = np.asarray(calib_tokens)
+  if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1 or not np.issubdtype(
+      tokens.dtype, np.integer):
+    raise ValueError(
+        f"{name}: calib_tokens must be int [n_windows, length], got {tokens.dtype}"
+        f"{list(tokens.shape)}."
+    )
+  if tokens.min() < 0 or tokens.max() >= config.vocab_size:
+    raise ValueError(
+        f"{name}: calibration token ids span [{tokens.min()}, {tokens.max()}], outside "
+        f"the model's vocabulary [0, {config.vocab_size}); pass calib_tokens of this model."
+    )
+  return tokens.astype(np.int32)
+
+
+def calibrated_params(
+    fp32_params,
+    config: LlamaConfig,
+    calib_tokens,
+    compress_layer,
+    *,
+    embedding=None,
+    hessian: bool = True,
+    sequential: bool = True,
+    batch_windows: int = 8,
+    dtype: Any = jnp.float32,
+    progress: bool = True,
+    name: str = "calibrated_params",
+) -> dict:
+  """The params with every block compressed by ``compress_layer`` on calibration data.
+
+  The windows are embedded (with ``embedding``, the table the compressed model will use,
+  when ``sequential``), then :func:`jaxmem.calibrate_layers` runs the blocks one at a time:
+  ``compress_layer(i, layer_params, stats)`` gets block ``i``'s float params and the
+  :class:`jaxmem.calibration.InputStats` of its Dense inputs (``{"attn/q/kernel": ...}``,
+  collected on the outputs of the already compressed blocks before it when ``sequential``).
+
+  Args:
+    fp32_params: the float params tree.
+    config: the model's sizes.
+    calib_tokens: int ``[n, T]`` calibration windows.
+    compress_layer: ``(i, layer_params, stats) -> new layer params``.
+    embedding: the embedding leaf of the result (default: the int8 table of ``int8_weight``).
+    hessian: collect ``X^T X`` (GPTQ, SparseGPT, AWQ) besides the per-channel statistics.
+    sequential: calibrate block ``i + 1`` on the compressed blocks' outputs.
+    batch_windows: windows per forward call (bounds the activations held at once).
+    dtype: compute dtype of the calibration forward passes.
+    progress: a tqdm bar over the layers once calibration runs past 10 s.
+    name: the caller, for error messages.
+
+  Raises:
+    ValueError: calibration tokens of the wrong rank or outside the vocabulary.
+  """
+  tokens = _check_tokens(name, calib_tokens, config)
+  if embedding is None:
+    embedding = _jitted_transform("embedding_int8")(
+        {"embed": fp32_params["embed"]})["embed"]["embedding"]
+  t = tokens.shape[1]
+  positions = jnp.arange(t, dtype=jnp.int32)
+  cos, sin = rope_tables(positions, config.head_dim, config.rope_theta)
+  mask = positions[None, :] <= positions[:, None]
+  lookup = jax.jit(lambda w, ids: jnp.take(
+      w.materialize() if isinstance(w, jaxmem.Compressed) else w, ids, axis=0).astype(dtype))
+  source = embedding if sequential else fp32_params["embed"]["embedding"]
+  chunks = [lookup(source, jnp.asarray(tokens[s:s + batch_windows]))
+            for s in range(0, tokens.shape[0], batch_windows)]
+  layers = jaxmem.calibrate_layers(
+      LlamaBlock(config, dtype), fp32_params["layers"], chunks, compress_layer,
+      args=(None, cos, sin, mask, None), hessian=hessian, sequential=sequential,
+      progress=progress)
+  return {"embed": {"embedding": embedding}, "layers": layers,
+          **{k: v for k, v in fp32_params.items() if k not in ("embed", "layers")}}
 
 
 def gptq_params(
@@ -348,16 +365,13 @@ def gptq_params(
     timings: dict | None = None,
 ) -> dict:
   """GPTQ-quantized block kernels (``bits``, groups as :func:`group_size_for`) and an int8
-  embedding, calibrated layer by layer on ``calib_tokens``.
+  embedding, calibrated layer by layer on ``calib_tokens`` (:func:`calibrated_params`).
 
-  The windows are embedded (with the int8 table when ``sequential``), then for each layer
-  ``i``: the float block ``i`` (its param slice in a :class:`LlamaBlock`) runs on the
-  current inputs, recording ``X^T X`` of the inputs of q/k/v (one, shared), o, gate/up
-  (shared) and down, accumulated over the windows in float64; each kernel slice is
-  quantized by ``jaxmem.ops.gptq_kernel(w_i, H, bits, group_size=g)``; the next layer's
-  inputs are the outputs of the quantized block ``i`` (``sequential``, run through
-  :func:`jaxmem.apply`) or of the float one. The per-layer QArrays are stacked along axis 0,
-  the layout of :func:`jaxmem.quantize_int4` with ``stack_axes``.
+  Each kernel slice of block ``i`` is ``jaxmem.ops.gptq_kernel(w_i, H, bits,
+  group_size=g)`` with ``H = X^T X`` of its input collected on the outputs of the
+  already-quantized blocks before it (``sequential``; else of the float ones). The
+  per-layer QArrays stack along axis 0, the layout of :func:`jaxmem.quantize_int4` with
+  ``stack_axes``.
 
   Args:
     fp32_params: the float params tree (module docstring of :mod:`.model`).
@@ -369,7 +383,7 @@ def gptq_params(
     batch_windows: windows per forward call (bounds the activations held at once).
     dtype: compute dtype of the calibration forward passes.
     progress: show a tqdm bar over the layers when calibration runs past 10 s.
-    timings: if a dict, filled with ``{"forward_s", "solve_s", "total_s"}``.
+    timings: if a dict, filled with ``{"solve_s", "total_s"}``.
 
   Returns:
     The params tree, block kernels and embedding as :class:`jaxmem.QArray`.
@@ -378,67 +392,25 @@ def gptq_params(
     ValueError: calibration tokens of the wrong rank or outside the vocabulary.
   """
   t_start = time.perf_counter()
-  tokens = np.asarray(calib_tokens)
-  if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1 or not np.issubdtype(
-      tokens.dtype, np.integer):
-    raise ValueError(
-        f"gptq_params: calib_tokens must be int [n_windows, length], got {tokens.dtype}"
-        f"{list(tokens.shape)}."
-    )
-  if tokens.min() < 0 or tokens.max() >= config.vocab_size:
-    raise ValueError(
-        f"gptq_params: calibration token ids span [{tokens.min()}, {tokens.max()}], outside "
-        f"the model's vocabulary [0, {config.vocab_size}); pass calib_tokens of this model."
-    )
-  tokens = tokens.astype(np.int32)
-  embedded = _jitted_transform("embedding_int8")({"embed": fp32_params["embed"]})
-  table = embedded["embed"]["embedding"]
   groups = kernel_group_sizes(fp32_params, group_size)
-  capture, forward = _capture_fn(config, dtype), _forward_fn(config, dtype)
-  t = tokens.shape[1]
-  positions = jnp.arange(t, dtype=jnp.int32)
-  cos, sin = rope_tables(positions, config.head_dim, config.rope_theta)
-  mask = positions[None, :] <= positions[:, None]
-  lookup = jax.jit(lambda w, ids: jnp.take(w.dequantize() if sequential else w, ids, axis=0)
-                   .astype(dtype))
-  source = table if sequential else fp32_params["embed"]["embedding"]
-  chunks = [lookup(source, jnp.asarray(tokens[s:s + batch_windows]))
-            for s in range(0, tokens.shape[0], batch_windows)]
-  layers = fp32_params["layers"]
-  per_layer, t_forward, t_solve = [], 0.0, 0.0
-  with _progress(config.n_layers, progress, "GPTQ layers") as tick:
-    for i in range(config.n_layers):
-      t0 = time.perf_counter()
-      w_i = _layer(layers, i)
-      hessians: dict[str, np.ndarray] = {}
-      outputs = []
-      for x in chunks:
-        found, y = capture(w_i, x, cos, sin, mask)
-        for k, h in found.items():
-          hessians[k] = hessians.get(k, 0.0) + np.asarray(h, np.float64)
-        outputs.append(y)
-      t1 = time.perf_counter()
-      q_i = jax.tree.map(lambda a: a, w_i)  # a fresh dict tree: kernels replaced below
-      for name in BLOCK_KERNEL_NAMES:
-        path = f"layers/{name}/kernel"
-        kernel = np.asarray(_get(w_i, f"{name}/kernel"), np.float32)
-        _set(q_i, f"{name}/kernel", jaxmem.ops.gptq_kernel(
-            kernel, hessians[SHARED_INPUT[name]], bits, group_size=groups[path],
-            path=f"{path}[{i}]"))
-      t2 = time.perf_counter()
-      if sequential:
-        outputs = [forward(q_i, x, cos, sin, mask) for x in chunks]
-      chunks = [jax.block_until_ready(y) for y in outputs]
-      per_layer.append(q_i)
-      t_forward += (t1 - t0) + (time.perf_counter() - t2)
-      t_solve += t2 - t1
-      tick()
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
-  out = {"embed": {"embedding": table}, "layers": stacked,
-         **{k: v for k, v in fp32_params.items() if k not in ("embed", "layers")}}
+  solve = [0.0]
+
+  def compress(i, w_i, stats):
+    t0 = time.perf_counter()
+    q_i = jax.tree.map(lambda a: a, w_i)  # a fresh dict tree: kernels replaced below
+    for name in BLOCK_KERNEL_NAMES:
+      path = f"layers/{name}/kernel"
+      _set(q_i, f"{name}/kernel", jaxmem.ops.gptq_kernel(
+          np.asarray(_get(w_i, f"{name}/kernel"), np.float32), stats[_layer_path(name)].xtx,
+          bits, group_size=groups[path], path=f"{path}[{i}]"))
+    solve[0] += time.perf_counter() - t0
+    return q_i
+
+  out = calibrated_params(fp32_params, config, calib_tokens, compress, sequential=sequential,
+                          batch_windows=batch_windows, dtype=dtype, progress=progress,
+                          name="gptq_params")
   if timings is not None:
-    timings.update(forward_s=t_forward, solve_s=t_solve,
-                   total_s=time.perf_counter() - t_start)
+    timings.update(solve_s=solve[0], total_s=time.perf_counter() - t_start)
   return out
 
 
