@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -264,8 +264,15 @@ def weights_transform(
     pack_bits: bool | None = None,
     act_bits: int | None = None,
     check_finite: bool = True,
+    quantize_fn: Callable[..., QArray] = quantize,
 ) -> base.ParamTransform:
-  """:func:`quantize_weights`, with its arguments validated in the name of ``factory``."""
+  """:func:`quantize_weights`, with its arguments validated in the name of ``factory``.
+
+  ``quantize_fn`` quantizes one leaf; it takes :func:`jaxmem.ops.quantize`'s arguments
+  (``x, bits, symmetric=, pack_bits=, act_bits=, path=, check_finite=`` and the leaf's
+  layout) and returns a QArray of that layout, e.g. a solver choosing other integer values
+  (:func:`jaxmem._src.hqq.hqq_quantize`).
+  """
   check_bits(bits, factory)
   base.check_group_size(factory, group_size)
   if group_axis is not None:
@@ -292,7 +299,7 @@ def weights_transform(
         path, x, group_size=group_size, group_axis=group_axis, channel_axes=channel_axes,
         per_tensor=per_tensor, stack=stack_of(rules, path),
     )
-    return quantize(
+    return quantize_fn(
         x, bits, symmetric=symmetric, pack_bits=pack_bits, act_bits=act_bits, path=path,
         check_finite=False,  # quantizing_leafwise checks the scales
         **layout,
