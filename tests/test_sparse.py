@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jaxmem
+from jaxmem._src.sparse import sparse_int_values
 
 
 def _sparse(shape, density, seed=0):
@@ -124,9 +125,13 @@ def test_from_qarray_keeps_values_and_scales():
   s = jaxmem.ops.sparse_pack(q)
   assert s.bits == 8 and s.nnz == int(np.count_nonzero(np.asarray(q.qvalue)))
   np.testing.assert_array_equal(np.asarray(s.materialize()), np.asarray(jaxmem.ops.dequantize(q)))
-  with pytest.raises(ValueError, match="group"):
-    jaxmem.ops.sparse_pack(jaxmem.ops.quantize(jnp.asarray(x), 8, channel_axes=(), group_size=4),
-                       path="w")
+  # Group-wise QArrays pack too (scales kept in their block-broadcast layout).
+  g = jaxmem.ops.quantize(jnp.asarray(x), 8, channel_axes=(), group_size=4)
+  sg = jaxmem.ops.sparse_pack(g, path="w")
+  assert sg.scale.shape == (3, 1) and sg.group_size == 4
+  np.testing.assert_array_equal(np.asarray(sg.materialize()), np.asarray(jaxmem.ops.dequantize(g)))
+  with pytest.raises(ValueError, match="'w': the QArray is asymmetric"):
+    jaxmem.ops.sparse_pack(jaxmem.ops.quantize(jnp.asarray(x), 8, symmetric=False), path="w")
 
 
 def test_explicit_mask_keeps_zero_values():
@@ -194,3 +199,52 @@ def test_errors_name_the_path():
     jaxmem.transform(jaxmem.sparsify(), {"kernel": s})
   with pytest.raises(TypeError, match="SparseArray"):
     jaxmem.ops.sparse_unpack(x)
+
+
+@pytest.mark.parametrize(
+    "shape,bits,layout",
+    [
+        ((32, 6), 4, dict(channel_axes=(1,), group_size=8)),  # int4 groups along the inputs
+        ((16, 8), 8, dict(channel_axes=(0,), group_size=2, group_axis=1)),
+        ((2, 32, 6), 4, dict(channel_axes=(0, 2), group_size=8, group_axis=1)),  # stacked layers
+    ],
+)
+def test_grouped_qarray_round_trip(shape, bits, layout):
+  x = _sparse(shape, 0.5, seed=len(shape) + bits)
+  q = jaxmem.ops.quantize(jnp.asarray(x), bits, **layout)
+  assert q.group_size == layout["group_size"]
+  deq = np.asarray(jaxmem.ops.dequantize(q))
+  ints = np.asarray(jaxmem.ops.unpack_ints(q.qvalue, bits, q.pack_axis) if q.packed else q.qvalue)
+  unpack = jax.jit(jaxmem.ops.sparse_unpack)
+  for encoding in ("bitmask", "rice") if len(shape) == 2 and bits == 4 else ("auto",):
+    s = jaxmem.ops.sparse_pack(q, encoding=encoding)
+    assert encoding in ("auto", s.encoding) and s.bits == bits and s.nnz == np.count_nonzero(ints)
+    assert s.group_size == layout["group_size"] and s.group_axis == layout.get("group_axis", 0)
+    np.testing.assert_array_equal(np.asarray(s.scale), np.asarray(q.scale))  # stored as is
+    np.testing.assert_array_equal(np.asarray(unpack(s)), deq)  # exactly the QArray's value
+    np.testing.assert_array_equal(np.asarray(jax.jit(sparse_int_values)(s)), ints)
+    # Honest bytes: packed codes (2 per byte for 3-4 bits), the index, float32 scales.
+    per = 1 if bits > 4 else 2
+    assert s.values.size == -(-s.nnz // per) and s.values.dtype == (jnp.uint8 if per > 1
+                                                                    else jnp.int8)
+    assert s.nbytes == s.values.size + s.index.size + 4 * q.scale.size
+    assert jaxmem.tree_bytes({"w": s}) == s.nbytes
+  # A stacked SparseArray's materialize slices to the per-layer QArrays' values.
+  if len(shape) == 3:
+    for i in range(shape[0]):
+      np.testing.assert_array_equal(deq[i], np.asarray(jaxmem.ops.dequantize(q[i])))
+
+
+def test_grouped_int4_sparsify_chain_and_model():
+  model = nn.Dense(4)
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((5, 32)), jnp.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+  tx = jaxmem.chain(jaxmem.magnitude_prune(0.5), jaxmem.quantize_int4(8))
+  q = jaxmem.transform(tx, params)["kernel"]
+  packed = jaxmem.transform(jaxmem.chain(tx, jaxmem.sparsify()), params)
+  s = packed["kernel"]
+  assert isinstance(s, jaxmem.SparseArray) and s.group_size == 8 and s.density <= 0.5
+  assert s.nbytes < q.nbytes
+  got = jax.jit(lambda p, x: jaxmem.apply(model, {"params": p}, x))(packed, x)
+  want = x @ jaxmem.ops.dequantize(q) + params["bias"][None]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

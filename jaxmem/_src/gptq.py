@@ -49,6 +49,61 @@ def _check_damp(damp: float, name: str) -> None:
     )
 
 
+def damped_problem(
+    w: Any, hessian: Any, damp: float, *, name: str, path: str, group_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+  """Validated float64 copies of an ``(in, out)`` kernel and its damped Hessian ``X^T X``.
+
+  Shared by GPTQ and SparseGPT (:mod:`jaxmem._src.sparsegpt`). Inputs never seen in the
+  calibration data (a zero Hessian diagonal) get a unit diagonal and zero weights; then
+  ``damp * mean(diag(H))`` is added to the diagonal.
+
+  Raises:
+    ValueError: a kernel that is not 2-d or is empty, a Hessian of the wrong shape, an input
+      size that ``group_size`` does not divide, or NaN/Inf in either, naming ``path``.
+  """
+  w = np.array(w, dtype=np.float64)
+  h = np.array(hessian, dtype=np.float64)
+  if w.ndim != 2:
+    raise ValueError(f"{name} '{path}': needs an (in, out) kernel, got shape {w.shape}.")
+  n_in = w.shape[0]
+  if w.size == 0:
+    raise ValueError(
+        f"{name} '{path}': the kernel is empty (shape {w.shape}); there is nothing to do. "
+        "Leave it out with `where` and drop its Hessian."
+    )
+  if h.shape != (n_in, n_in):
+    raise ValueError(
+        f"{name} '{path}': Hessian shape {h.shape} does not match the kernel's input size "
+        f"{n_in}; collect it from this layer's inputs (input_hessians)."
+    )
+  if group_size is not None and n_in % group_size:
+    raise ValueError(
+        f"{name} '{path}': {n_in} input rows are not divisible by group_size={group_size}; "
+        f"pick a divisor of {n_in}, or group_size=None (one scale per output column)."
+    )
+  base.require_finite([(path, w)], name, what="the kernel")
+  base.require_finite(
+      [(path, h)], name, what="its Hessian (X^T X)",
+      fix="collect it again with jaxmem.input_hessians from finite calibration inputs",
+  )
+  dead = np.diag(h) == 0
+  h[dead, dead] = 1.0
+  w[dead, :] = 0.0
+  h[np.diag_indices(n_in)] += damp * np.mean(np.diag(h))
+  return w, h
+
+
+def inverse_cholesky(h: np.ndarray) -> np.ndarray:
+  """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``).
+
+  Row ``i`` holds the Optimal Brain Surgeon update of the rows after ``i`` once rows
+  ``0..i-1`` are fixed: ``U[i, i]**2`` is ``[H_F^-1]_ii`` and ``U[i, j] / U[i, i]`` is
+  ``[H_F^-1]_ij / [H_F^-1]_ii`` for the remaining rows ``F = {i, i+1, ...}``.
+  """
+  return np.linalg.cholesky(np.linalg.inv(h)).T
+
+
 def gptq_kernel(
     w: Any,
     hessian: Any,
@@ -95,36 +150,9 @@ def gptq_kernel(
   base.check_bool("gptq_kernel", act_order=act_order, clip_search=clip_search)
   base.check_int("gptq_kernel", "block_size", block_size, minimum=1)
   _check_damp(damp, "gptq_kernel")
-  w = np.array(w, dtype=np.float64)
-  h = np.array(hessian, dtype=np.float64)
-  if w.ndim != 2:
-    raise ValueError(f"gptq '{path}': needs an (in, out) kernel, got shape {w.shape}.")
+  w, h = damped_problem(w, hessian, damp, name="gptq", path=path, group_size=group_size)
   n_in, n_out = w.shape
-  if w.size == 0:
-    raise ValueError(
-        f"gptq '{path}': the kernel is empty (shape {w.shape}); there is nothing to quantize. "
-        "Leave it out with `where` and drop its Hessian."
-    )
-  if h.shape != (n_in, n_in):
-    raise ValueError(
-        f"gptq '{path}': Hessian shape {h.shape} does not match the kernel's input size {n_in}; "
-        "collect it from this layer's inputs (input_hessians)."
-    )
-  if group_size is not None and n_in % group_size:
-    raise ValueError(
-        f"gptq '{path}': {n_in} input rows are not divisible by group_size={group_size}; pick "
-        f"a divisor of {n_in}, or group_size=None (one scale per output column)."
-    )
-  base.require_finite([(path, w)], "gptq", what="the kernel")
-  base.require_finite(
-      [(path, h)], "gptq", what="its Hessian (X^T X)",
-      fix="collect it again with jaxmem.input_hessians from finite calibration inputs",
-  )
   qmax = 2 ** (bits - 1) - 1
-  dead = np.diag(h) == 0
-  h[dead, dead] = 1.0
-  w[dead, :] = 0.0
-  h[np.diag_indices(n_in)] += damp * np.mean(np.diag(h))
   g = group_size or n_in
 
   def scale_of(rows):
@@ -151,8 +179,7 @@ def gptq_kernel(
     scales = np.zeros((n_in // g, n_out))
   w = w[order]
   h = h[np.ix_(order, order)]
-  # Upper Cholesky factor of H^-1: row i holds the OBS update of the rows after i.
-  u = np.linalg.cholesky(np.linalg.inv(h)).T
+  u = inverse_cholesky(h)
   if group_size is None or act_order:
     block = block_size
   else:  # blocks hold whole groups, so a group's scale sees all its compensated rows

@@ -5,8 +5,12 @@ A :class:`SparseArray` ``s`` of logical shape ``S`` (``n = prod(S)`` elements) s
 * ``s.values``: the ``nnz`` kept entries in C (row-major) order. Float values keep the
   original dtype. Quantized values (``bits`` set) are int8, or flat uint8 holding
   ``8 // bits`` values per byte when ``packed`` (see :func:`jaxmem.ops.pack_ints`), with
-  ``s.scale`` (float32, the shape of ``S`` with a 1 on every axis not in
-  ``channel_axes``) such that ``value = int_value * scale``.
+  ``s.scale`` float32 in the block-broadcast layout of :class:`jaxmem.QArray`: of the
+  rank of ``S``, and along each axis of length ``n`` its length ``c`` divides ``n`` and
+  index ``i`` uses ``scale[i // (n // c)]`` (``c = n`` on a channel axis, ``c = 1`` where
+  one scale is shared, anything between for groups, e.g. ``(in // 64, out)`` for int4
+  groups of 64 inputs of an ``(in, out)`` kernel), so ``value = int_value * scale``
+  broadcast by blocks.
 * ``s.index``: uint8, which flat positions the values sit at, in one of two encodings:
 
   - ``'bitmask'``: one bit per element, packed 8 per byte (big-endian bit order),
@@ -36,7 +40,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmem._src.qarray import QArray, _norm_axes, int_values, pack_ints, quantize, unpack_ints
+from jaxmem._src.qarray import (
+    QArray,
+    _blocked_shapes,
+    _norm_axes,
+    int_values,
+    pack_ints,
+    quantize,
+    unpack_ints,
+)
 from jaxmem._src.tree import Compressed
 
 ENCODINGS = ("auto", "bitmask", "rice")
@@ -52,7 +64,8 @@ class SparseArray(Compressed):
     values: the kept entries in row-major order: float ``[nnz]`` of ``dtype``; int8
       ``[nnz]`` when ``bits`` is set; packed uint8 when ``packed``.
     index: uint8 encoding of the kept positions (``encoding``).
-    scale: float32 scales when ``bits`` is set, else None.
+    scale: float32 scales when ``bits`` is set (block-broadcast: per channel, shared, or
+      per group along an axis, as a QArray's), else None.
     shape: logical shape.
     dtype: dtype of the dense array :meth:`materialize` returns.
     nnz: number of stored entries.
@@ -60,7 +73,8 @@ class SparseArray(Compressed):
     rice_k: Golomb-Rice parameter (``'rice'`` only, else 0).
     unary_bits: length in bits of the unary stream (``'rice'`` only, else 0).
     bits: bit width of quantized values, or None for float values.
-    channel_axes: axes of ``shape`` with their own scale (quantized values only).
+    channel_axes: axes of ``shape`` with their own scale (quantized values only); a
+      grouped axis (``group_axis``) is derived from ``scale``'s shape.
     packed: whether quantized values are packed several per byte (``bits <= 4``).
   """
 
@@ -84,11 +98,27 @@ class SparseArray(Compressed):
     """``nnz / size``."""
     return self.nnz / max(self.size, 1)
 
+  @property
+  def group_axis(self) -> int | None:
+    """The axis whose scales are per group of consecutive indices (quantized values), or None."""
+    if self.scale is None or not hasattr(self.scale, "shape"):
+      return None
+    axes = [a for a, (n, c) in enumerate(zip(self.shape, self.scale.shape)) if 1 < c < n]
+    return axes[0] if axes else None
+
+  @property
+  def group_size(self) -> int | None:
+    """Consecutive indices of ``group_axis`` sharing a scale, or None."""
+    a = self.group_axis
+    return None if a is None else self.shape[a] // self.scale.shape[a]
+
   def materialize(self) -> jax.Array:
     return sparse_unpack(self)
 
   def __repr__(self) -> str:
     kind = "float" if self.bits is None else f"int{self.bits}" + ("/packed" if self.packed else "")
+    if self.bits is not None and self.group_size:
+      kind += f"/group_size={self.group_size}"
     return (
         f"SparseArray(shape={self.shape}, nnz={self.nnz}, density={self.density:.4f}, "
         f"values={kind}, encoding={self.encoding!r}, dtype={np.dtype(self.dtype).name})"
@@ -163,8 +193,10 @@ def sparse_pack(
   """Packs an array into a :class:`SparseArray` (runs outside ``jit``: ``nnz`` is static).
 
   Args:
-    x: a float array, or a :class:`jaxmem.QArray` (not grouped): its integer values
-      and scales are stored as they are, so ``materialize()`` equals its dequantized value.
+    x: a float array, or a symmetric :class:`jaxmem.QArray` (per channel, per tensor or
+      group-wise, stacked or not): its integer values and its scales (in the QArray's
+      block-broadcast layout) are stored as they are, so ``materialize()`` equals its
+      ``dequantize()`` exactly.
     mask: bool array of ``x``'s shape saying which entries to store; default: the
       nonzero entries (for a QArray, the nonzero integer values).
     bits: quantize the stored float values to this many bits (2..8) with symmetric
@@ -244,6 +276,11 @@ def _host_mask(mask, default: np.ndarray, shape, path: str) -> np.ndarray:
   return m
 
 
+# Host-side packing runs these as one compiled call each (not one dispatch per jnp op).
+_int_values = jax.jit(int_values)
+_pack_flat = jax.jit(pack_ints, static_argnums=1)
+
+
 def _pack_qarray(x: QArray, mask, bits, encoding, path) -> SparseArray:
   if bits is not None and bits != x.bits:
     raise ValueError(
@@ -256,12 +293,7 @@ def _pack_qarray(x: QArray, mask, bits, encoding, path) -> SparseArray:
         "integer 0 is not the value 0 and no entry can be dropped; quantize symmetrically "
         "(symmetric=True, the default) before packing sparse."
     )
-  if x.group_size is not None:
-    raise ValueError(
-        f"sparse_pack '{path}': group-wise QArrays (group_size={x.group_size}) are not "
-        "supported; quantize per channel (group_size=None) before packing sparse."
-    )
-  qv = np.asarray(int_values(x))
+  qv = np.asarray(_int_values(x))
   keep = _host_mask(mask, qv != 0, x.shape, path)
   positions, common = _index_fields(keep, x.shape, x.dtype, encoding)
   return _quantized(qv, x.scale, positions, x.bits, tuple(x.channel_axes), common)
@@ -271,7 +303,7 @@ def _quantized(qv: np.ndarray, scale, positions, bits, axes, common) -> SparseAr
   vals = jnp.asarray(qv.reshape(-1)[positions].astype(np.int8))
   packed = bits <= 4
   if packed:
-    vals = pack_ints(vals, bits)
+    vals = _pack_flat(vals, bits)
   return SparseArray(
       values=vals, scale=jnp.asarray(scale, jnp.float32), bits=bits, channel_axes=axes,
       packed=packed, **common,
@@ -319,8 +351,9 @@ def sparse_unpack(s: SparseArray, dtype=None) -> jax.Array:
   if s.bits is None:
     return _positions_dense(s, s.values).reshape(s.shape).astype(dtype)
   ints = unpack_ints(s.values, s.bits, -1, size=s.nnz) if s.packed else s.values
-  dense = _positions_dense(s, ints.astype(jnp.float32)).reshape(s.shape)
-  return (dense * s.scale).astype(dtype)
+  vshape, bshape = _blocked_shapes(s.shape, s.scale.shape)  # the QArray's block broadcast
+  dense = _positions_dense(s, ints.astype(jnp.float32)).reshape(vshape)
+  return (dense * s.scale.reshape(bshape)).reshape(s.shape).astype(dtype)
 
 
 def sparse_int_values(s: SparseArray) -> jax.Array:
