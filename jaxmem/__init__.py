@@ -43,6 +43,7 @@ from jaxmem._src.flax.calibration import calibrate_layers as calibrate_layers
 from jaxmem._src.flax.calibration import input_hessians as input_hessians
 from jaxmem._src.flax.calibration import input_stats as input_stats
 from jaxmem._src.gptq import quantize_gptq as quantize_gptq
+from jaxmem._src.hqq import quantize_hqq as quantize_hqq
 from jaxmem._src.lowbit import quantize_int4 as quantize_int4
 from jaxmem._src.qarray import QArray as QArray
 from jaxmem._src.qat import QATWeights as QATWeights
@@ -52,6 +53,8 @@ from jaxmem._src.quantize import quantize_dynamic_int8 as quantize_dynamic_int8
 from jaxmem._src.quantize import quantize_int8 as quantize_int8
 from jaxmem._src.quantize import quantize_weights as quantize_weights
 from jaxmem._src.quantize import set_act_bits as set_act_bits
+from jaxmem._src.smooth import InputScale as InputScale
+from jaxmem._src.smooth import fold_input_scales as fold_input_scales
 
 # --- pruning and sparse storage
 from jaxmem._src.gradual import gradual_prune as gradual_prune
@@ -59,6 +62,8 @@ from jaxmem._src.gradual import keep_masks as keep_masks
 from jaxmem._src.pruning import magnitude_prune as magnitude_prune
 from jaxmem._src.pruning import nm_prune as nm_prune
 from jaxmem._src.pruning import sparsify as sparsify
+from jaxmem._src.sparsegpt import prune_sparsegpt as prune_sparsegpt
+from jaxmem._src.wanda import prune_wanda as prune_wanda
 from jaxmem._src.sparse import SparseArray as SparseArray
 
 # --- running models on compressed params, and sharding them
@@ -101,11 +106,12 @@ __all__ = [
     # quantization
     "QArray", "QATWeights", "dequantize_params", "input_hessians", "qat_weights",
     # calibration
-    "InputStats", "calibrate_layers", "input_stats",
-    "quantize_dynamic_int8", "quantize_gptq", "quantize_int4", "quantize_int8",
+    "InputScale", "InputStats", "calibrate_layers", "fold_input_scales", "input_stats",
+    "quantize_dynamic_int8", "quantize_gptq", "quantize_hqq", "quantize_int4", "quantize_int8",
     "quantize_weights", "set_act_bits",
     # pruning and sparse storage
-    "SparseArray", "gradual_prune", "keep_masks", "magnitude_prune", "nm_prune", "sparsify",
+    "SparseArray", "gradual_prune", "keep_masks", "magnitude_prune", "nm_prune",
+    "prune_sparsegpt", "prune_wanda", "sparsify",
     # running and sharding
     "apply", "merge_compressed", "partition_specs",
     # function transforms and training

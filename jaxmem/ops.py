@@ -6,6 +6,7 @@ build your own layer or transform.
 
 from jaxmem._src.calibration import row_stats
 from jaxmem._src.gptq import gptq_kernel
+from jaxmem._src.hqq import hqq_quantize
 from jaxmem._src.pruning import magnitude_mask, nm_mask
 from jaxmem._src.qarray import dequantize, pack_ints, quantize, unpack_ints
 from jaxmem._src.qat import fake_quantize, fake_quantize_activations
@@ -17,13 +18,18 @@ from jaxmem._src.qdot import (
     quantized_einsum,
     quantized_take,
 )
+from jaxmem._src.smooth import awq_scales, smoothquant_scales
 from jaxmem._src.sparse import sparse_pack, sparse_unpack
+from jaxmem._src.sparsegpt import sparsegpt_kernel
+from jaxmem._src.wanda import wanda_mask
 
 __all__ = [
+    "awq_scales",
     "dequantize",
     "fake_quantize",
     "fake_quantize_activations",
     "gptq_kernel",
+    "hqq_quantize",
     "int8_dot_route",
     "magnitude_mask",
     "nm_mask",
@@ -35,7 +41,10 @@ __all__ = [
     "quantized_einsum",
     "quantized_take",
     "row_stats",
+    "smoothquant_scales",
     "sparse_pack",
+    "sparsegpt_kernel",
     "sparse_unpack",
     "unpack_ints",
+    "wanda_mask",
 ]

@@ -16,7 +16,7 @@ from jaxmem.models.llama import model as llama
 
 CFG = llama.LlamaConfig.tiny()  # 2 layers, width 64, FFN 128, 4 query / 2 KV heads of 16
 NET = llama.Llama(CFG)
-BUILT = [r for r in recipes.WEIGHT_RECIPES if r != "gguf_native"]  # gguf_native: the file
+BUILT = [r for r in recipes.BASE_RECIPES if r != "gguf_native"]  # gguf_native: the file
 PROMPT = jnp.asarray([[5, 17, 3, 88]], jnp.int32)
 
 
@@ -47,7 +47,8 @@ _forward = jax.jit(lambda p, t: jaxmem.apply(NET, {"params": p}, t))
 
 
 def test_names_and_parse():
-  assert recipes.RECIPES == recipes.WEIGHT_RECIPES + ("int8_weight+kv8",)
+  assert recipes.RECIPES == recipes.BASE_RECIPES + ("int8_weight+kv8",)
+  assert recipes.WEIGHT_RECIPES == recipes.BASE_RECIPES + recipes.PTQ_RECIPES
   assert recipes.parse("int8_weight+kv8") == ("int8_weight", 8)
   assert recipes.parse("int4_gptq_g128") == ("int4_gptq_g128", None)
   for w in recipes.WEIGHT_RECIPES:  # +kv8 is accepted on every weight recipe

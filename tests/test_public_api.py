@@ -15,12 +15,13 @@ TOP = {
     "Compressed", "is_compressed", "leaves_with_paths", "map_with_path", "path_str",
     # quantization
     "QArray", "QATWeights", "dequantize_params", "input_hessians", "qat_weights",
-    "quantize_dynamic_int8", "quantize_gptq", "quantize_int4", "quantize_int8",
+    "quantize_dynamic_int8", "quantize_gptq", "quantize_hqq", "quantize_int4", "quantize_int8",
     "quantize_weights", "set_act_bits",
     # calibration
-    "InputStats", "calibrate_layers", "input_stats",
+    "InputScale", "InputStats", "calibrate_layers", "fold_input_scales", "input_stats",
     # pruning and sparse storage
-    "SparseArray", "gradual_prune", "keep_masks", "magnitude_prune", "nm_prune", "sparsify",
+    "SparseArray", "gradual_prune", "keep_masks", "magnitude_prune", "nm_prune",
+    "prune_sparsegpt", "prune_wanda", "sparsify",
     # running and sharding
     "apply", "merge_compressed", "partition_specs",
     # function transforms and training
@@ -31,10 +32,11 @@ TOP = {
 
 NAMESPACES = {
     "ops": {
-        "dequantize", "fake_quantize", "fake_quantize_activations", "gptq_kernel",
-        "int8_dot_route", "magnitude_mask", "nm_mask", "pack_ints", "quantize",
+        "awq_scales", "dequantize", "fake_quantize", "fake_quantize_activations", "gptq_kernel",
+        "hqq_quantize", "int8_dot_route", "magnitude_mask", "nm_mask", "pack_ints", "quantize",
         "quantize_activations", "quantized_conv", "quantized_dot_general", "quantized_einsum",
-        "quantized_take", "row_stats", "sparse_pack", "sparse_unpack", "unpack_ints",
+        "quantized_take", "row_stats", "smoothquant_scales", "sparse_pack", "sparse_unpack",
+        "sparsegpt_kernel", "unpack_ints", "wanda_mask",
     },
     "sparsity": {
         "GradualPruneState", "KeepMasksState", "apply_masks", "magnitude_masks", "mask_sparsity",

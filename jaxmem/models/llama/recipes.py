@@ -87,12 +87,26 @@ from jaxmem.models.llama import data as _data
 from jaxmem.models.llama import gguf as _gguf
 from jaxmem.models.llama.model import Llama, LlamaBlock, LlamaConfig, rope_tables
 
-WEIGHT_RECIPES: tuple[str, ...] = (
+BASE_RECIPES: tuple[str, ...] = (
     "fp32", "int8_weight", "int8_dynamic", "int4_g32", "int4_g64", "int4_g128",
     "int4_gptq_g128", "gguf_native",
 )
+# Calibrated and data-free quantization (AWQ, HQQ, SmoothQuant) and one-shot pruning.
+PTQ_RECIPES: tuple[str, ...] = (
+    "int4_awq_g128", "int4_hqq_g128", "int8_smoothquant", "magnitude_50", "wanda_50",
+    "sparsegpt_50", "sparsegpt_2_4", "sparsegpt_50+int4_g128",
+)
+WEIGHT_RECIPES: tuple[str, ...] = BASE_RECIPES + PTQ_RECIPES
+# Recipes that run calibration windows through the model (``build(calib_tokens=...)``).
+CALIBRATED: tuple[str, ...] = (
+    "int4_gptq_g128", "int4_awq_g128", "int8_smoothquant", "wanda_50", "sparsegpt_50",
+    "sparsegpt_2_4", "sparsegpt_50+int4_g128",
+)
+SMOOTHQUANT_ALPHA = 0.5
+SPARSITY = 0.5
 KV8_SUFFIX = "+kv8"
-RECIPES: tuple[str, ...] = WEIGHT_RECIPES + ("int8_weight" + KV8_SUFFIX,)
+# The LLM job's default list; the benchmark adds PTQ_RECIPES.
+RECIPES: tuple[str, ...] = BASE_RECIPES + ("int8_weight" + KV8_SUFFIX,)
 
 STACK_AXES = {r"layers/.*": 1}  # the scanned blocks: one scale set per layer
 BLOCK_KERNELS = r"layers/.*/kernel"
@@ -178,13 +192,14 @@ def kernel_group_sizes(params, group_size: int) -> dict[str, int]:
   return out
 
 
-def _int4_transform(params, group_size: int) -> jaxmem.ParamTransform:
-  """Round-to-nearest int4 on the block kernels (per-kernel groups), int8 embedding."""
+def _int4_transform(params, group_size: int, factory=None) -> jaxmem.ParamTransform:
+  """int4 on the block kernels (per-kernel groups; round-to-nearest, or ``factory(g,
+  where=, stack_axes=)`` such as :func:`jaxmem.quantize_hqq`), int8 embedding."""
+  factory = factory or jaxmem.quantize_int4
   by_group: dict[int, list[str]] = {}
   for path, g in kernel_group_sizes(params, group_size).items():
     by_group.setdefault(g, []).append(re.escape(path))
-  txs = [jaxmem.quantize_int4(g, where=paths, stack_axes=STACK_AXES)
-         for g, paths in sorted(by_group.items())]
+  txs = [factory(g, where=paths, stack_axes=STACK_AXES) for g, paths in sorted(by_group.items())]
   return jaxmem.chain(*txs, jaxmem.quantize_int8(EMBEDDING))
 
 
@@ -208,6 +223,10 @@ def weight_transform(name: str, params) -> jaxmem.ParamTransform | None:
     )
   if weights in INT4_GROUPS:
     return _int4_transform(params, INT4_GROUPS[weights])
+  if weights == "int4_hqq_g128":  # data-free: no calibration windows
+    return _int4_transform(params, 128, lambda g, **kw: jaxmem.quantize_hqq(4, group_size=g, **kw))
+  if weights == "magnitude_50":  # sparsify needs concrete params: build() packs outside jit
+    return jaxmem.chain(_magnitude_per_layer(SPARSITY), jaxmem.sparsify(BLOCK_KERNELS))
   raise ValueError(
       f"weight_transform: {weights!r} is not a transform of the float params alone; "
       "build it with recipes.build."
@@ -222,6 +241,15 @@ def _jitted_transform(weights: str):
   if weights == "embedding_int8":
     return jax.jit(lambda p: jaxmem.transform(jaxmem.quantize_int8(EMBEDDING), p))
   return jax.jit(lambda p: jaxmem.transform(weight_transform(weights, p), p))
+
+
+def _magnitude_per_layer(sparsity: float) -> jaxmem.ParamTransform:
+  """Magnitude pruning of each block kernel, ``sparsity`` of every layer's slice (the
+  stacked leaf as one would prune across layers)."""
+  def fn(path, x):
+    return jax.vmap(lambda w: jnp.where(jaxmem.ops.magnitude_mask(w, sparsity), w, 0))(x)
+
+  return jaxmem.leafwise(fn, BLOCK_KERNELS, name="magnitude_per_layer")
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -414,6 +442,164 @@ def gptq_params(
   return out
 
 
+def _fresh(tree):
+  """A new dict tree over the same leaves (kernels are then replaced in place)."""
+  return jax.tree.map(lambda a: a, tree, is_leaf=jaxmem.is_compressed)
+
+
+def _int4_kernels(w_i, groups: dict[str, int], i: int, kernels=None):
+  """Round-to-nearest int4 of one layer's kernels (the layout of :func:`_int4_transform`)."""
+  q_i = _fresh(w_i)
+  for name in BLOCK_KERNEL_NAMES:
+    g = groups[f"layers/{name}/kernel"]
+    w = kernels[name] if kernels is not None else _get(w_i, _layer_path(name))
+    _set(q_i, _layer_path(name), jaxmem.ops.quantize(
+        jnp.asarray(w), 4, **_rtn_layout(g), path=f"layers/{name}/kernel[{i}]"))
+  return q_i
+
+
+def _rtn_layout(group_size: int) -> dict:
+  return dict(channel_axes=(1,), group_size=group_size, group_axis=0)
+
+
+# The folds of one Llama block: (input, kernels reading it, producer, producer kind). The
+# attention output projection is left out: its input is the attention of v, which with
+# grouped-query attention (3 KV heads for 9 query heads) shares one v column among three
+# o rows, so a per-row scale of o does not fold into v.
+BLOCK_FOLDS = (
+    ("attn/q", ("attn/q", "attn/k", "attn/v"), "attn_norm/scale", "norm"),
+    ("mlp/gate", ("mlp/gate", "mlp/up"), "mlp_norm/scale", "norm"),
+    ("mlp/down", ("mlp/down",), "mlp/up/kernel", "kernel"),
+)
+
+
+def awq_params(fp32_params, config: LlamaConfig, calib_tokens, *, group_size: int = 128,
+               grid: int = 20, clip: bool = True, **kwargs) -> dict:
+  """AWQ (Lin et al. 2024) int4 block kernels and an int8 embedding, layer by layer.
+
+  For block ``i`` (inputs from the already quantized blocks: :func:`calibrated_params`),
+  :func:`jaxmem.ops.awq_scales` searches ``s = mean|X|**alpha`` for each input in
+  :data:`BLOCK_FOLDS` (q/k/v after the attention norm, gate/up after the MLP norm, down
+  after ``silu(gate) * up``) on the exact output error ``tr(E^T X^T X E)`` of every kernel
+  reading it, then clips each group's range on the same error; the attention output
+  projection gets the clip search alone (``s = 1``). The scales fold into the producers
+  (:func:`jaxmem.fold_input_scales`: norm scales divided, ``up``'s columns divided) and
+  the kernels are rounded to int4 in the layout of ``int4_g128``.
+  """
+  groups = kernel_group_sizes(fp32_params, group_size)
+
+  def compress(i, w_i, stats):
+    kernels = {n: np.asarray(_get(w_i, _layer_path(n)), np.float32) for n in BLOCK_KERNEL_NAMES}
+    folds = []
+    for src, names, producer, kind in BLOCK_FOLDS:
+      st = stats[_layer_path(src)]
+      g = groups[f"layers/{names[0]}/kernel"]
+      s_, info = jaxmem.ops.awq_scales([kernels[n] for n in names], st.xtx, st.mean_abs, 4,
+                                       group_size=g, grid=grid, clip=clip)
+      if clip:
+        kernels.update({n: np.asarray(k) for n, k in zip(names, info["kernels"])})
+      folds.append(jaxmem.InputScale(np.asarray(s_), [_layer_path(n) for n in names],
+                                     producer, kind))
+    st = stats[_layer_path("attn/o")]
+    _, info = jaxmem.ops.awq_scales([kernels["attn/o"]], st.xtx, st.mean_abs, 4,
+                                    group_size=groups["layers/attn/o/kernel"], grid=1, clip=clip)
+    if clip:
+      kernels["attn/o"] = np.asarray(info["kernels"][0])
+    w = _fresh(w_i)
+    for n in BLOCK_KERNEL_NAMES:
+      _set(w, _layer_path(n), jnp.asarray(kernels[n]))
+    w = jaxmem.transform(jaxmem.fold_input_scales(folds), w)
+    return _int4_kernels(w, groups, i)
+
+  return calibrated_params(fp32_params, config, calib_tokens, compress, name="awq_params",
+                           **kwargs)
+
+
+def smoothquant_params(fp32_params, config: LlamaConfig, calib_tokens, *,
+                       alpha: float = SMOOTHQUANT_ALPHA, batch_windows: int = 8,
+                       dtype: Any = jnp.float32) -> dict:
+  """SmoothQuant (Xiao et al. 2023) W8A8: activation ranges migrated into the weights.
+
+  One pass of the whole model (:func:`jaxmem.input_stats` through the scan over layers,
+  statistics ``[L, in]`` per kernel) gives each block input's ``max|X_j|``;
+  :func:`jaxmem.ops.smoothquant_scales` balances it against the weights of the kernels
+  reading it (:data:`BLOCK_FOLDS`), the scales fold into the norms and ``up``
+  (:func:`jaxmem.fold_input_scales`, per layer), and ``int8_dynamic``'s transform
+  quantizes the result (per-token int8 activations, per-channel int8 weights).
+  """
+  tokens = _check_tokens("smoothquant_params", calib_tokens, config)
+  net = Llama(config, dtype)
+  batches = [(jnp.asarray(tokens[s:s + batch_windows]),)
+             for s in range(0, tokens.shape[0], batch_windows)]
+  stats = jaxmem.input_stats(net, {"params": fp32_params}, batches, where=BLOCK_KERNELS,
+                             hessian=False)
+  folds = []
+  for src, names, producer, kind in BLOCK_FOLDS:
+    kernels = [fp32_params["layers"][n.split("/")[0]][n.split("/")[1]]["kernel"] for n in names]
+    s_ = jaxmem.ops.smoothquant_scales(stats[f"layers/{src}/kernel"].absmax, kernels, alpha)
+    folds.append(jaxmem.InputScale(np.asarray(s_), [f"layers/{n}/kernel" for n in names],
+                                   f"layers/{producer}", kind))
+  smoothed = jax.jit(lambda p: jaxmem.transform(jaxmem.fold_input_scales(folds), p))(fp32_params)
+  return _jitted_transform("int8_dynamic")(smoothed)
+
+
+def wanda_params(fp32_params, config: LlamaConfig, calib_tokens, *,
+                 sparsity: float = SPARSITY, **kwargs) -> dict:
+  """Wanda (Sun et al. 2024): per output, prune the smallest ``|W_ij| ||X_i||``, layer by
+  layer on the pruned blocks' outputs; kernels packed sparse, embedding float."""
+
+  def compress(i, w_i, stats):
+    w = _fresh(w_i)
+    for n in BLOCK_KERNEL_NAMES:
+      k = _get(w_i, _layer_path(n))
+      keep = jaxmem.ops.wanda_mask(k, jnp.asarray(stats[_layer_path(n)].norm, jnp.float32),
+                                   sparsity, path=f"layers/{n}/kernel[{i}]")
+      _set(w, _layer_path(n), jnp.where(keep, k, 0))
+    return w
+
+  out = calibrated_params(fp32_params, config, calib_tokens, compress, hessian=False,
+                          embedding=fp32_params["embed"]["embedding"], name="wanda_params",
+                          **kwargs)
+  return jaxmem.transform(jaxmem.sparsify(BLOCK_KERNELS), out)
+
+
+def sparsegpt_params(fp32_params, config: LlamaConfig, calib_tokens, *,
+                     sparsity: float = SPARSITY, n_m=None, bits: int | None = None,
+                     group_size: int = 128, **kwargs) -> dict:
+  """SparseGPT (Frantar & Alistarh 2023): each block kernel pruned (``sparsity``
+  unstructured or ``n_m`` per group along the input) with the OBS update of the kept
+  weights, layer by layer on the pruned blocks' outputs; with ``bits``, quantized in the
+  same sweep (groups as :func:`group_size_for`) and the embedding int8. Kernels packed
+  sparse (:func:`jaxmem.sparsify`)."""
+  groups = kernel_group_sizes(fp32_params, group_size)
+
+  def compress(i, w_i, stats):
+    w = _fresh(w_i)
+    for n in BLOCK_KERNEL_NAMES:
+      path = f"layers/{n}/kernel"
+      _set(w, _layer_path(n), jaxmem.ops.sparsegpt_kernel(
+          np.asarray(_get(w_i, _layer_path(n)), np.float32), stats[_layer_path(n)].xtx,
+          sparsity, n_m=n_m, bits=bits, group_size=groups[path] if bits else None,
+          path=f"{path}[{i}]"))
+    return w
+
+  embedding = None if bits else fp32_params["embed"]["embedding"]
+  out = calibrated_params(fp32_params, config, calib_tokens, compress, embedding=embedding,
+                          name="sparsegpt_params", **kwargs)
+  return jaxmem.transform(jaxmem.sparsify(BLOCK_KERNELS), out)
+
+
+_CALIBRATED_BUILDERS = {
+    "int4_gptq_g128": lambda p, c, t, **kw: gptq_params(p, c, t, group_size=GPTQ_GROUP_SIZE,
+                                                        **kw),
+    "int4_awq_g128": lambda p, c, t, **kw: awq_params(p, c, t, **kw),
+    "wanda_50": lambda p, c, t, **kw: wanda_params(p, c, t, **kw),
+    "sparsegpt_50": lambda p, c, t, **kw: sparsegpt_params(p, c, t, **kw),
+    "sparsegpt_2_4": lambda p, c, t, **kw: sparsegpt_params(p, c, t, n_m=(2, 4), **kw),
+    "sparsegpt_50+int4_g128": lambda p, c, t, **kw: sparsegpt_params(p, c, t, bits=4, **kw),
+}
+
+
 # ----------------------------------------------------------------------------- build
 
 
@@ -469,19 +655,28 @@ def build(
     fp32_params = _gguf.load_params(path)
   if weights == "fp32":
     return Recipe(name, fp32_params, kv_bits)
-  if weights == "int4_gptq_g128":
+  if weights in CALIBRATED:
     cfg = _resolve_config(config, model, path)
     if calib_tokens is None:
       calib_tokens = calibration_tokens()
     dtype = model.dtype if model is not None else jnp.float32
-    params = gptq_params(fp32_params, cfg, calib_tokens, group_size=GPTQ_GROUP_SIZE,
-                         dtype=dtype, progress=progress, timings=timings)
+    if weights == "int8_smoothquant":
+      return Recipe(name, smoothquant_params(fp32_params, cfg, calib_tokens, dtype=dtype),
+                    kv_bits)
+    extra = {"timings": timings} if weights == "int4_gptq_g128" else {}
+    params = _CALIBRATED_BUILDERS[weights](fp32_params, cfg, calib_tokens, dtype=dtype,
+                                           progress=progress, **extra)
     return Recipe(name, params, kv_bits)
+  if weights == "magnitude_50":  # prune under jit, pack outside (packing reads the zeros)
+    pruned = jax.jit(lambda p: jaxmem.transform(_magnitude_per_layer(SPARSITY), p))(fp32_params)
+    return Recipe(name, jaxmem.transform(jaxmem.sparsify(BLOCK_KERNELS), pruned), kv_bits)
   return Recipe(name, _jitted_transform(weights)(fp32_params), kv_bits)
 
 
 __all__ = [
-    "BLOCK_KERNELS", "CALIBRATION_OFFSET", "EMBEDDING", "GPTQ_GROUP_SIZE", "KV8_SUFFIX",
-    "RECIPES", "STACK_AXES", "WEIGHT_RECIPES", "Recipe", "build", "calibration_tokens",
-    "gptq_params", "group_size_for", "kernel_group_sizes", "parse", "weight_transform",
+    "BASE_RECIPES", "BLOCK_FOLDS", "BLOCK_KERNELS", "CALIBRATED", "CALIBRATION_OFFSET",
+    "EMBEDDING", "GPTQ_GROUP_SIZE", "KV8_SUFFIX", "PTQ_RECIPES", "RECIPES", "STACK_AXES",
+    "WEIGHT_RECIPES", "Recipe", "awq_params", "build", "calibrated_params", "calibration_tokens",
+    "gptq_params", "group_size_for", "kernel_group_sizes", "parse", "smoothquant_params",
+    "sparsegpt_params", "wanda_params", "weight_transform",
 ]
