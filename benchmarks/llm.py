@@ -174,6 +174,7 @@ def run(methods, n_windows: int, repeats: int, new_tokens: int = 64,
         "kl": quality[name]["kl"],
         "top1": quality[name]["top1"],
         **speed[1][name],
+        "route": evaluate.kernel_route(params),
     })
   for name in built:
     records.append({"bench": "llm_speed", "method": name, "batch": BIG_BATCH,
@@ -200,6 +201,10 @@ def print_tables(records, new_tokens: int) -> None:
     print(f"fp32 perplexity: jaxmem {env['fp32_ppl']:.4f} ({env['eval_tokens']:,}-token text) vs "
           f"transformers {env['ref_ppl']:.4f} ({env['ref_eval_tokens']:,}-token text; fixture's "
           f"first {env['ref_windows']} windows): same text, ids equal up to token 7,236")
+  print()
+  print("route of the block kernels (jaxmem.models.llama.evaluate.kernel_route):")
+  for r in main:
+    print(f"  {r['method']:<24} {r.get('route', '?')}")
   print()
   print(f"batch {BIG_BATCH}:")
   head = f"{'method':<20} {'prefill tok/s':>13} {'decode tok/s':>12}"

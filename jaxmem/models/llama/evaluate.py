@@ -499,6 +499,43 @@ def compiled_memory(model: Llama, params, *, prompt_len: int = 128, batch: int =
 KV8 = "+kv8"  # suffix: a weight recipe run with an int8 KV cache
 
 
+def kernel_route(params) -> str:
+  """How :func:`jaxmem.apply` computes the block kernels of ``params`` on this host: the
+  route(s) taken, one phrase per kind of block kernel (from the leaves' types and layouts,
+  and for W8A8 the integer-dot route of :mod:`jaxmem.ops`).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxmem
+    >>> p = {'layers': {'mlp': {'up': {'kernel': jnp.ones((2, 8, 4))}}}}
+    >>> kernel_route(p)
+    'f32 dot'
+    >>> kernel_route(jaxmem.transform(jaxmem.quantize_int8(stack_axes=1), p))
+    'int8 weights converted to f32 in the dot, per-channel scale on the output'
+  """
+  from jaxmem._src import qdot
+
+  phrases = []
+  for path, w in jaxmem.leaves_with_paths(
+      jax.tree.map(lambda x: x, params, is_leaf=jaxmem.is_compressed)):
+    if not (path.startswith("layers/") and path.endswith("kernel")):
+      continue
+    if isinstance(w, jaxmem.SparseArray):
+      phrase = "sparse storage materialized to f32 per call, f32 dot"
+    elif not isinstance(w, jaxmem.QArray):
+      phrase = "f32 dot"
+    elif w.act_bits == 8:
+      phrase = ("int8 x int8 as exact bf16 dots (AVX512_BF16/AMX)" if qdot._cpu_has_native_bf16()
+                else "int8 x int8 -> int32 dot") + ", activations quantized per token"
+    elif w.scale.shape[-2] == 1:  # one scale along the contracted (input) axis
+      phrase = f"int{w.bits} weights converted to f32 in the dot, per-channel scale on the output"
+    else:
+      phrase = (f"int{w.bits} {'packed ' if w.packed else ''}weights dequantized "
+                f"(groups of {w.shape[-2] // w.scale.shape[-2]}) in jit, f32 dot")
+    if phrase not in phrases:
+      phrases.append(phrase)
+  return "; ".join(phrases) or "no block kernels"
+
+
 def build_recipes(names: Sequence[str], fp32_params, *, config: LlamaConfig | None = None,
                   model: Llama | None = None, path=None, calib_tokens=None, build=None,
                   on_built=None) -> dict[str, RecipeParams]:

@@ -34,6 +34,25 @@ Weight recipes (:data:`WEIGHT_RECIPES`):
 * ``gguf_native``: the file's own ``Q4_1`` kernels and ``Q8_0`` embedding
   (:func:`~jaxmem.models.llama.gguf.load_native`, exact: no re-quantization).
 
+Calibrated, data-free and pruning recipes (:data:`PTQ_RECIPES`; calibration on
+:func:`calibration_tokens` through :func:`jaxmem.calibrate_layers` or
+:func:`jaxmem.input_stats`):
+
+* ``int4_awq_g128``: AWQ (:func:`awq_params`): per block, activation-aware scales for the
+  inputs of q/k/v, gate/up and down (:data:`BLOCK_FOLDS`), folded into the two RMSNorms and
+  ``up``'s columns, each group's range clipped on the same output error, then int4 in the
+  layout of ``int4_g128``;
+* ``int4_hqq_g128``: HQQ (:func:`jaxmem.quantize_hqq`), no data: asymmetric int4 with
+  solved zero points, groups of ``int4_g128``;
+* ``int8_smoothquant``: SmoothQuant (:func:`smoothquant_params`, alpha
+  :data:`SMOOTHQUANT_ALPHA`) folded the same way, then ``int8_dynamic``'s W8A8;
+* ``magnitude_50``, ``wanda_50``, ``sparsegpt_50``, ``sparsegpt_2_4``: half of every block
+  kernel pruned (per layer by magnitude; per output by Wanda :func:`wanda_params`; by
+  SparseGPT :func:`sparsegpt_params`, unstructured or 2 of every 4 inputs), stored packed
+  sparse (:func:`jaxmem.sparsify`), embedding float;
+  ``sparsegpt_50+int4_g128``: pruned and int4-quantized in one SparseGPT sweep, packed
+  sparse int4, int8 embedding.
+
 **Group sizes.** A group must divide the input axis. SmolLM2's width 576 is ``2**6 * 9``,
 which 128 does not divide, so a kernel with ``n_in`` input rows takes the largest divisor
 of ``n_in`` that is at most ``g`` (:func:`group_size_for`): at most ``g`` weights share a
