@@ -333,6 +333,21 @@ def select(
   return jax.tree.unflatten(treedef, chosen)
 
 
+def check_keys_selected(params: PyTree, keys, where: Where, *, default, name: str,
+                        what: str) -> None:
+  """Raises a ValueError when ``keys`` (paths of per-leaf inputs such as calibration
+  statistics) name leaves that ``where`` (else ``default``) does not select in ``params``."""
+  sel = select(params, where, default=default, name=name)
+  chosen = {p for (p, _), m in zip(tree_lib.leaves_with_paths(params), jax.tree.leaves(sel))
+            if m}
+  unused = sorted(set(keys) - chosen)
+  if unused:
+    raise ValueError(
+        f"{name}: {what} given for {unused[:5]}, which are not selected leaves of the params; "
+        "check `where` and their paths (e.g. 'layers_0/kernel')."
+    )
+
+
 def _scoped(name: str, kind: str, scope: str, route: str, sub: PyTree, fn: Callable, *args: Any):
   """``fn(sub, *args)``; an inner ``where`` matching nothing is re-raised as scoped to ``sub``.
 

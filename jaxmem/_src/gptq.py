@@ -280,16 +280,8 @@ def quantize_gptq(
   tx = quantizing_leafwise(fn, where, name=tx_name, check_finite=check_finite)
 
   def init(params):
-    chosen = {p for p, m in zip(
-        [p for p, _ in tree_lib.leaves_with_paths(params)],
-        jax.tree.leaves(base.select(params, where, default=default_quant_where, name=tx_name)),
-    ) if m}
-    unused = sorted(set(hessians) - chosen)
-    if unused:
-      raise ValueError(
-          f"quantize_gptq: Hessians given for {unused[:5]}, which are not selected leaves; "
-          "check `where` and the Hessians' paths."
-      )
+    base.check_keys_selected(params, hessians, where, default=default_quant_where,
+                             name=name, what="Hessians")
     return tx.init(params)
 
   return base.ParamTransform(init, tx.update)

@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmem._src import base
-from jaxmem._src import tree as tree_lib
 from jaxmem._src.gptq import _check_damp, damped_problem, inverse_cholesky
 from jaxmem._src.pruning import check_nm, check_prunable, check_sparsity, default_prune_where
 from jaxmem._src.qarray import QArray, check_bits, default_pack_axis, pack_ints
@@ -303,15 +302,8 @@ def stats_transform(name: str, stats: Mapping[str, Any], where: base.Where, fn, 
   tx = base.leafwise(leaf, where, default=default_prune_where, name=name)
 
   def check_paths(params):
-    sel = base.select(params, where, default=default_prune_where, name=name)
-    chosen = {p for (p, _), m in zip(tree_lib.leaves_with_paths(params), jax.tree.leaves(sel))
-              if m}
-    unused = sorted(set(stats) - chosen)
-    if unused:
-      raise ValueError(
-          f"{name}: statistics given for {unused[:5]}, which are not selected leaves of the "
-          "params; check `where` and the statistics' paths (e.g. 'layers_0/kernel')."
-      )
+    base.check_keys_selected(params, stats, where, default=default_prune_where, name=name,
+                             what="statistics")
 
   def init(params):
     check_paths(params)

@@ -515,8 +515,7 @@ def kernel_route(params) -> str:
   from jaxmem._src import qdot
 
   phrases = []
-  for path, w in jaxmem.leaves_with_paths(
-      jax.tree.map(lambda x: x, params, is_leaf=jaxmem.is_compressed)):
+  for path, w in jaxmem.leaves_with_paths(params):
     if not (path.startswith("layers/") and path.endswith("kernel")):
       continue
     if isinstance(w, jaxmem.SparseArray):

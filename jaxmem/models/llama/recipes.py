@@ -466,19 +466,15 @@ def _fresh(tree):
   return jax.tree.map(lambda a: a, tree, is_leaf=jaxmem.is_compressed)
 
 
-def _int4_kernels(w_i, groups: dict[str, int], i: int, kernels=None):
-  """Round-to-nearest int4 of one layer's kernels (the layout of :func:`_int4_transform`)."""
+def _int4_kernels(w_i, groups: dict[str, int]):
+  """Round-to-nearest int4 of one layer's kernels: :func:`jaxmem.quantize_int4` with each
+  kernel's group size (a slice of :func:`_int4_transform`'s stacked layout)."""
   q_i = _fresh(w_i)
   for name in BLOCK_KERNEL_NAMES:
-    g = groups[f"layers/{name}/kernel"]
-    w = kernels[name] if kernels is not None else _get(w_i, _layer_path(name))
-    _set(q_i, _layer_path(name), jaxmem.ops.quantize(
-        jnp.asarray(w), 4, **_rtn_layout(g), path=f"layers/{name}/kernel[{i}]"))
+    tx = jaxmem.quantize_int4(groups[f"layers/{name}/kernel"])
+    _set(q_i, _layer_path(name),
+         jaxmem.transform(tx, {"kernel": _get(w_i, _layer_path(name))})["kernel"])
   return q_i
-
-
-def _rtn_layout(group_size: int) -> dict:
-  return dict(channel_axes=(1,), group_size=group_size, group_axis=0)
 
 
 # The folds of one Llama block: (input, kernels reading it, producer, producer kind). The
@@ -528,7 +524,7 @@ def awq_params(fp32_params, config: LlamaConfig, calib_tokens, *, group_size: in
     for n in BLOCK_KERNEL_NAMES:
       _set(w, _layer_path(n), jnp.asarray(kernels[n]))
     w = jaxmem.transform(jaxmem.fold_input_scales(folds), w)
-    return _int4_kernels(w, groups, i)
+    return _int4_kernels(w, groups)
 
   return calibrated_params(fp32_params, config, calib_tokens, compress, name="awq_params",
                            **kwargs)
@@ -554,7 +550,7 @@ def smoothquant_params(fp32_params, config: LlamaConfig, calib_tokens, *,
                              hessian=False)
   folds = []
   for src, names, producer, kind in BLOCK_FOLDS:
-    kernels = [fp32_params["layers"][n.split("/")[0]][n.split("/")[1]]["kernel"] for n in names]
+    kernels = [_get(fp32_params["layers"], _layer_path(n)) for n in names]
     s_ = jaxmem.ops.smoothquant_scales(stats[f"layers/{src}/kernel"].absmax, kernels, alpha)
     folds.append(jaxmem.InputScale(np.asarray(s_), [f"layers/{n}/kernel" for n in names],
                                    f"layers/{producer}", kind))
