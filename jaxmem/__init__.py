@@ -72,6 +72,13 @@ from jaxmem._src.flax.apply import merge_compressed as merge_compressed
 from jaxmem._src.sharding import partition_specs as partition_specs
 
 # --- function transforms and training
+from jaxmem._src.fsdp import fsdp_specs as fsdp_specs
+from jaxmem._src.fsdp import fsdp_state_specs as fsdp_state_specs
+from jaxmem._src.fsdp import fsdp_train_step as fsdp_train_step
+from jaxmem._src.lora import LoRAWeight as LoRAWeight
+from jaxmem._src.lora import add_lora as add_lora
+from jaxmem._src.lora import lora_trainable as lora_trainable
+from jaxmem._src.lora import merge_lora as merge_lora
 from jaxmem._src.parallel import data_parallel as data_parallel
 from jaxmem._src.remat import remat as remat
 from jaxmem._src.remat import scan_layers as scan_layers
@@ -116,6 +123,9 @@ __all__ = [
     "apply", "merge_compressed", "partition_specs",
     # function transforms and training
     "StepState", "data_parallel", "init_step_state", "remat", "scan_layers", "train_step",
+    "fsdp_specs", "fsdp_state_specs", "fsdp_train_step",
+    # adapters
+    "LoRAWeight", "add_lora", "lora_trainable", "merge_lora",
     # memory and checkpoints
     "CheckpointManager", "MemoryReport", "memory_report", "tree_bytes",
     # namespaces

@@ -26,6 +26,9 @@ TOP = {
     "apply", "merge_compressed", "partition_specs",
     # function transforms and training
     "StepState", "data_parallel", "init_step_state", "remat", "scan_layers", "train_step",
+    "fsdp_specs", "fsdp_state_specs", "fsdp_train_step",
+    # adapters
+    "LoRAWeight", "add_lora", "lora_trainable", "merge_lora",
     # memory and checkpoints
     "CheckpointManager", "MemoryReport", "memory_report", "tree_bytes",
 }
@@ -49,7 +52,9 @@ NAMESPACES = {
         "memory_candidates", "memory_profile", "mix_leaves", "offload_supported", "plan_memory",
         "remat_policy",
     },
-    "distributed": {"DataParallel", "ProcessInfo", "initialize", "mesh_from_axes", "shutdown"},
+    "distributed": {
+        "DataParallel", "FSDPTrainStep", "ProcessInfo", "initialize", "mesh_from_axes", "shutdown",
+    },
     "checkpoint": {
         "CheckpointCorruptError", "CheckpointFallbackWarning", "CheckpointLockedError",
         "abstract_target", "checkpoint_layout", "register_checkpoint_type",

@@ -1,7 +1,9 @@
 """Quantized matmul, einsum, convolution and gather kernels. Pure array math, no Flax.
 
 Each kernel takes a float activation and a weight that is a :class:`jaxmem.QArray`
-(any other :class:`jaxmem.Compressed` is materialized, a plain array runs the float op):
+(any other :class:`jaxmem.Compressed` is materialized, a plain array runs the float op;
+a :class:`jaxmem._src.lora.LoRAWeight` runs its base through these kernels plus its
+low-rank adapters in dot_general and einsum, see :mod:`jaxmem._src.lora`):
 
 * **weight-only** (``w.act_bits is None``): the op runs from the integer values. When
   the weight's scale is 1 on every contracted axis (per-channel or per-tensor), the
@@ -68,6 +70,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxmem._src.lora import LoRAWeight, adapter_product
 from jaxmem._src.qarray import QArray, expand_blocks, int_values, unpack_ints
 from jaxmem._src.tree import Compressed
 
@@ -369,6 +372,16 @@ def _quantized_op(
   return (y if wo is None else y + offset_term(lhs).astype(cdt)).astype(out_dtype)
 
 
+def _lora_op(op, lhs, rhs: LoRAWeight, labels, act_axes, *, precision, dtype, out_dtype, kind,
+             path, int8_route):
+  """``base_op(lhs) + (alpha / r) lhs . (a @ b)``: the frozen base through its own kernel."""
+  frozen = jax.tree.map(lax.stop_gradient, rhs.base)
+  y = _quantized_op(op, lhs, frozen, labels, act_axes, dtype=dtype, out_dtype=out_dtype,
+                    kind=kind, path=path, int8_route=int8_route)
+  cdt = dtype if dtype is not None else jnp.result_type(lhs.dtype, rhs.dtype)
+  return y + adapter_product(lhs, rhs, labels, precision=precision, dtype=cdt).astype(y.dtype)
+
+
 def _contracted_error(kind: str, path: str, w: QArray, axes) -> ValueError:
   asym = (
       "" if w.symmetric or kind != "conv"
@@ -449,6 +462,12 @@ def quantized_dot_general(
   def op(a, b, acc):
     return lax.dot_general(a, b, dn, precision=precision, preferred_element_type=acc)
 
+  if isinstance(rhs, LoRAWeight):
+    return _lora_op(
+        op, lhs, rhs, (lhs_labels, rhs_labels, out_labels), lc, precision=precision,
+        dtype=dtype, out_dtype=preferred_element_type, kind="dot_general", path=path,
+        int8_route=int8_route,
+    )
   return _quantized_op(
       op, lhs, rhs, (lhs_labels, rhs_labels, out_labels), lc, dtype=dtype,
       out_dtype=preferred_element_type, kind="dot_general", path=path, int8_route=int8_route,
@@ -523,6 +542,11 @@ def quantized_einsum(
     return jnp.einsum(eq, x, w, precision=precision, preferred_element_type=acc)
 
   lhs_contracted = tuple(i for i, c in enumerate(a) if c not in out)
+  if isinstance(rhs, LoRAWeight):
+    return _lora_op(
+        op, lhs, rhs, (a, b, out), lhs_contracted, precision=precision, dtype=dtype,
+        out_dtype=preferred_element_type, kind="einsum", path=path, int8_route=int8_route,
+    )
   return _quantized_op(
       op, lhs, rhs, (a, b, out), lhs_contracted, dtype=dtype,
       out_dtype=preferred_element_type, kind="einsum", path=path, int8_route=int8_route,

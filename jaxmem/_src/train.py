@@ -4,8 +4,9 @@
   the step count, the params and the optimizer state of the trainable leaves.
 * :func:`init_step_state` builds it; :func:`train_step` builds the per-replica step: gradients
   only for trainable float leaves (quantized ``QArray`` leaves and int/bool leaves stay
-  frozen), gradient accumulation over microbatches, an optional low-precision compute dtype
-  with float32 master params, and ``lax.pmean`` of gradients and metrics over ``axis_name``
+  frozen; a LoRA kernel trains its adapters only, its base stays frozen), gradient
+  accumulation over microbatches, an optional low-precision compute dtype with float32
+  master params, and ``lax.pmean`` of gradients and metrics over ``axis_name``
   (run it under :func:`jaxmem.data_parallel`).
 
 Arguments after the batch are passed through to the loss and never differentiated: that is
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxmem._src import base
+from jaxmem._src import base, lora
 from jaxmem._src import tree as tree_lib
 
 PyTree = Any
@@ -46,7 +47,20 @@ class StepState(NamedTuple):
 
 
 def _trainable_mask(params: PyTree, trainable: base.Where) -> PyTree:
-  return base.select(params, trainable, name="train_step(trainable=...)")
+  return base.select(
+      params, trainable, name="train_step(trainable=...)",
+      default=lambda p, x: tree_lib.is_float_leaf(x) or isinstance(x, lora.LoRAWeight),
+  )
+
+
+def _trainable_part(params: PyTree, mask: PyTree) -> PyTree:
+  """The selected leaves; a selected LoRAWeight contributes its adapters only."""
+  return lora.adapters_view(tree_lib.hole(params, mask))
+
+
+def _with_frozen(tparams: PyTree, params: PyTree, mask: PyTree) -> PyTree:
+  """Inverse of :func:`_trainable_part`: the frozen leaves (and LoRA bases) put back."""
+  return lora.attach_bases(tree_lib.fill(tparams, params, mask), params)
 
 
 def init_step_state(
@@ -57,8 +71,10 @@ def init_step_state(
   Args:
     params: the params pytree (may hold ``jaxmem.QArray`` leaves).
     optimizer: an optax transformation.
-    trainable: which leaves get gradients: None (every float leaf; compressed and
-      integer leaves are frozen), regex(es) on ``a/b/kernel`` paths, or a predicate.
+    trainable: which leaves get gradients: None (every float leaf and the adapters of
+      every LoRA kernel; other compressed and integer leaves are frozen), regex(es) on
+      ``a/b/kernel`` paths, or a predicate (e.g. ``lora_trainable``: the adapters only).
+      A selected LoRA kernel trains its adapters ``a``, ``b`` only; its base is frozen.
 
   Example:
     >>> import jax.numpy as jnp, optax, jaxmem
@@ -67,11 +83,14 @@ def init_step_state(
     (0, ('step', 'params', 'opt_state'))
   """
   mask = _trainable_mask(params, trainable)
-  opt_state = optimizer.init(tree_lib.hole(params, mask))
+  opt_state = optimizer.init(_trainable_part(params, mask))
   return StepState(step=jnp.zeros([], jnp.int32), params=params, opt_state=opt_state)
 
 
-def _split_microbatches(batch: PyTree, k: int) -> PyTree:
+MICROBATCH_LAYOUTS = ("contiguous", "strided")
+
+
+def _split_microbatches(batch: PyTree, k: int, layout: str = "contiguous") -> PyTree:
   def split(path, x):
     if x.ndim == 0 or x.shape[0] % k:
       n = x.shape[0] if x.ndim else "a scalar"
@@ -79,6 +98,8 @@ def _split_microbatches(batch: PyTree, k: int) -> PyTree:
           f"train_step: batch leaf '{path}' has leading size {n}, not divisible by "
           f"microbatches={k}; use a per-replica batch size that is a multiple of {k}."
       )
+    if layout == "strided":  # microbatch i: examples i, i + k, i + 2k, ...
+      return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
     return x.reshape((k, x.shape[0] // k) + x.shape[1:])
 
   return tree_lib.map_with_path(split, batch)
@@ -98,6 +119,7 @@ def train_step(
     compute_dtype: Any = None,
     trainable: base.Where = None,
     has_aux: bool = False,
+    microbatch_layout: str = "contiguous",
 ) -> Callable[..., tuple[StepState, dict[str, jax.Array]]]:
   """Builds a per-replica train step ``(state, batch, *args) -> (state, metrics)``.
 
@@ -126,13 +148,18 @@ def train_step(
       optimizer state stay float32. None computes in the params' dtype.
     trainable: which leaves train (see :func:`init_step_state`); must match the state's.
     has_aux: ``loss_fn`` returns ``(loss, aux_metrics)``.
+    microbatch_layout: which examples form microbatch ``i`` of ``k``: ``"contiguous"``
+      (default; examples ``[i*n/k, (i+1)*n/k)``) or ``"strided"`` (examples ``i, i+k,
+      i+2k, ...``). The mean gradient is the same; under ``jit`` with a batch sharded on its
+      leading axis, ``"strided"`` splits every device's shard evenly, so no example moves
+      between devices (:func:`jaxmem.fsdp_train_step` uses it).
 
   Returns:
     The step function; ``metrics`` holds ``"loss"`` (float32) and any aux metrics.
 
   Raises:
-    ValueError: ``microbatches`` is not an int >= 1, or (when called) a batch leaf's
-      leading size does not divide by it.
+    ValueError: ``microbatches`` is not an int >= 1, ``microbatch_layout`` is unknown, or
+      (when called) a batch leaf's leading size does not divide by ``microbatches``.
     TypeError: (when called) the state is not a :class:`StepState`.
 
   Example:
@@ -155,6 +182,10 @@ def train_step(
   """
   if not isinstance(microbatches, int) or microbatches < 1:
     raise ValueError(f"train_step: microbatches={microbatches!r}; use an int >= 1.")
+  if microbatch_layout not in MICROBATCH_LAYOUTS:
+    raise ValueError(
+        f"train_step: microbatch_layout={microbatch_layout!r}; use one of {MICROBATCH_LAYOUTS}."
+    )
 
   def step(state: StepState, batch: PyTree, *args: Any):
     if not isinstance(state, StepState):
@@ -165,7 +196,7 @@ def train_step(
       )
     params = state.params
     mask = _trainable_mask(params, trainable)  # static: from leaf paths and dtypes
-    tparams = tree_lib.hole(params, mask)
+    tparams = _trainable_part(params, mask)
     if compute_dtype is not None:
       args = _cast_floats(args, compute_dtype)  # once, not per microbatch
 
@@ -173,7 +204,7 @@ def train_step(
       if compute_dtype is not None:
         tp = _cast_floats(tp, compute_dtype)
         mb = _cast_floats(mb, compute_dtype)
-      out = loss_fn(tree_lib.fill(tp, params, mask), mb, *args)
+      out = loss_fn(_with_frozen(tp, params, mask), mb, *args)
       loss, aux = out if has_aux else (out, {})
       return loss.astype(jnp.float32), jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), aux)
 
@@ -181,7 +212,7 @@ def train_step(
     if microbatches == 1:
       (loss, aux), grads = grad_fn(tparams, batch)
     else:
-      micro = _split_microbatches(batch, microbatches)
+      micro = _split_microbatches(batch, microbatches, microbatch_layout)
 
       def accumulate(carry, mb):
         (loss_mb, a), g = grad_fn(tparams, mb)
@@ -195,7 +226,7 @@ def train_step(
       loss, aux, grads = jax.lax.pmean((loss, aux, grads), axis_name)
     updates, opt_state = optimizer.update(grads, state.opt_state, tparams)
     new_tparams = optax.apply_updates(tparams, updates)
-    new_params = tree_lib.fill(new_tparams, params, mask)
+    new_params = _with_frozen(new_tparams, params, mask)
     metrics = {"loss": loss, **aux}
     return StepState(state.step + 1, new_params, opt_state), metrics
 
