@@ -1,16 +1,12 @@
 """Multi-host data parallel: 2 local processes x 2 CPU devices agree with one process."""
 
-import importlib.util
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import jax
 import numpy as np
 import optax
 import pytest
+from multiprocess import run_two_processes
 
 import jaxmem
 
@@ -75,11 +71,6 @@ COMMON = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
 
 def test_initialize_needs_all_or_none_of_the_explicit_arguments():
   with pytest.raises(ValueError, match=r"\['num_processes', 'process_id'\] missing"):
@@ -89,40 +80,9 @@ def test_initialize_needs_all_or_none_of_the_explicit_arguments():
 
 
 def test_two_processes_match_single_process(tmp_path):
-  (tmp_path / "worker.py").write_text(WORKER)
-  (tmp_path / "common.py").write_text(COMMON)
-  port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  procs = [
-      subprocess.Popen(
-          [sys.executable, str(tmp_path / "worker.py"), str(port), str(i), str(tmp_path / f"{i}")],
-          stdout=subprocess.PIPE,
-          stderr=subprocess.STDOUT,
-          env=env,
-          text=True,
-      )
-      for i in range(2)
-  ]
-  logs = []
-  try:
-    for p in procs:
-      out, _ = p.communicate(timeout=150)
-      logs.append(out)
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    pytest.fail("multi-process run timed out after 150 s:\n" + "\n".join(logs))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  common = run_two_processes(tmp_path, WORKER, COMMON, name="dp_common")
 
   # The single-process reference: full-batch gradients and one full-batch train step.
-  spec = importlib.util.spec_from_file_location("dp_common", tmp_path / "common.py")
-  common = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(common)
   params, batch = common.params(), common.batch()
   ref_grads = jax.grad(common.loss)(params, batch)
   opt = optax.adam(1e-2)

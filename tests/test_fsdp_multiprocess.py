@@ -1,15 +1,10 @@
 """FSDP over 2 local processes x 2 CPU devices agrees with one single-device full-batch step."""
 
-import importlib.util
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import jax
 import numpy as np
-import pytest
+from multiprocess import run_two_processes
 
 import jaxmem
 
@@ -84,11 +79,6 @@ COMMON = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
 
 def _rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -96,40 +86,9 @@ def _rel(a, b):
 
 
 def test_two_processes_match_single_device_full_batch(tmp_path):
-  (tmp_path / "worker.py").write_text(WORKER)
-  (tmp_path / "common.py").write_text(COMMON)
-  port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  procs = [
-      subprocess.Popen(
-          [sys.executable, str(tmp_path / "worker.py"), str(port), str(i), str(tmp_path / f"{i}")],
-          stdout=subprocess.PIPE,
-          stderr=subprocess.STDOUT,
-          env=env,
-          text=True,
-      )
-      for i in range(2)
-  ]
-  logs = []
-  try:
-    for p in procs:
-      out, _ = p.communicate(timeout=150)
-      logs.append(out)
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    pytest.fail("multi-process FSDP run timed out after 150 s:\n" + "\n".join(logs))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  common = run_two_processes(tmp_path, WORKER, COMMON, name="fsdp_common")
 
   # The reference: one full-batch step of jaxmem.train_step on a single device.
-  spec = importlib.util.spec_from_file_location("fsdp_common", tmp_path / "common.py")
-  common = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(common)
   dev, opt = jax.devices()[0], common.optimizer()
   state = jax.device_put(jaxmem.init_step_state(common.params(), opt), dev)
   ref, ref_metrics = jax.jit(jaxmem.train_step(common.loss, opt))(

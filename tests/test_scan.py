@@ -70,6 +70,16 @@ def _unrolled_apply(params, tokens):
   return jaxmem.ops.quantized_dot_general(x, table, (((2,), (1,)), ((), ())))
 
 
+def _assert_integer_dots_in_loop(f, *args):
+  """The W8A8 dots of ``f``'s scanned body run inside the loop on both integer routes:
+  ``s8 x s8 -> s32`` (int32) and ``bf16 x bf16 -> f32`` on the integer values (bf16)."""
+  for route, dot, operand in (("int32", "s32", "s8"), ("bf16", "f32", "bf16")):
+    with jaxmem.ops.int8_dot_route(route):
+      body = _loop_body_text(f.lower(*args).compile().as_text())
+    assert re.search(rf"= {dot}\[[\d,]*\]\{{[\d,]*\}} dot\(", body), route
+    assert re.search(rf"= {operand}\[[\d,]*\]\{{[\d,]*\}} (parameter|convert)\(", body), route
+
+
 @pytest.mark.parametrize("method", ["int8_weight", "int8_dynamic", "int4_g32"])
 def test_linen_nn_scan_runs_integer_kernels_inside_the_loop(method):
   model, tokens, params = _model_and_params()
@@ -95,8 +105,8 @@ def test_linen_nn_scan_runs_integer_kernels_inside_the_loop(method):
   stacked = f"f32[{CFG.layers},{CFG.d_model},{CFG.d_ff}]"
   assert stacked not in hlo  # no dense float copy of the stacked kernel, anywhere
   body = _loop_body_text(hlo)
-  if method == "int8_dynamic":  # the integer dot runs in the loop body
-    assert re.search(r"= s32\[[\d,]*\]\{[\d,]*\} dot\(", body)
+  if method == "int8_dynamic":  # the integer dot runs in the loop body, on either route
+    _assert_integer_dots_in_loop(f, q, tokens)
   else:
     assert re.search(r"(s8|u8)\[", body)  # the loop reads integer weights
 
@@ -199,7 +209,7 @@ def test_nnx_scan_runs_quantized_twins_on_each_layers_slice():
   assert float(jnp.abs(y - model(x)).max()) < 0.1  # close to the float model
   hlo = f.lower(q, x).compile().as_text()
   assert "f32[3,32,128]" not in hlo and "f32[3,128,32]" not in hlo
-  assert re.search(r"= s32\[[\d,]*\]\{[\d,]*\} dot\(", _loop_body_text(hlo))
+  _assert_integer_dots_in_loop(f, q, x)
 
 
 def test_group_size_on_a_stacked_kernel_without_stack_axes_points_to_the_fix():

@@ -333,6 +333,21 @@ def select(
   return jax.tree.unflatten(treedef, chosen)
 
 
+def checked(tx: ParamTransform, check: Callable[[PyTree], None]) -> ParamTransform:
+  """``tx`` whose ``init`` and ``update`` first run ``check(params)`` (argument checks that
+  need the params, e.g. that every rule or statistic names a selected leaf)."""
+
+  def init(params):
+    check(params)
+    return tx.init(params)
+
+  def update(params, state):
+    check(params)
+    return tx.update(params, state)
+
+  return ParamTransform(init, update)
+
+
 def check_keys_selected(params: PyTree, keys, where: Where, *, default, name: str,
                         what: str) -> None:
   """Raises a ValueError when ``keys`` (paths of per-leaf inputs such as calibration

@@ -354,15 +354,7 @@ def add_lora(
         r.check_used([r.first(p) for p in selected], selected, of="selected leaf",
                      why="a leaf takes the first rule that fullmatches its path")
 
-  def init(params):
-    check_rules(params)
-    return tx.init(params)
-
-  def update(params, state):
-    check_rules(params)
-    return tx.update(params, state)
-
-  return base_lib.ParamTransform(init, update)
+  return base_lib.checked(tx, check_rules)
 
 
 def _base_layout(q: QArray, bits: int) -> dict[str, Any]:

@@ -318,16 +318,7 @@ def checking_stack_rules(
   """``tx`` whose ``init`` and ``update`` first run :func:`check_stack_rules_used`."""
   if isinstance(rules, int):
     return tx
-
-  def init(params):
-    check_stack_rules_used(params, where, rules, name)
-    return tx.init(params)
-
-  def update(params, state):
-    check_stack_rules_used(params, where, rules, name)
-    return tx.update(params, state)
-
-  return base.ParamTransform(init, update)
+  return base.checked(tx, lambda params: check_stack_rules_used(params, where, rules, name))
 
 
 def quantizing_leafwise(

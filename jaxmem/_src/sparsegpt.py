@@ -305,15 +305,7 @@ def stats_transform(name: str, stats: Mapping[str, Any], where: base.Where, fn, 
     base.check_keys_selected(params, stats, where, default=default_prune_where, name=name,
                              what="statistics")
 
-  def init(params):
-    check_paths(params)
-    return tx.init(params)
-
-  def update(params, state):
-    check_paths(params)
-    return tx.update(params, state)
-
-  return base.ParamTransform(init, update)
+  return base.checked(tx, check_paths)
 
 
 def check_stats_mapping(stats: Any, name: str, what: str) -> None:
