@@ -19,9 +19,10 @@ Configs (every one on the same 4 devices, batch split over them):
 * ``fsdp``: params, gradients and AdamW state sharded (ZeRO-3), ``optax.adamw``.
 * ``fsdp+remat``: ``fsdp`` with full remat of each block (only the block inputs are kept).
 * ``fsdp+adam8`` / ``fsdp+adam8+remat``: the moments 8-bit blockwise
-  (``jaxmem._src.optim.adamw_8bit``, Dettmers et al. 2022).
+  (``jaxmem.optim.adamw_8bit``, Dettmers et al. 2022), blocks along each row so they shard
+  like the params.
 * ``qlora_int4``: every block kernel int4 (groups of 64, packed), frozen, with rank-8 LoRA
-  adapters (``jaxmem._src.lora.add_lora``); only the adapters train (AdamW); embedding and
+  adapters (``jaxmem.add_lora``); only the adapters train (AdamW); embedding and
   norms frozen float; sharded like ``fsdp``, full remat.
 
 ``param_bytes`` and ``opt_bytes`` are the bytes of one device's shards of the params and the
@@ -53,7 +54,6 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -63,6 +63,7 @@ import optax  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 import jaxmem  # noqa: E402
+from jaxmem._src import qdot  # noqa: E402  (cpu_summary: the CPU line under the table)
 from jaxmem._src.fsdp import fsdp_train_step  # noqa: E402
 from jaxmem.models.llama import model as llama  # noqa: E402
 
@@ -127,43 +128,26 @@ def check_forward() -> float:
 # ----------------------------------------------------------------------------- configs
 
 
-def _adamw_8bit():
-  try:
-    from jaxmem._src.optim import adamw_8bit
-  except ImportError:  # the 8-bit optimizer is not in this checkout
-    return None
-  return adamw_8bit(LEARNING_RATE)
-
-
 def _qlora(shapes):
-  """Abstract int4 + LoRA params and the options of their step (None without jaxmem LoRA)."""
-  try:
-    from jaxmem._src.lora import add_lora, lora_trainable
-  except ImportError:  # LoRA is not in this checkout
-    return None
+  """Abstract int4 + LoRA params and the options of their step."""
   tx = jaxmem.chain(
       jaxmem.quantize_int4(group_size=64, where=r"layers/.*/kernel", stack_axes=1),
-      add_lora(8, 16.0, where=r"layers/.*/kernel", key=jax.random.key(0), stack_axes=1),
+      jaxmem.add_lora(8, 16.0, where=r"layers/.*/kernel", key=jax.random.key(0), stack_axes=1),
   )
   params = jax.eval_shape(lambda p: jaxmem.transform(tx, p), shapes)
   run_block = lambda block, lp, *a: jaxmem.apply(block, {"params": lp}, *a)
-  return params, run_block, lora_trainable
+  return params, run_block, jaxmem.lora_trainable
 
 
 def build(name: str, cfg: llama.LlamaConfig, mesh: Mesh):
-  """``(step, abstract params)`` for one config, or None when its optimizer/LoRA is missing."""
+  """``(step, abstract params)`` for one config."""
   shapes = llama.param_shapes(cfg)
   policy = "full" if "remat" in name or name == "qlora_int4" else "none"
   opt, params, run_block, trainable = optax.adamw(LEARNING_RATE), shapes, None, None
   if "adam8" in name:
-    opt = _adamw_8bit()
-    if opt is None:
-      return None
+    opt = jaxmem.optim.adamw_8bit(LEARNING_RATE)
   if name == "qlora_int4":
-    got = _qlora(shapes)
-    if got is None:
-      return None
-    params, run_block, trainable = got
+    params, run_block, trainable = _qlora(shapes)
   # replicated: the same step with every leaf below min_size (nothing sharded).
   min_size = 2**62 if name == "replicated" else 2**14
   step = fsdp_train_step(lm_loss(cfg, policy, run_block), opt, mesh, min_size=min_size,
@@ -180,10 +164,7 @@ def _shard_bytes(tree) -> int:
 
 
 def measure(name: str, cfg: llama.LlamaConfig, mesh: Mesh, batch: int, seq: int):
-  built = build(name, cfg, mesh)
-  if built is None:
-    return None
-  step, params = built
+  step, params = build(name, cfg, mesh)
   state = step.abstract_state(params)
   tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
   m = step.lower(state, tokens).compile().memory_analysis()
@@ -194,17 +175,6 @@ def measure(name: str, cfg: llama.LlamaConfig, mesh: Mesh, batch: int, seq: int)
       "total_bytes": int(m.argument_size_in_bytes + m.output_size_in_bytes
                          - m.alias_size_in_bytes + m.temp_size_in_bytes),
   }
-
-
-def _cpu() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def main():
@@ -221,12 +191,9 @@ def main():
   err = check_forward()
   cfg = llama.LlamaConfig.smollm2_135m()
   mesh = Mesh(np.array(jax.devices()[:DEVICES]), ("fsdp",))
-  rows, skipped = [], []
+  rows = []
   for name in names:
     row = measure(name, cfg, mesh, args.batch, args.seq)
-    if row is None:
-      skipped.append(name)
-      continue
     rows.append(row)
     if args.json:
       print(json.dumps(row), flush=True)
@@ -236,14 +203,13 @@ def main():
   mb = lambda b: f"{b / 2**20:9.1f}"
   print(f"SmolLM2-135M train step, {DEVICES} simulated devices, batch {args.batch} x "
         f"{args.seq} tokens, AdamW; per-device MiB from XLA memory_analysis()")
-  print(f"CPU: {_cpu()}; jax {jax.__version__}; forward vs llama.Llama (tiny): max err {err:.1e}")
+  print(f"{qdot.cpu_summary()}; jax {jax.__version__}; forward vs llama.Llama (tiny): max err "
+        f"{err:.1e}")
   print(f"{'config':18s} {'params':>9s} {'opt':>9s} {'temp':>9s} {'total':>9s}  vs replicated")
   for r in rows:
     ratio = f"{r['total_bytes'] / ref:.3f}x" if ref else "-"
     print(f"{r['config']:18s} {mb(r['param_bytes'])} {mb(r['opt_bytes'])} "
           f"{mb(r['temp_bytes'])} {mb(r['total_bytes'])}  {ratio:>12s}")
-  for name in skipped:
-    print(f"{name:18s} skipped: its optimizer or LoRA module is not in this checkout")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ checkpoint manager. The rest lives in namespaces:
 * :mod:`jaxmem.ops`: array-level quantize/pack and the quantized kernels;
 * :mod:`jaxmem.sparsity`: pruning masks, schedules and their optax states;
 * :mod:`jaxmem.train`: distillation losses, QAT's Linen hook;
+* :mod:`jaxmem.optim`: optax optimizers with 8-/4-bit blockwise states (8-bit AdamW, Lion);
 * :mod:`jaxmem.memory`: compiled profiles, the remat planner and policies, bit allocation;
 * :mod:`jaxmem.distributed`: processes, meshes, the data-parallel wrapper type;
 * :mod:`jaxmem.checkpoint`: checkpoint errors, layouts and the type registry;
@@ -76,6 +77,7 @@ from jaxmem._src.fsdp import fsdp_specs as fsdp_specs
 from jaxmem._src.fsdp import fsdp_state_specs as fsdp_state_specs
 from jaxmem._src.fsdp import fsdp_train_step as fsdp_train_step
 from jaxmem._src.lora import LoRAWeight as LoRAWeight
+from jaxmem._src.optim import BlockQArray as BlockQArray
 from jaxmem._src.lora import add_lora as add_lora
 from jaxmem._src.lora import lora_trainable as lora_trainable
 from jaxmem._src.lora import merge_lora as merge_lora
@@ -97,6 +99,7 @@ from jaxmem import checkpoint as checkpoint  # noqa: I001  (after the names they
 from jaxmem import distributed as distributed
 from jaxmem import memory as memory
 from jaxmem import ops as ops
+from jaxmem import optim as optim
 from jaxmem import sparsity as sparsity
 from jaxmem import testing as testing
 from jaxmem import train as train
@@ -123,11 +126,11 @@ __all__ = [
     "apply", "merge_compressed", "partition_specs",
     # function transforms and training
     "StepState", "data_parallel", "init_step_state", "remat", "scan_layers", "train_step",
-    "fsdp_specs", "fsdp_state_specs", "fsdp_train_step",
+    "fsdp_specs", "fsdp_state_specs", "fsdp_train_step", "BlockQArray",
     # adapters
     "LoRAWeight", "add_lora", "lora_trainable", "merge_lora",
     # memory and checkpoints
     "CheckpointManager", "MemoryReport", "memory_report", "tree_bytes",
     # namespaces
-    "checkpoint", "distributed", "memory", "ops", "sparsity", "testing", "train",
+    "checkpoint", "distributed", "memory", "ops", "optim", "sparsity", "testing", "train",
 ]

@@ -26,7 +26,7 @@ TOP = {
     "apply", "merge_compressed", "partition_specs",
     # function transforms and training
     "StepState", "data_parallel", "init_step_state", "remat", "scan_layers", "train_step",
-    "fsdp_specs", "fsdp_state_specs", "fsdp_train_step",
+    "fsdp_specs", "fsdp_state_specs", "fsdp_train_step", "BlockQArray",
     # adapters
     "LoRAWeight", "add_lora", "lora_trainable", "merge_lora",
     # memory and checkpoints
@@ -45,11 +45,17 @@ NAMESPACES = {
         "GradualPruneState", "KeepMasksState", "apply_masks", "magnitude_masks", "mask_sparsity",
         "nm_masks", "sparsity_schedule", "tree_sparsity",
     },
+    "optim": {
+        "ScaleByAdam8bitState", "ScaleByLion8bitState", "adam_8bit", "adamw_8bit",
+        "block_dequantize", "block_quantize", "dynamic_code", "lion_8bit", "max_code_gap",
+        "row_block", "scale_by_adam_8bit", "scale_by_lion_8bit",
+    },
     "train": {"distill_loss", "fake_quantize_linen_inputs", "feature_distill_loss", "kd_loss"},
     "memory": {
         "REMAT_OFFLOAD_POLICIES", "REMAT_POLICIES", "Candidate", "MemoryPlan", "MemoryProfile",
         "allocate_bits", "checkpoint_name", "compiled_profile", "jaxpr_flops", "leaf_sensitivity",
         "memory_candidates", "memory_profile", "mix_leaves", "offload_supported", "plan_memory",
+        "plan_training",
         "remat_policy",
     },
     "distributed": {

@@ -42,6 +42,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmem._src import base
+from jaxmem._src import remat as remat_lib
 from jaxmem._src import sharding as sharding_lib
 from jaxmem._src import train as train_lib
 from jaxmem._src import tree as tree_lib
@@ -268,10 +269,12 @@ def fsdp_state_specs(
   Optax states keep param-shaped trees inside (``ScaleByAdamState.mu`` and ``nu``, a
   trace, a ``MaskedState``'s inner state), so a state leaf at path ``.../mu/layers/kernel``
   mirrors the param ``layers/kernel``. Such a leaf (the longest param path that ends its
-  path) gets that param's spec when the spec fits it (a ``QArray`` state leaf: mapped
-  through :func:`jaxmem.partition_specs`); every other leaf (step counts, blockwise
-  quantized moments, leaves the spec does not fit) gets :func:`fsdp_specs`' default. A
-  param a rule replicated keeps its moments replicated too.
+  path) gets that param's spec when the spec fits it: a ``QArray`` state leaf mapped through
+  :func:`jaxmem.partition_specs`; a blockwise-quantized moment (``BlockQArray``, whose
+  codes and block scales keep the param's rank and leading axes) gets the spec on each of
+  its arrays the spec fits, the others replicated. Every other leaf (step counts, leaves
+  the spec does not fit) gets :func:`fsdp_specs`' default. A param a rule replicated keeps
+  its moments replicated too.
 
   Args:
     opt_state: the optimizer state (``StepState.opt_state``), concrete or abstract.
@@ -313,7 +316,7 @@ def fsdp_state_specs(
 
   def one(path, x):
     spec = mirrored(path)
-    if spec is not None and (isinstance(x, QArray) or not tree_lib.is_compressed(x)):
+    if spec is not None and not isinstance(x, SparseArray):
       try:
         return _given_spec(path, x, spec, mesh, name)
       except ValueError:
@@ -357,10 +360,13 @@ class FSDPTrainStep:
     batch_axes: the mesh axes the batch's leading axis is split over.
     batch_sharding: the batch leaves' ``NamedSharding``.
     step: the per-step function ``(state, batch, *args) -> (state, metrics)`` being jitted.
+    offload: the state parts kept in ``pinned_host`` memory between steps (``()``: none).
   """
 
-  def __init__(self, step, optimizer, mesh, axis, batch_axes, min_size, rules, trainable):
+  def __init__(self, step, optimizer, mesh, axis, batch_axes, min_size, rules, trainable,
+               offload=()):
     self.step = step
+    self.offload = tuple(offload)
     self.optimizer = optimizer
     self.mesh = mesh
     self.axis = axis
@@ -388,8 +394,33 @@ class FSDPTrainStep:
     return train_lib.StepState(PartitionSpec(), pspecs, ospecs)
 
   def state_shardings(self, state: train_lib.StepState) -> train_lib.StepState:
-    """:meth:`state_specs` as ``NamedSharding`` s on :attr:`mesh`."""
-    return _shardings(self.mesh, self.state_specs(state))
+    """:meth:`state_specs` as ``NamedSharding`` s on :attr:`mesh`; the parts in
+    :attr:`offload` in ``pinned_host`` memory."""
+    return self._placed(_shardings(self.mesh, self.state_specs(state)), "pinned_host")
+
+  def _placed(self, shardings: train_lib.StepState, kind: str) -> train_lib.StepState:
+    """``shardings`` with the :attr:`offload` parts in memory ``kind``."""
+    moved = {
+        part: jax.tree.map(lambda s: s.with_memory_kind(kind), getattr(shardings, part))
+        for part in self.offload
+    }
+    return shardings._replace(**moved)
+
+  def _run(self, host: train_lib.StepState, device: train_lib.StepState):
+    """The step with the offloaded parts copied to device memory first and back after."""
+    if not self.offload:
+      return self.step
+    parts = self.offload
+
+    def run(state, batch, *args):
+      state = state._replace(**{p: jax.device_put(getattr(state, p), getattr(device, p))
+                                for p in parts})
+      new, metrics = self.step(state, batch, *args)
+      new = new._replace(**{p: jax.device_put(getattr(new, p), getattr(host, p))
+                            for p in parts})
+      return new, metrics
+
+    return run
 
   def abstract_state(self, params: PyTree) -> train_lib.StepState:
     """The state :meth:`init` would build, as ``jax.ShapeDtypeStruct`` s with shardings.
@@ -452,7 +483,7 @@ class FSDPTrainStep:
       sh = self.state_shardings(state)
       rep = NamedSharding(self.mesh, PartitionSpec())
       fn = self._fns[key] = jax.jit(
-          self.step,
+          self._run(sh, self._placed(sh, "device")),
           in_shardings=(sh, self.batch_sharding) + (None,) * nargs,
           out_shardings=(sh, rep),
           donate_argnums=0,
@@ -475,12 +506,17 @@ class FSDPTrainStep:
     self._check_alive(state)
     return self._jitted(state, len(args))(state, self.shard_batch(batch), *args)
 
+  def trace(self, state: train_lib.StepState, batch: PyTree, *args: Any):
+    """``jit``-traces the step as it runs (offload copies included; concrete or abstract
+    arguments): ``.jaxpr`` is its jaxpr, ``.lower()`` lowers it."""
+    if not isinstance(state, train_lib.StepState):
+      self.state_specs(state)
+    return self._jitted(state, len(args)).trace(state, batch, *args)
+
   def lower(self, state: train_lib.StepState, batch: PyTree, *args: Any):
     """``jit``-lowers the step (concrete or abstract arguments: :meth:`abstract_state` and
     ``jax.ShapeDtypeStruct`` batch leaves) for ``.compile().memory_analysis()``."""
-    if not isinstance(state, train_lib.StepState):
-      self.state_specs(state)
-    return self._jitted(state, len(args)).lower(state, batch, *args)
+    return self.trace(state, batch, *args).lower()
 
 
 def fsdp_train_step(
@@ -496,6 +532,7 @@ def fsdp_train_step(
     compute_dtype: Any = None,
     trainable: base.Where = None,
     has_aux: bool = False,
+    offload: Sequence[str] = (),
 ) -> FSDPTrainStep:
   """A fully sharded (ZeRO-3) train step: :func:`jaxmem.train_step` under ``jit`` with shardings.
 
@@ -516,6 +553,13 @@ def fsdp_train_step(
     batch_axes: mesh axes the batch is split over (default: every mesh axis).
     min_size, rules: see :func:`fsdp_specs`.
     microbatches, compute_dtype, trainable, has_aux: see :func:`jaxmem.train_step`.
+    offload: parts of the state kept in host memory (``pinned_host`` memory kind) between
+      steps: ``("opt_state",)`` and/or ``"params"``. The step copies them to device memory
+      when it starts and back when it ends (XLA schedules the copies). It needs a backend
+      whose devices have ``pinned_host`` memory (:func:`jaxmem.memory.offload_supported`).
+      On CPU, host and device memory are the same RAM: the program compiles and runs the
+      same, but nothing is saved, and ``memory_analysis()`` counts the host-placed
+      arguments among the argument bytes.
 
   Returns:
     An :class:`FSDPTrainStep`: ``state = step.init(params)``, then
@@ -549,11 +593,35 @@ def fsdp_train_step(
     entry, _ = _axis_entry(mesh, batch_axes, f"{name}(batch_axes=...)")
     batch_axes = entry if isinstance(entry, tuple) else (entry,)
   _check_rules(rules, name)  # bad regexes and specs fail here, before any state exists
+  offload = _check_offload(offload, mesh, name)
   step = train_lib.train_step(
       loss_fn, optimizer, microbatches=microbatches, compute_dtype=compute_dtype,
       trainable=trainable, has_aux=has_aux, microbatch_layout="strided",
   )
-  return FSDPTrainStep(step, optimizer, mesh, axis, batch_axes, min_size, rules, trainable)
+  return FSDPTrainStep(step, optimizer, mesh, axis, batch_axes, min_size, rules, trainable,
+                       offload)
+
+
+OFFLOADABLE = ("opt_state", "params")
+
+
+def _check_offload(offload: Any, mesh: Mesh, name: str) -> tuple[str, ...]:
+  if isinstance(offload, str):
+    offload = (offload,)
+  if not isinstance(offload, (tuple, list)) or any(p not in OFFLOADABLE for p in offload):
+    raise ValueError(
+        f"{name}: offload={offload!r}; give a tuple of state parts kept in host memory "
+        f"between steps, from {OFFLOADABLE} (e.g. offload=('opt_state',)), or () for none."
+    )
+  if offload:
+    device = mesh.devices.flat[0]
+    if not remat_lib.offload_supported(device):
+      raise ValueError(
+          f"{name}: offload={tuple(offload)} needs devices with both 'device' and "
+          f"'pinned_host' memory, which {device.platform} device {device.id} does not have "
+          "(jaxmem.memory.offload_supported). Use offload=() on this backend."
+      )
+  return tuple(dict.fromkeys(offload))
 
 
 __all__ = ["FSDPTrainStep", "fsdp_specs", "fsdp_state_specs", "fsdp_train_step"]
