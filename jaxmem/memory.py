@@ -1,4 +1,4 @@
-"""Memory tools: compiled profiles, the remat planner and policies, bit allocation by budget.
+"""Memory tools: compiled profiles, the remat and training planners, remat policies, bit allocation.
 
 The everyday accounting (:func:`jaxmem.tree_bytes`, :func:`jaxmem.memory_report`) is at the
 top level.
@@ -20,6 +20,7 @@ from jaxmem._src.remat import (
     offload_supported,
     remat_policy,
 )
+from jaxmem._src.train_plan import plan_training
 
 __all__ = [
     "REMAT_OFFLOAD_POLICIES",
@@ -37,5 +38,6 @@ __all__ = [
     "mix_leaves",
     "offload_supported",
     "plan_memory",
+    "plan_training",
     "remat_policy",
 ]

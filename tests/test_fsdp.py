@@ -296,3 +296,34 @@ def test_strided_microbatches_take_every_kth_example():
   step = jaxmem.train_step(loss, optax.sgd(0.1), microbatches=2, microbatch_layout="strided")
   step(jaxmem.init_step_state({"w": jnp.ones(())}, optax.sgd(0.1)), {"i": jnp.arange(6.0)})
   assert [np.asarray(x).tolist() for x in seen] == [[0.0, 2.0, 4.0], [1.0, 3.0, 5.0]]
+
+
+@pytest.mark.parametrize("offload", [("opt_state",), ("opt_state", "params")])
+def test_offloaded_state_lives_in_host_memory_and_matches(offload):
+  """offload=...: those parts sit in pinned_host memory between steps (the compiled entry
+  layout puts them in host memory space S(5)); the steps equal the resident ones. On CPU
+  host and device memory are the same RAM, so this checks placement and results only."""
+  if not jaxmem.memory.offload_supported():
+    pytest.skip("this backend has no pinned_host memory")
+  mesh = _mesh()
+  opt = optax.adamw(1e-2)
+  plain = fsdp_train_step(_loss("none"), opt, mesh, min_size=MIN_SIZE)
+  moved = fsdp_train_step(_loss("none"), opt, mesh, min_size=MIN_SIZE, offload=offload)
+  a, b = plain.init(_params()), moved.init(_params())
+  kinds = lambda tree: {x.sharding.memory_kind for x in jax.tree.leaves(tree)}
+  assert kinds(b.opt_state) == {"pinned_host"} and kinds(a.opt_state) == {"device"}
+  assert kinds(b.params) == ({"pinned_host"} if "params" in offload else {"device"})
+  text = moved.lower(b, moved.shard_batch(_batch()), jnp.float32(0.5)).compile().as_text()
+  assert ":S(5)}" in text.split("entry_computation_layout=", 1)[1].split("\n", 1)[0]
+  for _ in range(2):
+    a, ma = plain(a, _batch(), jnp.float32(0.5))
+    b, mb = moved(b, _batch(), jnp.float32(0.5))
+    assert float(ma["loss"]) == float(mb["loss"])
+  assert kinds(b.opt_state) == {"pinned_host"}
+  for (k, x), (_, y) in zip(_host(a), _host(b), strict=True):
+    np.testing.assert_array_equal(x, y, err_msg=k)
+
+
+def test_bad_offload_is_a_clear_error():
+  with pytest.raises(ValueError, match="offload=\\('grads',\\).*opt_state"):
+    fsdp_train_step(_loss("none"), optax.sgd(0.1), _mesh(), offload=("grads",))

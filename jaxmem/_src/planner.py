@@ -96,6 +96,12 @@ class Candidate:
     error: why the configuration could not be built (e.g. batch not divisible), else None.
     compiled: the compiled step (for timing); not part of equality.
     donate_argnums: the arguments the compiled step donates.
+    fsdp: for :func:`jaxmem.memory.plan_training`: whether params, gradients and optimizer
+      state are sharded (else replicated); None for :func:`plan_memory`.
+    optimizer: for :func:`jaxmem.memory.plan_training`: the optimizer's name, else None.
+    offload: for :func:`jaxmem.memory.plan_training`: the state parts kept in host memory.
+    args: the arguments the step was compiled with (for timing), when they differ per
+      candidate (sharded states); not part of equality.
   """
 
   policy: str
@@ -107,10 +113,21 @@ class Candidate:
   error: str | None = None
   compiled: Any = dataclasses.field(default=None, repr=False, compare=False)
   donate_argnums: tuple[int, ...] = ()
+  fsdp: bool | None = None
+  optimizer: str | None = None
+  offload: tuple[str, ...] = ()
+  args: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
 
   @property
   def name(self) -> str:
-    return f"{self.policy}/mb{self.microbatches}"
+    parts = [self.policy, f"mb{self.microbatches}"]
+    if self.fsdp is not None:
+      parts.append("fsdp" if self.fsdp else "replicated")
+    if self.optimizer is not None:
+      parts.append(self.optimizer)
+    if self.offload:
+      parts.append("offload:" + "+".join(self.offload))
+    return "/".join(parts)
 
   def bytes(self, bound: str = "temp") -> int | None:
     if self.profile is None:
@@ -139,19 +156,20 @@ class MemoryPlan:
     return self.chosen.bytes(self.bound)
 
   def table(self) -> str:
+    w = max([22] + [len(c.name) for c in self.candidates])
     lines = [
         f"budget {self.budget_bytes:,} bytes ({self.bound}); chosen: {self.chosen.name}",
-        f"{'config':<22} {'temp bytes':>14} {'total bytes':>14} {'overhead':>9} {'ms':>9}  fits",
+        f"{'config':<{w}} {'temp bytes':>14} {'total bytes':>14} {'overhead':>9} {'ms':>9}  fits",
     ]
     for c in self.candidates:
       if c.profile is None:
-        lines.append(f"{c.name:<22} {'-':>14} {'-':>14} {'-':>9} {'-':>9}  ({c.error})")
+        lines.append(f"{c.name:<{w}} {'-':>14} {'-':>14} {'-':>9} {'-':>9}  ({c.error})")
         continue
       fits = c.bytes(self.bound) <= self.budget_bytes
       mark = " <- chosen" if c is self.chosen else ""
       ms = f"{c.ms:.1f}" if c.ms is not None else "-"
       lines.append(
-          f"{c.name:<22} {c.profile.temp_bytes:>14,} {c.profile.total_bytes:>14,} "
+          f"{c.name:<{w}} {c.profile.temp_bytes:>14,} {c.profile.total_bytes:>14,} "
           f"{c.overhead:>+9.1%} {ms:>9}  {'yes' if fits else 'no'}{mark}"
       )
     return "\n".join(lines)
@@ -274,8 +292,7 @@ def plan_memory(
     >>> plan.chosen.name
     'none/mb1'
   """
-  if bound not in BOUNDS:
-    raise ValueError(f"plan_memory: bound={bound!r}; use one of {BOUNDS}.")
+  _check_bound("plan_memory", bound)
   if candidates is None:
     candidates = memory_candidates(
         make_step,
@@ -285,13 +302,29 @@ def plan_memory(
         microbatch_cost=microbatch_cost,
         donate_argnums=donate_argnums,
     )
+  rebuild = lambda c: jax.jit(make_step(c.policy, c.microbatches),
+                              donate_argnums=c.donate_argnums)
+  return choose(candidates, budget_bytes, bound, "plan_memory", measure=measure,
+                repeats=repeats, args=args, rebuild=rebuild)
+
+
+def _check_bound(name: str, bound: str) -> None:
+  if bound not in BOUNDS:
+    raise ValueError(f"{name}: bound={bound!r}; use one of {BOUNDS}.")
+
+
+def choose(candidates: Sequence[Candidate], budget_bytes: int, bound: str, name: str, *,
+           measure: bool = False, repeats: int = 3, args: Sequence[Any] = (),
+           rebuild: Callable[[Candidate], Any] | None = None) -> MemoryPlan:
+  """The :class:`MemoryPlan` of ``candidates``: the fitting one of least estimated overhead
+  (or, with ``measure``, least measured time on its own ``args`` or on ``args``)."""
   candidates = tuple(candidates)
   built = [c for c in candidates if c.profile is not None]
   fitting = [c for c in built if c.bytes(bound) <= budget_bytes]
   if not fitting:
     smallest = min(built, key=lambda c: c.bytes(bound))
     raise ValueError(
-        f"plan_memory: budget {budget_bytes:,} bytes is below the smallest configuration "
+        f"{name}: budget {budget_bytes:,} bytes is below the smallest configuration "
         f"tried, {smallest.name} with {smallest.bytes(bound):,} {bound} bytes; raise the "
         "budget, try more microbatches or a smaller per-device batch."
     )
@@ -299,10 +332,9 @@ def plan_memory(
     timed = []
     for c in candidates:
       if any(c is f for f in fitting):
-        compiled = c.compiled or jax.jit(
-            make_step(c.policy, c.microbatches), donate_argnums=c.donate_argnums
-        )
-        ms = _time_ms(compiled, tuple(args), repeats, c.donate_argnums)
+        compiled = c.compiled or rebuild(c)
+        call_args = tuple(c.args) if c.args is not None else tuple(args)
+        ms = _time_ms(compiled, call_args, repeats, c.donate_argnums)
         c = dataclasses.replace(c, ms=ms)
       timed.append(c)
     candidates = tuple(timed)
