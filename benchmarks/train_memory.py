@@ -11,7 +11,10 @@ the state donated, a next-token cross-entropy on a batch of ``--batch`` sequence
 ``--seq`` tokens (default 4 x 512: one sequence per device), split over the 4 devices. The
 loss runs the model's own ``LlamaBlock`` in a ``lax.scan`` over the 30 stacked layers
 (:func:`jaxmem.scan_layers`), because ``llama.Llama``'s ``nn.scan`` has no remat option;
-the forward is checked against ``llama.Llama`` on the tiny config first.
+the forward is checked against ``llama.Llama`` on the tiny config first. The loss computes
+the tied head's logits and softmax ``--head-chunk`` (128) tokens at a time
+(:func:`jaxmem.train.linear_cross_entropy`), as every config does; ``--head-chunk 0``
+materializes all ``[tokens, 49152]`` logits (the records before 2026-12-02's second table).
 
 Configs (every one on the same 4 devices, batch split over them):
 
@@ -69,13 +72,15 @@ from jaxmem.models.llama import model as llama  # noqa: E402
 
 CONFIGS = ("replicated", "fsdp", "fsdp+remat", "fsdp+adam8", "fsdp+adam8+remat", "qlora_int4")
 LEARNING_RATE = 1e-4
+HEAD_CHUNK = 128  # tokens per chunk of the tied head's logits (0: all logits at once)
 
 
 # ----------------------------------------------------------------------------- the loss
 
 
-def lm_logits(cfg: llama.LlamaConfig, policy: str = "none", run_block=None):
-  """``(params, tokens) -> logits`` of ``llama.Llama(cfg)``, its blocks in a remat'able scan.
+def lm_hidden(cfg: llama.LlamaConfig, policy: str = "none", run_block=None):
+  """``(params, tokens) -> final hidden states`` of ``llama.Llama(cfg)``, its blocks in a
+  remat'able scan (the logits are ``hidden @ embedding.T``: :func:`lm_logits`).
 
   ``run_block(block, layer_params, *inputs)`` runs one block (default ``block.apply``;
   :func:`jaxmem.apply` for compressed kernels); ``policy`` is the remat policy of a block.
@@ -83,7 +88,7 @@ def lm_logits(cfg: llama.LlamaConfig, policy: str = "none", run_block=None):
   block = llama.LlamaBlock(cfg)
   run_block = run_block or (lambda b, lp, *a: b.apply({"params": lp}, *a))
 
-  def logits(params, tokens):
+  def hidden(params, tokens):
     t = tokens.shape[1]
     positions = jnp.arange(t, dtype=jnp.int32)
     cos, sin = llama.rope_tables(positions, cfg.head_dim, cfg.rope_theta)
@@ -95,19 +100,41 @@ def lm_logits(cfg: llama.LlamaConfig, policy: str = "none", run_block=None):
       return run_block(block, lp, h, None, cos, sin, mask, None)[0]
 
     h = jaxmem.scan_layers(layer, params["layers"], x, policy=policy)
-    h = nn.RMSNorm(epsilon=cfg.norm_eps).apply({"params": params["final_norm"]}, h)
-    return jnp.einsum("btd,vd->btv", h, table).astype(jnp.float32)
+    return nn.RMSNorm(epsilon=cfg.norm_eps).apply({"params": params["final_norm"]}, h)
+
+  return hidden
+
+
+def lm_logits(cfg: llama.LlamaConfig, policy: str = "none", run_block=None):
+  """``(params, tokens) -> logits`` of ``llama.Llama(cfg)`` (the tied head on
+  :func:`lm_hidden`)."""
+  hidden_of = lm_hidden(cfg, policy, run_block)
+
+  def logits(params, tokens):
+    h = hidden_of(params, tokens)
+    return jnp.einsum("btd,vd->btv", h, params["embed"]["embedding"]).astype(jnp.float32)
 
   return logits
 
 
-def lm_loss(cfg: llama.LlamaConfig, policy: str = "none", run_block=None):
-  """Mean next-token cross-entropy of :func:`lm_logits` on ``tokens`` ``[B, T + 1]``."""
-  logits_of = lm_logits(cfg, policy, run_block)
+def lm_loss(cfg: llama.LlamaConfig, policy: str = "none", run_block=None, head_chunk=HEAD_CHUNK):
+  """Mean next-token cross-entropy on ``tokens`` ``[B, T + 1]``: the tied head and softmax
+  ``head_chunk`` tokens at a time (:func:`jaxmem.train.linear_cross_entropy`), or, with
+  ``head_chunk=0``, all logits at once (:func:`lm_logits`)."""
+  if not head_chunk:
+    logits_of = lm_logits(cfg, policy, run_block)
+
+    def dense(params, tokens):
+      logits = logits_of(params, tokens[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    return dense
+  hidden_of = lm_hidden(cfg, policy, run_block)
 
   def loss(params, tokens):
-    logits = logits_of(params, tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    h = hidden_of(params, tokens[:, :-1])
+    return jaxmem.train.linear_cross_entropy(h, params["embed"]["embedding"], tokens[:, 1:],
+                                             transpose=True, chunk_size=head_chunk)
 
   return loss
 
@@ -122,6 +149,9 @@ def check_forward() -> float:
   err = float(jnp.max(jnp.abs(got - ref)))
   if not err < 1e-4:
     raise AssertionError(f"the benchmark's forward differs from llama.Llama by {err}")
+  chunked, dense = (jax.jit(lm_loss(cfg, head_chunk=k))(params, tokens) for k in (5, 0))
+  if not abs(float(chunked) - float(dense)) < 1e-5 * abs(float(dense)):
+    raise AssertionError(f"the chunked head's loss {chunked} differs from the dense {dense}")
   return err
 
 
@@ -139,7 +169,7 @@ def _qlora(shapes):
   return params, run_block, jaxmem.lora_trainable
 
 
-def build(name: str, cfg: llama.LlamaConfig, mesh: Mesh):
+def build(name: str, cfg: llama.LlamaConfig, mesh: Mesh, head_chunk: int = HEAD_CHUNK):
   """``(step, abstract params)`` for one config."""
   shapes = llama.param_shapes(cfg)
   policy = "full" if "remat" in name or name == "qlora_int4" else "none"
@@ -150,7 +180,8 @@ def build(name: str, cfg: llama.LlamaConfig, mesh: Mesh):
     params, run_block, trainable = _qlora(shapes)
   # replicated: the same step with every leaf below min_size (nothing sharded).
   min_size = 2**62 if name == "replicated" else 2**14
-  step = fsdp_train_step(lm_loss(cfg, policy, run_block), opt, mesh, min_size=min_size,
+  step = fsdp_train_step(lm_loss(cfg, policy, run_block, head_chunk), opt, mesh,
+                         min_size=min_size,
                          trainable=trainable)
   return step, params
 
@@ -163,8 +194,9 @@ def _shard_bytes(tree) -> int:
   return total
 
 
-def measure(name: str, cfg: llama.LlamaConfig, mesh: Mesh, batch: int, seq: int):
-  step, params = build(name, cfg, mesh)
+def measure(name: str, cfg: llama.LlamaConfig, mesh: Mesh, batch: int, seq: int,
+            head_chunk: int = HEAD_CHUNK):
+  step, params = build(name, cfg, mesh, head_chunk)
   state = step.abstract_state(params)
   tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
   m = step.lower(state, tokens).compile().memory_analysis()
@@ -183,6 +215,8 @@ def main():
   parser.add_argument("--batch", type=int, default=4, help="sequences per step (global)")
   parser.add_argument("--seq", type=int, default=512, help="tokens per sequence")
   parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
+  parser.add_argument("--head-chunk", type=int, default=HEAD_CHUNK,
+                      help="tokens per chunk of the head's logits; 0: all logits at once")
   args = parser.parse_args()
   names = [c for c in args.configs.split(",") if c]
   unknown = sorted(set(names) - set(CONFIGS))
@@ -193,7 +227,7 @@ def main():
   mesh = Mesh(np.array(jax.devices()[:DEVICES]), ("fsdp",))
   rows = []
   for name in names:
-    row = measure(name, cfg, mesh, args.batch, args.seq)
+    row = measure(name, cfg, mesh, args.batch, args.seq, args.head_chunk)
     rows.append(row)
     if args.json:
       print(json.dumps(row), flush=True)
@@ -201,8 +235,9 @@ def main():
     return
   ref = next((r["total_bytes"] for r in rows if r["config"] == "replicated"), None)
   mb = lambda b: f"{b / 2**20:9.1f}"
+  head = f"head in chunks of {args.head_chunk}" if args.head_chunk else "dense head"
   print(f"SmolLM2-135M train step, {DEVICES} simulated devices, batch {args.batch} x "
-        f"{args.seq} tokens, AdamW; per-device MiB from XLA memory_analysis()")
+        f"{args.seq} tokens, {head}, AdamW; per-device MiB from XLA memory_analysis()")
   print(f"{qdot.cpu_summary()}; jax {jax.__version__}; forward vs llama.Llama (tiny): max err "
         f"{err:.1e}")
   print(f"{'config':18s} {'params':>9s} {'opt':>9s} {'temp':>9s} {'total':>9s}  vs replicated")

@@ -50,7 +50,8 @@ NAMESPACES = {
         "block_dequantize", "block_quantize", "dynamic_code", "lion_8bit", "max_code_gap",
         "row_block", "scale_by_adam_8bit", "scale_by_lion_8bit",
     },
-    "train": {"distill_loss", "fake_quantize_linen_inputs", "feature_distill_loss", "kd_loss"},
+    "train": {"distill_loss", "fake_quantize_linen_inputs", "feature_distill_loss", "kd_loss",
+              "linear_cross_entropy"},
     "memory": {
         "REMAT_OFFLOAD_POLICIES", "REMAT_POLICIES", "Candidate", "MemoryPlan", "MemoryProfile",
         "allocate_bits", "checkpoint_name", "compiled_profile", "jaxpr_flops", "leaf_sensitivity",
