@@ -38,6 +38,7 @@ Usage::
 
   python benchmarks/train_memory.py           # table
   python benchmarks/train_memory.py --json    # one JSON object per line
+  python benchmarks/train_memory.py --plan-mib 1024   # the training planner's table
 
 JSON lines::
 
@@ -209,15 +210,37 @@ def measure(name: str, cfg: llama.LlamaConfig, mesh: Mesh, batch: int, seq: int,
   }
 
 
+def plan(budget_mib: float, batch: int, seq: int, head_chunk: int = HEAD_CHUNK) -> None:
+  """Prints :func:`jaxmem.memory.plan_training`'s table for SmolLM2-135M on the 4 devices."""
+  cfg = llama.LlamaConfig.smollm2_135m()
+  mesh = Mesh(np.array(jax.devices()[:DEVICES]), ("fsdp",))
+  tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
+  result = jaxmem.memory.plan_training(
+      lambda policy: lm_loss(cfg, policy, None, head_chunk), llama.param_shapes(cfg), tokens,
+      int(budget_mib * 2**20), mesh=mesh, min_size=2**14,
+      optimizers={"adamw": optax.adamw(LEARNING_RATE),
+                  "adamw_8bit": jaxmem.optim.adamw_8bit(LEARNING_RATE)},
+      policies=("none", "full"), microbatches=(1, 2), fsdp=(False, True))
+  print(f"SmolLM2-135M train step, {DEVICES} simulated devices, batch {batch} x {seq} tokens; "
+        f"jaxmem.memory.plan_training, per-device budget {budget_mib:g} MiB (total bytes)")
+  print(f"{qdot.cpu_summary()}; jax {jax.__version__}")
+  print(result.table())
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--json", action="store_true", help="one JSON object per line")
   parser.add_argument("--batch", type=int, default=4, help="sequences per step (global)")
   parser.add_argument("--seq", type=int, default=512, help="tokens per sequence")
   parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
+  parser.add_argument("--plan-mib", type=float, default=None,
+                      help="also print jaxmem.memory.plan_training's table for this per-device "
+                           "budget (MiB): remat x microbatches x FSDP x AdamW/8-bit AdamW")
   parser.add_argument("--head-chunk", type=int, default=HEAD_CHUNK,
                       help="tokens per chunk of the head's logits; 0: all logits at once")
   args = parser.parse_args()
+  if args.plan_mib is not None:
+    return plan(args.plan_mib, args.batch, args.seq, args.head_chunk)
   names = [c for c in args.configs.split(",") if c]
   unknown = sorted(set(names) - set(CONFIGS))
   if unknown:
