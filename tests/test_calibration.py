@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jaxmem
 
@@ -130,3 +131,66 @@ def test_calibrate_layers_sequential_feeds_compressed_outputs():
   full = jaxmem.input_stats(Stack(), v, [(x,)])["layers/ff/kernel"]
   for i in range(3):
     np.testing.assert_allclose(full.layer(i).xtx, seen[i].xtx, rtol=1e-5, atol=1e-5)
+
+
+class _NNXBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(8, 8, rngs=rngs)
+
+  def __call__(self, x):
+    return jnp.tanh(self.lin(x))
+
+
+class _NNXStack(nnx.Module):
+  """Three blocks stacked with nnx.vmap and run with nnx.scan, then a head."""
+
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return _NNXBlock(rngs)
+
+    self.blocks = make(rngs)
+    self.head = nnx.Linear(8, 2, rngs=rngs)
+    self.unused = nnx.Linear(8, 2, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(x, block):
+      return block(x)
+
+    return self.head(body(x, self.blocks))
+
+
+def _nnx_inputs(state, x):
+  """Hand-written reference: each layer's input, the scan unrolled in numpy."""
+  k = np.asarray(state["blocks"]["lin"]["kernel"].get_value())
+  b = np.asarray(state["blocks"]["lin"]["bias"].get_value())
+  h, per_layer = np.asarray(x, np.float64), []
+  for i in range(3):
+    per_layer.append(h)
+    h = np.tanh(h @ k[i] + b[i])
+  return per_layer, h
+
+
+def test_input_stats_of_an_nnx_model_with_nnx_scan_are_per_layer():
+  model = _NNXStack(nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  b1, b2 = _data(5, 4, 8), _data(6, 3, 8)
+  s = jaxmem.input_stats(model, state, [(b1,), (b2,)])
+  assert sorted(s) == ["blocks/lin/kernel", "head/kernel"]  # 'unused' never ran
+  (l1, h1), (l2, h2) = _nnx_inputs(state, b1), _nnx_inputs(state, b2)
+  stacked = s["blocks/lin/kernel"]
+  assert stacked.absmax.shape == (3, 8) and stacked.xtx.shape == (3, 8, 8)
+  for i in range(3):
+    _assert_stats(stacked.layer(i), _merge(_ref_stats(l1[i]), _ref_stats(l2[i])))
+  _assert_stats(s["head/kernel"], _merge(_ref_stats(h1), _ref_stats(h2)))
+  # Compressed state runs through the quantized twins; the model and state are untouched.
+  q = jaxmem.transform(jaxmem.quantize_int8(stack_axes={r"blocks/.*": 1}), state)
+  sq = jaxmem.input_stats(model, q, [(b1,)], where="head/kernel", hessian=False)
+  assert list(sq) == ["head/kernel"] and sq["head/kernel"].xtx is None
+  assert type(model.head) is nnx.Linear and isinstance(q["head"]["kernel"].get_value(),
+                                                       jaxmem.QArray)
+  np.testing.assert_allclose(sq["head/kernel"].absmax, np.abs(h1).max(0), rtol=0.05)
+  with pytest.raises(ValueError, match="match"):
+    jaxmem.input_stats(model, state, [(b1,)], where="blocks/nope/kernel")

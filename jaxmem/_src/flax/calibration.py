@@ -1,4 +1,4 @@
-"""Calibration capture for Linen models: the inputs of chosen layers, reduced as they stream.
+"""Calibration capture for Flax models: the inputs of chosen layers, reduced as they stream.
 
 Runs the model through :func:`jaxmem.apply` (so compressed params work too) under
 ``flax.linen.intercept_methods`` (an official, scoped Flax API; nothing is patched): every
@@ -9,6 +9,13 @@ values leave a lifted transform: a layer inside ``nn.scan`` gets one set of stat
 scanned layer, stacked on axis 0, provided the scan stacks that collection
 (``variable_axes={"params": 0, "intermediates": 0}``, the MaxText convention); a scan that
 does not is reported, naming the layer.
+
+NNX models get the same statistics from the ``nnx.Linear`` layers of a private copy of the
+module (:func:`jaxmem.merge_compressed`, so compressed state works too): each selected
+layer's class is swapped, in the copy only, for a subclass whose ``__call__`` sows the
+reduction as an ``nnx.Intermediate`` before running the layer, and the call runs under
+``nnx.capture``. ``nnx.scan`` stacks sown intermediates of a scanned module on its scan
+axis, so layers inside it get one set per layer as well.
 
 Two drivers:
 
@@ -29,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxmem._src import tree as tree_lib
 from jaxmem._src.calibration import InputStats, row_stats
@@ -78,11 +86,55 @@ def _stats_fn(model, patterns, rules, hessian: bool, seen: set[str]):
   return run
 
 
+def _calibrating(cls: type, hessian: bool, ran: set[str]) -> type:
+  """``cls`` (an ``nnx.Linear`` or its quantized twin) whose call first sows its input's
+  :class:`InputStats` (the module's ``_jaxmem_stats`` attribute names the kernel path, added
+  to ``ran`` when the call is traced)."""
+  parent = cls.__call__
+
+  def __call__(self, inputs, *args, **kwargs):
+    ran.add(self._jaxmem_stats)
+    self.sow(nnx.Intermediate, _SOWN, row_stats(inputs, hessian=hessian),
+             init_fn=lambda: None, reduce_fn=_merge_sown)
+    return parent(self, inputs, *args, **kwargs)
+
+  return type(f"Calibrating{cls.__name__}", (cls,),
+              {"__call__": __call__, "__module__": __name__})
+
+
+def _nnx_stats_fn(model, patterns, rules, hessian: bool, seen: set[str]):
+  """The NNX twin of :func:`_stats_fn`: ``(state, *args) -> ({kernel_path: InputStats}, out)``.
+
+  ``seen`` gets every unselected ``nnx.Linear`` kernel path and the selected ones that run.
+  """
+  from jaxmem._src.flax.apply import _merge_compressed  # noqa: PLC0415
+
+  def run(state, *args):
+    module = _merge_compressed(model, state, False, "input_stats")
+    classes: dict[type, type] = {}
+    for path, node in nnx.iter_graph(module):
+      if not isinstance(node, nnx.Linear):
+        continue
+      kpath = tree_lib.path_str((*path, "kernel"))
+      if patterns and not rules.any(kpath):
+        seen.add(kpath)
+        continue
+      cls = type(node)
+      if cls not in classes:
+        classes[cls] = _calibrating(cls, hessian, seen)
+      node.__class__ = classes[cls]
+      object.__setattr__(node, "_jaxmem_stats", kpath)
+    out, inter = nnx.capture(lambda m, *a: m(*a), nnx.Intermediate)(module, *args)
+    return _sown_stats(nnx.to_pure_dict(inter)), out
+
+  return run
+
+
 def _check_found(name, found: Mapping[str, Any], seen: set[str], patterns, rules):
   if not seen:
     raise ValueError(
         f"{name}: the model ran no nn.Dense layer (or no batch was given); calibration "
-        "statistics are collected from nn.Dense inputs."
+        "statistics are collected from nn.Dense (NNX: nnx.Linear) inputs."
     )
   wanted = sorted(p for p in seen if not patterns or rules.any(p))
   missing = [p for p in wanted if p not in found]
@@ -107,18 +159,21 @@ def input_stats(
     *,
     hessian: bool = True,
 ) -> dict[str, InputStats]:
-  """Calibration statistics of the inputs of a Linen model's ``nn.Dense`` layers.
+  """Calibration statistics of the inputs of a model's dense layers (Linen ``nn.Dense``,
+  NNX ``nnx.Linear``).
 
   Each batch runs once, jitted, through :func:`jaxmem.apply` (float or compressed params);
   the statistics add up on the host in float64 (memory: the statistics, whatever the
   number of batches). Rows are all leading positions of a layer's input (batch,
   sequence...); padding positions count too, so group calibration text of equal length.
   Layers inside ``nn.scan`` get statistics stacked per layer (``[L, in]``,
-  ``[L, in, in]``) when the scan stacks ``"intermediates"`` (module docstring).
+  ``[L, in, in]``) when the scan stacks ``"intermediates"``; layers inside ``nnx.scan``
+  always do (module docstring).
 
   Args:
-    model: a Linen module.
-    variables: its variables.
+    model: a Linen module, or an ``nnx.Module`` / ``nnx.GraphDef``.
+    variables: Linen: its variables; NNX: its (compressed or float) ``nnx.State``, as for
+      :func:`jaxmem.apply`.
     batches: iterable of positional-argument tuples for ``model.apply``.
     where: regex(es) fullmatched on kernel paths (``a/b/kernel``); None: all Dense layers.
     hessian: also collect ``X^T X`` (GPTQ, SparseGPT, AWQ's search); False keeps only the
@@ -142,7 +197,8 @@ def input_stats(
   name = "input_stats"
   patterns, rules = _rules(where, name)
   seen: set[str] = set()
-  fn = _stats_fn(model, patterns, rules, hessian, seen)
+  make = _nnx_stats_fn if isinstance(model, (nnx.Module, nnx.GraphDef)) else _stats_fn
+  fn = make(model, patterns, rules, hessian, seen)
   run = jax.jit(lambda v, *a: fn(v, *a)[0])
   total: dict[str, InputStats] = {}
   for args in batches:
