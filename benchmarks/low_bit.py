@@ -31,9 +31,17 @@ Three parts (``--only`` picks some, comma-separated):
   topics (prose sentences and random windows of the text), batches of 32 truncated to 32
   tokens (the evaluation sentences are mostly 16-24 tokens; 64 tokens learned no better
   per step at twice the time); evaluated on the MiniLM evaluation sentences, never trained
-  on. The embedding tables stay frozen. ``--distill-data pydoc,sklearn`` adds
-  ``distilled_3l_sklearn``: the same training with half of each batch calibration sentences
-  instead of pydoc prose (in-domain text, still never an evaluation sentence).
+  on. The embedding tables stay frozen. ``--distill-data`` picks the training texts
+  (default ``pydoc,indomain``): ``pydoc`` is the above (``distilled_3l``); ``sklearn``
+  (``distilled_3l_sklearn``) the same with half of each batch calibration sentences instead of
+  pydoc prose; ``indomain`` (``distilled_3l_indomain``) in-domain text only: all 1096
+  calibration sentences (scikit-learn text, asserted disjoint from the evaluation sentences),
+  augmented -- half of them spliced at a random cut onto another calibration sentence's tail,
+  then each word dropped with probability 0.1 -- with token-state loss weight 3.
+  ``cos_mean`` is on the evaluation sentences; ``cos_mean_ood`` on out-of-domain text: the prose
+  sentences of the pydoc_data topics ``PYDOC_HELD_OUT`` (calls, debugger, formatstrings,
+  import, objects; 250 sentences) that occur nowhere in the other topics, which alone give the
+  pydoc sentences and windows of every training row.
 * ``digits``: the shared digits MLP and split (:mod:`jaxmem.models.digits`), mean over
   ``--seeds`` seeds: ``fp32`` (Adam); ``ptq_int4`` (per-channel int4 of the fp32 model);
   ``qat_int4`` (fp32 fine-tuned with :func:`jaxmem.qat_weights` fake quantization, then
@@ -47,7 +55,7 @@ Usage::
   python benchmarks/low_bit.py --json          # one JSON object per line
   python benchmarks/low_bit.py --only digits   # some parts
   python benchmarks/low_bit.py --only minilm_distill --distill-steps 300
-  python benchmarks/low_bit.py --only minilm_distill --distill-data pydoc,sklearn
+  python benchmarks/low_bit.py --only minilm_distill --distill-data pydoc,sklearn,indomain
 """
 
 from __future__ import annotations
@@ -268,14 +276,25 @@ def minilm_ptq_rows(mixed_budget=MIXED_BUDGET, qat_steps=QAT_STEPS, log=None):
     }
 
 
-def pydoc_sentences():
-  """Sentences of the prose paragraphs of Python's bundled ``pydoc_data`` topics."""
-  import re
+# pydoc_data topics held out of every training row (sentences, windows): their prose sentences
+# that occur nowhere in the other topics' text are the out-of-domain evaluation (cos_mean_ood).
+PYDOC_HELD_OUT = ("calls", "debugger", "formatstrings", "import", "objects")
+
+
+def _pydoc_topics(held_out=False):
+  """The pydoc_data topic texts (sorted by name): the training topics, or the held-out ones."""
   from pydoc_data.topics import topics
 
+  return [topics[n] for n in sorted(topics) if (n in PYDOC_HELD_OUT) == held_out]
+
+
+def _prose_sentences(texts):
+  """Sentences of the prose paragraphs of ``texts`` (no code, grammar or indented lists)."""
+  import re
+
   out = []
-  for name in sorted(topics):
-    for para in re.split(r"\n\s*\n", topics[name]):
+  for topic in texts:
+    for para in re.split(r"\n\s*\n", topic):
       lines = para.splitlines()
       if not lines or any(line.startswith((" ", "\t")) for line in lines):
         continue  # code, grammar and indented lists
@@ -284,6 +303,24 @@ def pydoc_sentences():
         if 5 <= len(sent.split()) <= 60:
           out.append(sent)
   return list(dict.fromkeys(out))
+
+
+def pydoc_sentences():
+  """Sentences of the prose paragraphs of Python's bundled ``pydoc_data`` topics, except the
+  :data:`PYDOC_HELD_OUT` topics."""
+  return _prose_sentences(_pydoc_topics())
+
+
+def pydoc_heldout_sentences():
+  """The out-of-domain evaluation text: prose sentences of the :data:`PYDOC_HELD_OUT` topics
+  that occur (whitespace-normalised) nowhere in the training topics' text, so in no training
+  sentence or window (topics repeat each other: ``compound`` holds ``if``, ``try``, ...)."""
+  train_text = " ".join(_pydoc_words())
+  out = [s for s in _prose_sentences(_pydoc_topics(held_out=True))
+         if " ".join(s.split()) not in train_text]
+  train = set(pydoc_sentences())
+  assert out and not any(s in train or " ".join(s.split()) in train_text for s in out)
+  return out
 
 
 def student_from_teacher(config, params, layers):
@@ -301,13 +338,12 @@ def student_from_teacher(config, params, layers):
 
 @functools.cache
 def _pydoc_words():
-  from pydoc_data.topics import topics
-
-  return tuple(w for name in sorted(topics) for w in topics[name].split())
+  return tuple(w for topic in _pydoc_topics() for w in topic.split())
 
 
 def pydoc_windows(rng, n, min_words=8, max_words=48):
-  """``n`` random word windows of the pydoc_data topics' full text (prose, grammar, code)."""
+  """``n`` random word windows of the pydoc_data training topics' full text (prose, grammar,
+  code; never a :data:`PYDOC_HELD_OUT` topic)."""
   words = _pydoc_words()
   starts = rng.integers(0, len(words) - max_words, n)
   lengths = rng.integers(min_words, max_words + 1, n)
@@ -325,12 +361,13 @@ def _layer_outputs(model, params, ids, mask):
 
 
 def distill(m, student_model, student_params, trainable, layers, texts, *, steps, lr,
-            max_length, batch=32, seed=0, log=None):
+            max_length, batch=32, seed=0, token_weight=1.0, log=None):
   """Trains ``trainable`` (a float tree) by embedding distillation from the fp32 MiniLM ``m``.
 
   The student is ``student_model`` on ``student_params(trainable)``; its layer ``i``'s token
   states are matched to teacher layer ``layers[i]``'s. Loss: cosine between sentence
-  embeddings plus the mean over layers of the cosine between token states (padding masked).
+  embeddings plus ``token_weight`` x the mean over layers of the cosine between token states
+  (padding masked).
   Each step trains on ``texts(rng, batch)`` cut to ``max_length`` tokens, with
   :func:`jaxmem.train_step` on :func:`jaxmem.train.distill_loss` (the teacher frozen, never
   differentiated); Adam with a warmup-cosine schedule peaking at ``lr``. Returns the
@@ -351,7 +388,7 @@ def distill(m, student_model, student_params, trainable, layers, texts, *, steps
     emb = jaxmem.train.feature_distill_loss(s_out.sentence_embedding, t_out.sentence_embedding)
     tokens = jaxmem.train.feature_distill_loss(s_hidden, t_hidden, mask=b["mask"],
                                          weights=[1.0 / len(layers)] * len(layers))
-    return emb + tokens
+    return emb + token_weight * tokens
 
   step = jax.jit(jaxmem.train_step(jaxmem.train.distill_loss(student_fn, teacher_fn, loss_fn), opt))
   state = jaxmem.init_step_state(trainable, opt)
@@ -377,24 +414,69 @@ def text_sampler(sentences, windows=True):
   return texts
 
 
+SPLICE = 0.5  # indomain: the share of sentences whose tail is another sentence's
+WORD_DROP = 0.1  # indomain: each word dropped with this probability
+INDOMAIN_TOKEN_WEIGHT = 3.0  # indomain: token-state loss weight (pydoc / sklearn: 1)
+
+
+def augmented_sampler(sentences, splice=SPLICE, word_drop=WORD_DROP):
+  """``texts(rng, n)``: ``n`` random ``sentences``, each augmented from ``sentences`` alone:
+  with probability ``splice`` its words after a random cut are replaced by another random
+  sentence's words from a random cut on; then each word is dropped with probability
+  ``word_drop`` (the sentence kept whole if fewer than 3 words would remain)."""
+
+  def one(rng, words):
+    if rng.random() < splice:
+      other = sentences[rng.integers(len(sentences))].split()
+      words = words[: rng.integers(1, len(words))] + other[rng.integers(0, len(other) - 1):]
+    kept = [w for w in words if rng.random() >= word_drop]
+    return " ".join(kept if len(kept) >= 3 else words)
+
+  def texts(rng, n):
+    return [one(rng, sentences[j].split()) for j in rng.integers(0, len(sentences), n)]
+
+  return texts
+
+
 def _calibration_sentences():
   from jaxmem.models import minilm
 
   return minilm.calibration_sentences(CALIB_SENTENCES)
 
 
-# --distill-data: the row's method and its training texts (pydoc prose or calibration sentences
-# -- scikit-learn text, never evaluation sentences -- each with pydoc_data windows).
-DISTILL_DATA = {"pydoc": ("distilled_3l", pydoc_sentences),
-                "sklearn": ("distilled_3l_sklearn", _calibration_sentences)}
+def _indomain_sentences():
+  """All calibration sentences (scikit-learn text), checked disjoint from the evaluation set
+  (whitespace- and case-normalised)."""
+  from jaxmem.models import minilm
+  from jaxmem.models.minilm import data
+
+  sentences = minilm.calibration_sentences(len(minilm.eval_sentences(None)) - data.CALIBRATION_GAP)
+  norm = lambda s: " ".join(s.lower().split())
+  evaluation = {norm(s) for s in minilm.eval_sentences(EVAL_SENTENCES)}
+  assert not {norm(s) for s in sentences} & evaluation, "training on evaluation sentences"
+  return sentences
 
 
-def minilm_distill_rows(steps=1200, layers=(0, 4, 5), data=("pydoc",), lr=5e-4, max_length=32,
-                        log=None):
+# --distill-data: the row's method, its training texts (a ``texts(rng, n)`` sampler) and the
+# token-state loss weight. pydoc: pydoc_data prose + windows (training topics only); sklearn:
+# 1024 calibration sentences (scikit-learn text, never evaluation sentences) + pydoc windows;
+# indomain: all 1096 calibration sentences alone, augmented (splice, word drop).
+DISTILL_DATA = {
+    "pydoc": ("distilled_3l", lambda: text_sampler(pydoc_sentences()), 1.0),
+    "sklearn": ("distilled_3l_sklearn", lambda: text_sampler(_calibration_sentences()), 1.0),
+    "indomain": ("distilled_3l_indomain", lambda: augmented_sampler(_indomain_sentences()),
+                 INDOMAIN_TOKEN_WEIGHT),
+}
+DEFAULT_DISTILL_DATA = ("pydoc", "indomain")
+
+
+def minilm_distill_rows(steps=1200, layers=(0, 4, 5), data=DEFAULT_DISTILL_DATA, lr=5e-4,
+                        max_length=32, log=None):
   from jaxmem.models import minilm
 
   m = minilm.load()
   ev = Evaluator(m)
+  ood = Evaluator(m, sentences=pydoc_heldout_sentences())  # out of domain, never trained on
   student_model, student = student_from_teacher(m.model.config, m.params, layers)
 
   def row(method, p):
@@ -403,6 +485,7 @@ def minilm_distill_rows(steps=1200, layers=(0, 4, 5), data=("pydoc",), lr=5e-4, 
         "method": method,
         "param_bytes": int(jaxmem.tree_bytes(p)),
         "cos_mean": float(ev.cos(student_model, p).mean()),
+        "cos_mean_ood": float(ood.cos(student_model, p).mean()),
     }
 
   yield row("truncated_3l", student)
@@ -411,10 +494,10 @@ def minilm_distill_rows(steps=1200, layers=(0, 4, 5), data=("pydoc",), lr=5e-4, 
   frozen = {k: v for k, v in student.items() if k == "embeddings"}
   trainable = {k: v for k, v in student.items() if k != "embeddings"}
   for name in data:
-    method, sentences = DISTILL_DATA[name]
-    texts = text_sampler(sentences())
-    trained = distill(m, student_model, lambda p: {**frozen, **p}, trainable, layers, texts,
-                      steps=steps, lr=lr, max_length=max_length, log=log)
+    method, sampler, token_weight = DISTILL_DATA[name]
+    trained = distill(m, student_model, lambda p: {**frozen, **p}, trainable, layers, sampler(),
+                      steps=steps, lr=lr, max_length=max_length, token_weight=token_weight,
+                      log=log)
     yield row(method, {**frozen, **trained})
 
 
@@ -442,7 +525,7 @@ def main(argv=None):
   ap.add_argument("--seeds", type=int, default=3, help="digits seeds")
   ap.add_argument("--distill-steps", type=int, default=1200, help="student training steps")
   ap.add_argument("--student-layers", default="0,4,5", help="teacher layers of the student")
-  ap.add_argument("--distill-data", default="pydoc",
+  ap.add_argument("--distill-data", default=",".join(DEFAULT_DISTILL_DATA),
                   help=f"comma-separated training texts of the student: {tuple(DISTILL_DATA)}")
   ap.add_argument("--qat-steps", type=int, default=QAT_STEPS, help="int4_g64_qat training steps")
   ap.add_argument("--mixed-budget", type=float, default=MIXED_BUDGET,
