@@ -14,7 +14,8 @@ loss runs the model's own ``LlamaBlock`` in a ``lax.scan`` over the 30 stacked l
 the forward is checked against ``llama.Llama`` on the tiny config first. The loss computes
 the tied head's logits and softmax ``--head-chunk`` (128) tokens at a time
 (:func:`jaxmem.train.linear_cross_entropy`), as every config does; ``--head-chunk 0``
-materializes all ``[tokens, 49152]`` logits (the records before 2026-12-02's second table).
+materializes all ``[tokens, 49152]`` logits (the loss of the records made before the
+option existed).
 
 Configs (every one on the same 4 devices, batch split over them):
 

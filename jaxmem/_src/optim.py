@@ -573,6 +573,23 @@ def _per_leaf(fn, g: jax.Array, *moments):
   return (u, *(_rebuilt(m, p, m.shape) for m, p in zip(moments, parts)))
 
 
+def _map_leaves(fn, treedef, grads, *moments):
+  """``(updates, *new_moments)`` trees of :func:`_per_leaf` ``(fn, g, *m)`` on every leaf."""
+  outs = [_per_leaf(fn, g, *ms) for g, *ms in zip(grads, *moments)]
+  return tuple(jax.tree.unflatten(treedef, list(col)) for col in zip(*outs))
+
+
+def _with_rate(name: str, scaling, learning_rate, weight_decay=None, mask=None):
+  """``optax.chain(scaling[, add_decayed_weights], scale_by_learning_rate)``, as optax builds
+  ``adam``/``adamw``/``lion``, after checking the rate and the decay."""
+  _check_rate(name, learning_rate)
+  parts = [scaling]
+  if weight_decay is not None:
+    _check_real(name, "weight_decay", weight_decay, lo=0.0)
+    parts.append(optax.add_decayed_weights(weight_decay, mask))
+  return optax.chain(*parts, optax.scale_by_learning_rate(learning_rate))
+
+
 # ----------------------------------------------------------------------------- Adam
 
 
@@ -667,16 +684,8 @@ def scale_by_adam_8bit(
       u = (m32 / bc1.astype(jnp.float32)) / (jnp.sqrt(v32 / bc2.astype(jnp.float32)) + eps)
       return u.astype(g.dtype), _like(m, m32), _like(v, v32)
 
-    new_u, new_mu, new_nu = [], [], []
-    for g, m, v in zip(grads, mus, nus):
-      u, m, v = _per_leaf(leaf, g, m, v)
-      new_u.append(u)
-      new_mu.append(m)
-      new_nu.append(v)
-    return jax.tree.unflatten(treedef, new_u), ScaleByAdam8bitState(
-        count=count, mu=jax.tree.unflatten(treedef, new_mu),
-        nu=jax.tree.unflatten(treedef, new_nu),
-    )
+    updates, mu, nu = _map_leaves(leaf, treedef, grads, mus, nus)
+    return updates, ScaleByAdam8bitState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -711,11 +720,10 @@ def adam_8bit(
     >>> round(float(optax.apply_updates(params, updates)['w'][0]), 6)
     0.99
   """
-  _check_rate("adam_8bit", learning_rate)
-  return optax.chain(
+  return _with_rate(
+      "adam_8bit",
       scale_by_adam_8bit(b1, b2, eps, bits=bits, block_size=block_size, min_size=min_size),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate)
 
 
 def adamw_8bit(
@@ -760,14 +768,10 @@ def adamw_8bit(
     >>> round(float(updates['w'][0, 0]), 7)
     -0.0010001
   """
-  name = "adamw_8bit"
-  _check_rate(name, learning_rate)
-  _check_real(name, "weight_decay", weight_decay, lo=0.0)
-  return optax.chain(
+  return _with_rate(
+      "adamw_8bit",
       scale_by_adam_8bit(b1, b2, eps, bits=bits, block_size=block_size, min_size=min_size),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+      learning_rate, weight_decay, mask)
 
 
 # ----------------------------------------------------------------------------- Lion
@@ -834,14 +838,8 @@ def scale_by_lion_8bit(
       return (jnp.sign((1.0 - b1) * g32 + b1 * m32).astype(g.dtype),
               _like(m, (1 - b2) * g32 + b2 * m32))
 
-    new_u, new_mu = [], []
-    for g, m in zip(grads, mus):
-      u, m = _per_leaf(leaf, g, m)
-      new_u.append(u)
-      new_mu.append(m)
-    return jax.tree.unflatten(treedef, new_u), ScaleByLion8bitState(
-        count=optax.safe_increment(state.count), mu=jax.tree.unflatten(treedef, new_mu)
-    )
+    updates, mu = _map_leaves(leaf, treedef, grads, mus)
+    return updates, ScaleByLion8bitState(count=optax.safe_increment(state.count), mu=mu)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -881,11 +879,7 @@ def lion_8bit(
     >>> float(updates['w'][0]) == float(jnp.float32(-1e-3))
     True
   """
-  name = "lion_8bit"
-  _check_rate(name, learning_rate)
-  _check_real(name, "weight_decay", weight_decay, lo=0.0)
-  return optax.chain(
-      scale_by_lion_8bit(b1, b2, bits=bits, block_size=block_size, min_size=min_size),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return _with_rate(
+      "lion_8bit", scale_by_lion_8bit(b1, b2, bits=bits, block_size=block_size,
+                                      min_size=min_size),
+      learning_rate, weight_decay, mask)

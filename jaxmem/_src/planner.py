@@ -100,8 +100,6 @@ class Candidate:
       state are sharded (else replicated); None for :func:`plan_memory`.
     optimizer: for :func:`jaxmem.memory.plan_training`: the optimizer's name, else None.
     offload: for :func:`jaxmem.memory.plan_training`: the state parts kept in host memory.
-    args: the arguments the step was compiled with (for timing), when they differ per
-      candidate (sharded states); not part of equality.
   """
 
   policy: str
@@ -116,7 +114,6 @@ class Candidate:
   fsdp: bool | None = None
   optimizer: str | None = None
   offload: tuple[str, ...] = ()
-  args: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
 
   @property
   def name(self) -> str:
@@ -305,7 +302,7 @@ def plan_memory(
   rebuild = lambda c: jax.jit(make_step(c.policy, c.microbatches),
                               donate_argnums=c.donate_argnums)
   return choose(candidates, budget_bytes, bound, "plan_memory", measure=measure,
-                repeats=repeats, args=args, rebuild=rebuild)
+                repeats=repeats, args_of=lambda c: tuple(args), rebuild=rebuild)
 
 
 def _check_bound(name: str, bound: str) -> None:
@@ -314,10 +311,12 @@ def _check_bound(name: str, bound: str) -> None:
 
 
 def choose(candidates: Sequence[Candidate], budget_bytes: int, bound: str, name: str, *,
-           measure: bool = False, repeats: int = 3, args: Sequence[Any] = (),
+           measure: bool = False, repeats: int = 3,
+           args_of: Callable[[Candidate], tuple] | None = None,
            rebuild: Callable[[Candidate], Any] | None = None) -> MemoryPlan:
   """The :class:`MemoryPlan` of ``candidates``: the fitting one of least estimated overhead
-  (or, with ``measure``, least measured time on its own ``args`` or on ``args``)."""
+  (or, with ``measure``, least measured time, each fitting candidate run on
+  ``args_of(candidate)``; ``rebuild(candidate)`` when it kept no compiled step)."""
   candidates = tuple(candidates)
   built = [c for c in candidates if c.profile is not None]
   fitting = [c for c in built if c.bytes(bound) <= budget_bytes]
@@ -333,8 +332,7 @@ def choose(candidates: Sequence[Candidate], budget_bytes: int, bound: str, name:
     for c in candidates:
       if any(c is f for f in fitting):
         compiled = c.compiled or rebuild(c)
-        call_args = tuple(c.args) if c.args is not None else tuple(args)
-        ms = _time_ms(compiled, call_args, repeats, c.donate_argnums)
+        ms = _time_ms(compiled, args_of(c), repeats, c.donate_argnums)
         c = dataclasses.replace(c, ms=ms)
       timed.append(c)
     candidates = tuple(timed)

@@ -31,10 +31,6 @@ PyTree = Any
 _REPLICATED = 2**62  # a min_size no leaf reaches: fsdp_train_step with nothing sharded
 
 
-def _abstract(tree: PyTree) -> PyTree:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-
-
 def plan_training(
     make_loss: Callable[[str], Callable[..., Any]],
     params: PyTree,
@@ -131,8 +127,7 @@ def plan_training(
     if policy not in remat_lib.REMAT_ALL_POLICIES:
       raise ValueError(
           f"{name}: unknown remat policy {policy!r}; use one of {remat_lib.REMAT_ALL_POLICIES}.")
-  abstract_batch = _abstract(batch)
-  built = []
+  built, steps = [], {}
   for policy, k, sharded, (opt_name, opt), off in itertools.product(
       policies, microbatches, fsdp, optimizers.items(), offload):
     off = tuple(off)
@@ -144,7 +139,7 @@ def plan_training(
       state = step.abstract_state(params)
       batch_in = jax.tree.map(
           lambda x, sh=step.batch_sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-          abstract_batch)
+          batch)
       call = (state, batch_in, *args)
       traced = step.trace(*call)
       jaxpr = traced.jaxpr
@@ -166,11 +161,14 @@ def plan_training(
     if prof is not None:
       overhead = (flops / base_flops - 1.0 + microbatch_cost * math.log2(k)
                   + fsdp_cost * sharded + offload_cost * len(off))
-    call_args = None
-    if measure and prof is not None:
-      call_args = (step.init(params), step.shard_batch(batch), *args)
-    candidates.append(planner.Candidate(
-        policy, k, prof, flops, overhead, None, err, compiled, (0,), fsdp=sharded,
-        optimizer=opt_name, offload=off, args=call_args))
+    c = planner.Candidate(policy, k, prof, flops, overhead, None, err, compiled, (0,),
+                          fsdp=sharded, optimizer=opt_name, offload=off)
+    steps[c.name] = step
+    candidates.append(c)
+
+  def args_of(c):  # a fitting candidate's concrete state, built only when it is timed
+    step = steps[c.name]
+    return (step.init(params), step.shard_batch(batch), *args)
+
   return planner.choose(candidates, budget_bytes, bound, name, measure=measure,
-                        repeats=repeats)
+                        repeats=repeats, args_of=args_of)

@@ -102,7 +102,6 @@ def linear_cross_entropy(
   def chunk_loss(kernel, h, y, w):
     eq = "td,vd->tv" if transpose else "td,dv->tv"
     logits = jnp.einsum(eq, h, kernel, preferred_element_type=logits_dtype)
-    logits = logits.astype(logits_dtype)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
     return jnp.sum((lse - picked).astype(jnp.float32) * w)
@@ -111,4 +110,4 @@ def linear_cross_entropy(
     return total + chunk_loss(kernel, *xs), None
 
   total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, y, w))
-  return total / jnp.maximum(jnp.sum(w), jnp.float32(1e-30)) if mask is not None else total / n
+  return total / jnp.maximum(jnp.sum(w), jnp.float32(1e-30))  # sum(w) = n without a mask
