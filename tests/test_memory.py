@@ -32,6 +32,20 @@ def test_packed_int4_counts_half_a_byte():
   assert r.rows[0].kind == "int4/packed"
 
 
+def test_report_shows_storage_dtype_next_to_logical_dtype():
+  params = {"a": jnp.ones((64, 32)), "b": jnp.ones((64, 32), jnp.bfloat16),
+            "c": jnp.ones((64, 32))}
+  tx = jaxmem.chain(jaxmem.quantize_int4(group_size=32, where="a"),
+                    jaxmem.magnitude_prune(0.5, where="c"), jaxmem.sparsify(bits=8, where="c"))
+  rows = {r.path: r for r in jaxmem.memory_report(jaxmem.transform(tx, params)).rows}
+  assert (rows["a"].dtype, rows["a"].storage) == ("float32", "uint8+f32")
+  assert (rows["b"].dtype, rows["b"].storage) == ("bfloat16", "bf16")
+  assert rows["c"].kind == "SparseArray" and rows["c"].dtype == "float32"
+  assert "int8" in rows["c"].storage.split("+")
+  header = str(jaxmem.memory_report(params)).splitlines()[0].split()
+  assert header[header.index("dtype") + 1] == "storage"
+
+
 def test_abstract_trees_are_counted():
   params = {"kernel": jnp.ones((64, 32))}
   abstract = jax.eval_shape(lambda p: jaxmem.transform(jaxmem.quantize_int8(), p), params)

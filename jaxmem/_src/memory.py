@@ -30,12 +30,33 @@ def dense_bytes(x: Any) -> int:
   return _array_bytes(x)
 
 
+_SHORT_DTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
+
+
+def storage_dtypes(x: Any) -> str:
+  """The dtypes a leaf is stored in, e.g. ``'int8+f32'`` for int8 values with f32 scales."""
+  names = []
+  for a in jax.tree.leaves(x):
+    dtype = getattr(a, "dtype", None)
+    if dtype is not None:
+      name = np.dtype(dtype).name
+      name = _SHORT_DTYPES.get(name, name)
+      if name not in names:
+        names.append(name)
+  return "+".join(names) or "-"
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryRow:
+  """One leaf: its path, kind (``array``, ``int8``, ``int4/packed``, ``SparseArray``, ...),
+  logical shape and dtype (what the model sees), the dtypes its arrays are stored in, and bytes
+  (real, and dense in the logical dtype)."""
+
   path: str
   kind: str
   shape: tuple[int, ...]
   dtype: str
+  storage: str
   bytes: int
   dense_bytes: int
 
@@ -72,17 +93,20 @@ class MemoryReport:
     rows = list(self.rows)
     shown = rows if max_rows is None or len(rows) <= max_rows else rows[:max_rows]
     w = max([len("path")] + [len(r.path) for r in shown])
-    lines = [f"{'path':<{w}}  {'kind':<11} {'shape':<18} {'dtype':<8} {'bytes':>12} {'ratio':>6}"]
+    s = max([len("storage")] + [len(r.storage) for r in shown])
+    lines = [f"{'path':<{w}}  {'kind':<11} {'shape':<18} {'dtype':<8} {'storage':<{s}} "
+             f"{'bytes':>12} {'ratio':>6}"]
     for r in shown:
       ratio = r.bytes / r.dense_bytes if r.dense_bytes else 1.0
       lines.append(
-          f"{r.path:<{w}}  {r.kind:<11} {str(r.shape):<18} {r.dtype:<8} {r.bytes:>12,} "
-          f"{ratio:>6.3f}"
+          f"{r.path:<{w}}  {r.kind:<11} {str(r.shape):<18} {r.dtype:<8} {r.storage:<{s}} "
+          f"{r.bytes:>12,} {ratio:>6.3f}"
       )
     if len(shown) < len(rows):
       lines.append(f"... {len(rows) - len(shown)} more leaves")
     lines.append(
-        f"{'total':<{w}}  {'':<11} {'':<18} {'':<8} {self.total_bytes:>12,} {self.ratio:>6.3f}"
+        f"{'total':<{w}}  {'':<11} {'':<18} {'':<8} {'':<{s}} {self.total_bytes:>12,} "
+        f"{self.ratio:>6.3f}"
         f"   (dense: {self.dense_total_bytes:,} bytes)"
     )
     return "\n".join(lines)
@@ -94,12 +118,18 @@ class MemoryReport:
 def memory_report(tree: Any) -> MemoryReport:
   """Bytes of every leaf of ``tree`` (concrete or abstract, e.g. from ``jax.eval_shape``).
 
+  Each row shows the leaf's logical dtype (what the model computes with) next to the dtypes it
+  is stored in: an int8 kernel reads ``dtype float32, storage int8+f32`` (int8 values, f32
+  scales).
+
   Example:
     >>> import jax.numpy as jnp, jaxmem
     >>> params = {'kernel': jnp.ones((256, 256)), 'bias': jnp.zeros(256)}
     >>> r = jaxmem.memory_report(jaxmem.transform(jaxmem.quantize_int8(), params))
     >>> r.total_bytes, r.dense_total_bytes
     (67584, 263168)
+    >>> [(row.path, row.kind, row.dtype, row.storage) for row in r.rows]
+    [('bias', 'array', 'float32', 'f32'), ('kernel', 'int8', 'float32', 'int8+f32')]
   """
   rows = []
   for path, x in tree_lib.leaves_with_paths(tree):
@@ -114,6 +144,7 @@ def memory_report(tree: Any) -> MemoryReport:
             kind=kind,
             shape=shape,
             dtype=np.dtype(dtype).name if dtype is not None else type(x).__name__,
+            storage=storage_dtypes(x),
             bytes=leaf_bytes(x),
             dense_bytes=dense_bytes(x),
         )
