@@ -57,6 +57,7 @@ Usage::
   python benchmarks/llm.py            # tables (about an hour on a 2-core CPU)
   python benchmarks/llm.py --json     # one JSON object per line
   python benchmarks/llm.py --methods fp32,int8_weight --windows 1 --repeats 1   # smoke
+  python benchmarks/llm.py --plot llm_pareto.png  # also: perplexity vs weight bytes, Pareto
 
 JSON lines::
 
@@ -232,6 +233,19 @@ def print_tables(records, new_tokens: int) -> None:
             f"{r['decode_output_bytes']:>12,}")
 
 
+def plot(records, path) -> None:
+  """Perplexity vs weight bytes of the ``llm`` records (lower is better), Pareto front drawn."""
+  from jaxmem.models import _plots
+
+  env = next(r for r in records if r["bench"] == "llm_env")
+  rows = [r for r in records if r["bench"] == "llm"]
+  _plots.pareto_plot(rows, x="weight_bytes", y="ppl", label="method", path=path,
+                     title=f"SmolLM2-135M-Instruct, {env['windows']} windows of 512 tokens",
+                     xlabel="weight bytes (jaxmem.tree_bytes)", ylabel="perplexity",
+                     higher_is_better=False, logy=True)
+  _log(f"  wrote {path}")
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -245,6 +259,9 @@ def main(argv=None):
   parser.add_argument("--calib-windows", type=int, default=CALIB_WINDOWS,
                       help="calibration windows of 512 tokens for the calibrated recipes (the "
                            "text after the evaluation windows holds 57)")
+  parser.add_argument("--plot", default=None, metavar="PATH",
+                      help="also write a PNG of perplexity vs weight bytes (log axes, Pareto "
+                           "front: lowest perplexity per byte) to PATH")
   args = parser.parse_args(argv)
   methods = METHODS
   if args.methods:
@@ -258,6 +275,8 @@ def main(argv=None):
       print(json.dumps(r))
   else:
     print_tables(records, args.new_tokens)
+  if args.plot:
+    plot(records, args.plot)
   return records
 
 

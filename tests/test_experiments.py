@@ -26,9 +26,9 @@ def _load(name: str, path: pathlib.Path):
 
 
 _digits = _load("digits_train_test", ROOT / "experiments" / "digits" / "train_test.py")
-test_digits_train_step_reduces_loss = _digits.test_train_step_reduces_loss
-test_digits_train_and_evaluate = _digits.test_train_and_evaluate
-test_digits_tpu_config_data_parallel = _digits.test_tpu_config_data_parallel_on_simulated_devices
+for _name in dir(_digits):
+  if _name.startswith("test_"):
+    globals()[f"test_digits_{_name[5:]}"] = getattr(_digits, _name)
 
 _minilm_path = ROOT / "experiments" / "minilm" / "train_test.py"
 if _minilm_path.exists():
@@ -36,6 +36,35 @@ if _minilm_path.exists():
   for _name in dir(_minilm):
     if _name.startswith("test_"):
       globals()[f"test_minilm_{_name[5:]}"] = getattr(_minilm, _name)
+
+
+# ----------------------------------------------------------------------------- workdir module
+
+wd = _digits.train.wd  # experiments/workdir.py, as both experiments load it
+
+
+def test_workdir_paths_keep_cloud_urls():
+  """``gs://bucket/x`` stays a URL through the path helper (pathlib makes it ``gs:/bucket/x``)."""
+  p = wd.as_path("gs://bucket/x")
+  assert os.fspath(p / "checkpoints") == "gs://bucket/x/checkpoints"
+  assert os.fspath(p / "tensorboard") == "gs://bucket/x/tensorboard"
+  assert str(p / wd.CONFIG_FILE) == "gs://bucket/x/config.json"
+  assert str(pathlib.Path("gs://bucket/x")) == "gs:/bucket/x"  # what the helper avoids
+  local = wd.as_path(ROOT)
+  assert os.fspath(local / "experiments") == os.fspath(ROOT / "experiments")
+
+
+def test_config_diff_names_changed_fields_with_dotted_paths():
+  old = {"seed": 0, "prune": {"final_sparsity": 0.95, "scope": "global"}, "recipes": ["a"],
+         "log_every": 5}
+  new = {"seed": 0, "prune": {"final_sparsity": 0.5, "scope": "global"}, "recipes": ["a", "b"],
+         "log_every": 1, "extra": True}
+  assert wd.config_diff(old, new, ignore=("log_every",)) == [
+      "extra: <absent> -> true",
+      "prune.final_sparsity: 0.95 -> 0.5",
+      'recipes: ["a"] -> ["a", "b"]',
+  ]
+  assert wd.config_diff(old, new, ignore=("prune", "recipes", "extra", "log_every")) == []
 
 
 # ----------------------------------------------------------------------------- kill and resume
@@ -48,6 +77,7 @@ _OVERRIDES = [
     "--config.prune.update_every=5",
     "--config.checkpoint_every=10",
     "--config.log_every=10",
+    "--config.eval_every=20",
     "--config.recipes=('dense_fp32','pruned_int8')",
     "--config.progress_bar=False",
 ]
@@ -60,6 +90,16 @@ def _cmd(workdir):
 def _steps(workdir: pathlib.Path) -> list[int]:
   d = workdir / "checkpoints"
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def test_main_refuses_a_bad_config_with_the_message_alone(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = _cmd(tmp_path / "w") + ["--config.recipes=('dense_fp32','dense_int3')"]
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1
+  assert "error: invalid digits config" in out.stderr and "'dense_int3'" in out.stderr
+  assert "pruned_int4" in out.stderr and "Traceback" not in out.stderr
+  assert not (tmp_path / "w").exists()
 
 
 def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path):
@@ -95,6 +135,12 @@ def test_sigkill_mid_training_then_resume_matches_uninterrupted(tmp_path):
   b = json.loads((killed / "metrics.json").read_text())
   assert a == b  # same final loss, sparsity, accuracy and bytes of every recipe, bit for bit
   assert a["step"] == 120 and abs(a["sparsity"] - 0.9) < 0.005
+  # The resumed run wrote each TensorBoard point once, and the eval curve is complete.
+  counts = wd.count_points(killed / "tensorboard")
+  assert set(counts.values()) == {1}
+  assert sorted(s for tag, s in counts if tag == "train/loss") == list(range(10, 121, 10))
+  assert [p["step"] for p in b["eval_curve"]] == list(range(20, 121, 20))
+  assert json.loads((killed / "config.json").read_text())["dense_steps"] == 40
 
 
 def test_resume_skips_a_corrupt_latest_checkpoint(tmp_path):
@@ -110,6 +156,7 @@ def test_resume_skips_a_corrupt_latest_checkpoint(tmp_path):
     if f.is_file() and f.parent.name == "d":
       f.write_bytes(f.read_bytes()[:8])
   config.finetune_steps = 2  # ... then continue to step 6 from the last good step (2)
+  config.allow_config_change = True  # finetune_steps 0 -> 2: a changed config, on purpose
   with pytest.warns(jaxmem.checkpoint.CheckpointFallbackWarning, match="restored step 2"):
     got = _digits.train.train_and_evaluate(config, str(work))
   assert got == ref

@@ -4,11 +4,13 @@ top-1 agreement, KV and compiled bytes, the throughput harness and the main job 
 
 import contextlib
 import io
+import json
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import pytest
 from llama_params import random_params
 
@@ -158,13 +160,19 @@ def test_main_job_end_to_end(params, int8, tmp_path):
   ids = np.random.default_rng(2).integers(0, CFG.vocab_size, 40 * 32).astype(np.int32)
   src = ev.Source("tiny", CFG, params, ids, encode=lambda s: [ord(c) % 97 for c in s][:8],
                    decode=lambda t: " ".join(map(str, t)))
-  argv = ["--workdir", str(tmp_path), "--recipes", "int8_weight+kv8", "--windows", "2",
-          "--window-length", "16", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1",
-          "--kv-tokens", "64"]
+  argv = ["--workdir", str(tmp_path), "--config.recipes=int8_weight+kv8", "--config.windows=2",
+          "--config.window_length=16", "--config.prompt_len=8", "--config.new_tokens=4",
+          "--config.repeats=1", "--config.kv_tokens=64"]
   with contextlib.redirect_stdout(io.StringIO()) as out:
     (row,) = job.main(argv, source=src, build=_stand_in(int8, []))
   text = out.getvalue()
   assert "decode tok/s" in text and "CPU:" in text and "greedy completions" in text
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config == {**job._config.get_config().to_dict(), "recipes": "int8_weight+kv8",
+                    "windows": 2, "window_length": 16, "prompt_len": 8, "new_tokens": 4,
+                    "repeats": 1, "kv_tokens": 64}
+  with PIL.Image.open(tmp_path / job.PLOT) as png:  # perplexity against weight bytes
+    assert png.format == "PNG" and png.size == (840, 540)
   assert row["recipe"] == "int8_weight+kv8" and 0 < row["kl"] < 0.1 and row["top1"] > 0.5
   assert row["weight_bytes"] == jaxmem.tree_bytes(int8) < 0.3 * jaxmem.tree_bytes(params)
   assert row["kv_bytes"] == ev.kv_bytes(CFG, 1, 64, kv_bits=8)
@@ -174,9 +182,19 @@ def test_main_job_end_to_end(params, int8, tmp_path):
       tmp_path / "int8_weight+kv8")
   restored, kv_bits = job.restore_params(tmp_path, "int8_weight+kv8")
   assert kv_bits == 8 and jaxmem.tree_bytes(restored) == row["weight_bytes"]
+  with jaxmem.CheckpointManager(str(tmp_path / "int8_weight+kv8"), read_only=True) as mgr:
+    saved = mgr.restore()  # the checkpoint opens with jaxmem.CheckpointManager itself
+  assert saved["recipe"] == "int8_weight+kv8" and saved["kv_bits"] == 8
+  assert jaxmem.tree_bytes(saved["params"]) == row["weight_bytes"]
+  # Bad names fail before the model loads (the source would raise).
+  def no_source():
+    raise AssertionError("loaded")
+
   with pytest.raises(ValueError, match="cannot name"):
-    job.main(["--workdir", str(tmp_path), "--recipes", "../x"], source=src, build=_stand_in(
-        int8, []))
+    job.main(["--workdir", str(tmp_path), "--config.recipes=../x"], source=no_source,
+             build=_stand_in(int8, []))
+  with pytest.raises(ValueError, match="unknown recipe 'int9'.*int8_weight, int8_dynamic"):
+    job.main(["--workdir", str(tmp_path), "--config.recipes=fp32,int9"], source=no_source)
 
 
 def test_calibration_windows_follow_the_evaluation_windows():

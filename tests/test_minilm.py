@@ -1,5 +1,6 @@
 """all-MiniLM-L6-v2 in Flax: fidelity to sentence-transformers, loader errors, quantized recipes."""
 
+import json
 import pathlib
 
 import jax
@@ -208,13 +209,10 @@ def test_main_job_saves_restorable_params(tmp_path, capsys):
     [
       "--workdir",
       str(tmp_path),
-      "--num-sentences",
-      "16",
-      "--batch-size",
-      "8",
-      "--recipes",
-      "fp32,int8_dynamic",
-      "--no-progress",
+      "--config.num_sentences=16",
+      "--config.batch_size=8",
+      "--config.recipes=fp32,int8_dynamic",
+      "--config.progress=False",
     ]
   )
   assert [r["recipe"] for r in rows] == ["fp32", "int8_dynamic"]
@@ -233,6 +231,13 @@ def test_main_job_saves_restorable_params(tmp_path, capsys):
     k.qvalue, want["encoder"]["layer_0"]["intermediate"]["kernel"].qvalue
   )
   assert not minilm.is_saved(tmp_path, "fp32")  # the job saves compressed recipes only
+  with jaxmem.CheckpointManager(str(tmp_path / "int8_dynamic"), read_only=True) as mgr:
+    saved = mgr.restore()  # the checkpoint opens with jaxmem.CheckpointManager itself
+  assert saved["recipe"] == "int8_dynamic"
+  assert jaxmem.tree_bytes(saved["params"]) == rows[1]["param_bytes"]
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config == {"num_sentences": 16, "batch_size": 8, "recipes": "fp32,int8_dynamic",
+                    "sensitivity": False, "progress": False}
 
 
 def test_recipe_checkpoints_are_keyed_by_name(tmp_path):

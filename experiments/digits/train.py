@@ -8,21 +8,30 @@ with :class:`jaxmem.CheckpointManager` every ``checkpoint_every`` steps; a resta
 resumes from the latest readable step and ends exactly where an uninterrupted run ends
 (batches are a pure function of ``(seed, step)``).
 
-At the end each recipe in ``config.recipes`` is built with jaxmem transforms, evaluated
-on the held-out split, and saved; ``workdir`` then holds::
+The config is checked before anything runs (:func:`validate_config`), recorded in
+``workdir/config.json``, and a resume whose config differs from it is refused (fields in
+:data:`IGNORED_CONFIG_FIELDS` excepted) unless ``config.allow_config_change`` is True.
+Every ``eval_every`` steps the held-out accuracy of the training params is logged. At the
+end each recipe in ``config.recipes`` is built with jaxmem transforms, evaluated on the
+held-out split, and saved; ``workdir`` then holds::
 
+  config.json              the config of the run
   checkpoints/<step>/      training state (resumable)
   compressed/<step>/       every recipe's compressed params, one checkpoint
-  tensorboard/             event files (train loss, sparsity, per-recipe accuracy/bytes)
+  tensorboard/             event files (see README.md for the tags), each point written once
+  eval_curve.jsonl         held-out accuracy every eval_every steps, one JSON line per point
   metrics.json             final metrics
   pareto.png               bytes vs accuracy across recipes, Pareto front marked
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
+import sys
+import time
 from typing import Any
 
 import jax
@@ -33,7 +42,67 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxmem
-from jaxmem.models import digits
+from jaxmem.models import _plots, digits
+
+
+def _load_workdir_module():
+  """``experiments/workdir.py``, loaded by path (``train.py`` is itself loaded by path)."""
+  name = "jaxmem_experiments_workdir"
+  if name not in sys.modules:
+    path = pathlib.Path(__file__).resolve().parents[1] / "workdir.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+  return sys.modules[name]
+
+
+wd = _load_workdir_module()
+
+RECIPES = tuple(f"{kind}_{fmt}" for kind in ("dense", "pruned") for fmt in ("fp32", "int8", "int4"))
+SCOPES = ("global", "layer")
+# Fields a resume may change freely: they change what is logged or kept, not the results.
+IGNORED_CONFIG_FIELDS = ("progress_bar", "log_every", "eval_every", "checkpoint_every",
+                         "max_to_keep")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError listing every invalid field; called before anything runs."""
+  errors = []
+
+  def check(ok, msg):
+    if not ok:
+      errors.append(msg)
+
+  def is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+  for field in ("dense_steps", "prune_steps", "finetune_steps"):
+    v = config[field]
+    check(is_int(v) and v >= 0, f"config.{field}={v!r}: must be an integer >= 0")
+  if not errors:
+    check(total_steps(config) > 0, "config.dense_steps + prune_steps + finetune_steps must be > 0")
+  for field in ("batch_size", "log_every", "eval_every", "checkpoint_every", "max_to_keep"):
+    v = config[field]
+    check(is_int(v) and v > 0, f"config.{field}={v!r}: must be a positive integer")
+  check(config.learning_rate > 0, f"config.learning_rate={config.learning_rate!r}: must be > 0")
+  s = config.prune.final_sparsity
+  check(isinstance(s, (int, float)) and 0 <= s < 1,
+        f"config.prune.final_sparsity={s!r}: must be in [0, 1)")
+  v = config.prune.update_every
+  check(is_int(v) and v > 0, f"config.prune.update_every={v!r}: must be a positive integer")
+  check(config.prune.scope in SCOPES,
+        f"config.prune.scope={config.prune.scope!r}: must be one of {', '.join(SCOPES)}")
+  recipes = config.recipes
+  if isinstance(recipes, str) or not recipes:
+    errors.append(f"config.recipes={recipes!r}: must be a non-empty tuple of recipe names")
+  else:
+    bad = [r for r in recipes if r not in RECIPES]
+    check(not bad, f"config.recipes: unknown recipe(s) {', '.join(map(repr, bad))}; valid "
+          f"recipes are {', '.join(RECIPES)}")
+    check(len(set(recipes)) == len(recipes), f"config.recipes={tuple(recipes)!r}: duplicates")
+  if errors:
+    raise ValueError("invalid digits config:\n  " + "\n  ".join(errors))
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:
@@ -92,7 +161,7 @@ def recipe_transform(name: str) -> jaxmem.ParamTransform | None:
         "int8": jaxmem.sparsify(bits=8),
         "int4": jaxmem.sparsify(bits=4),
     }[fmt]
-  raise ValueError(f"unknown recipe {name!r}; use dense_{{fp32,int8,int4}} or pruned_{{...}}.")
+  raise ValueError(f"unknown recipe {name!r}; valid recipes are {', '.join(RECIPES)}.")
 
 
 def evaluate(model, params, data: digits.DigitsData) -> float:
@@ -101,50 +170,43 @@ def evaluate(model, params, data: digits.DigitsData) -> float:
   return digits.accuracy(logits, data.y_test)
 
 
-def pareto_plot(rows: list[dict[str, Any]], path: pathlib.Path, title: str) -> None:
-  """Scatter of stored bytes vs accuracy per recipe with the Pareto front drawn."""
-  import matplotlib
-  import matplotlib.ticker
+def pareto_plot(rows: list[dict[str, Any]], path, title: str) -> None:
+  """Stored bytes vs held-out accuracy per recipe, Pareto front drawn (``_plots.pareto_plot``)."""
+  _plots.pareto_plot(rows, x="bytes", y="accuracy", label="recipe", path=path, title=title,
+                     xlabel="stored parameter bytes", ylabel="held-out accuracy")
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for r in rows:
-    ax.scatter(r["bytes"], r["accuracy"], s=30)
-    ax.annotate(r["recipe"], (r["bytes"], r["accuracy"]), fontsize=8,
-                xytext=(4, 4), textcoords="offset points")
-  front, best = [], -1.0
-  for r in sorted(rows, key=lambda r: (r["bytes"], -r["accuracy"])):
-    if r["accuracy"] > best:
-      front.append(r)
-      best = r["accuracy"]
-  ax.plot([r["bytes"] for r in front], [r["accuracy"] for r in front], "--", color="gray",
-          label="Pareto front")
-  ax.set_xscale("log")
-  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-  ax.set_xlabel("stored parameter bytes")
-  ax.set_ylabel("held-out accuracy")
-  ax.set_title(title)
-  ax.legend(loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+def _read_curve(path) -> list[dict[str, Any]]:
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_curve(path, curve: list[dict[str, Any]]) -> None:
+  path.write_text("".join(json.dumps(p) + "\n" for p in curve))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the experiment in ``workdir``; returns the final metrics."""
-  from tensorboardX import SummaryWriter
+  """Runs (or resumes) the experiment in ``workdir``; returns the final metrics.
+
+  Raises ValueError before anything is written when the config is invalid
+  (:func:`validate_config`) or differs from the one recorded in ``workdir/config.json``
+  (``wd.ConfigChangedError``; set ``config.allow_config_change=True`` to continue anyway).
+  """
   from tqdm import tqdm
 
-  workdir = pathlib.Path(workdir)
+  validate_config(config)
+  workdir = wd.as_path(workdir)
+  changed = wd.check_config(config, workdir, ignore=IGNORED_CONFIG_FIELDS)
   workdir.mkdir(parents=True, exist_ok=True)
+  wd.write_config(config, workdir)
   data = digits.load()
   model = digits.MLP()
   tx = make_optimizer(config)
   mesh = make_mesh(config)
   replicated = NamedSharding(mesh, P()) if mesh is not None else None
   batch_sharding = NamedSharding(mesh, P("data")) if mesh is not None else None
+  devices = wd.device_info()
 
   params = model.init(jax.random.key(config.seed), data.x_train[:1])["params"]
   state = {"params": params, "opt_state": tx.init(params), "dense_params": None, "step": 0}
@@ -157,14 +219,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   n_total = total_steps(config)
   train_step = make_train_step(model, tx)
-  writer = SummaryWriter(str(workdir / "tensorboard"))
+  eval_fn = jax.jit(lambda p, x: jaxmem.apply(model, {"params": p}, x))
   # The step runs on a jaxmem.StepState; checkpoints keep the plain dict above.
   step_state = jaxmem.StepState(np.int32(state["step"]), state["params"], state["opt_state"])
   dense_params = state["dense_params"]
-  start = state["step"]
+  start = int(state["step"])
+  # Points after the restored step were written by a killed run: they are recomputed.
+  curve_file = workdir / "eval_curve.jsonl"
+  curve = [p for p in _read_curve(curve_file) if p["step"] <= start]
+  _write_curve(curve_file, curve)
+  events = wd.EventLog(workdir / "tensorboard")
+  if changed:
+    events.text("config_change", "\n".join(f"* {c}" for c in changed), start)
+    print("continuing with a changed config (allow_config_change):\n  " + "\n  ".join(changed))
+  if changed or not events.has("config"):
+    events.config(config, ["eval/accuracy", "train/loss",
+                           *(f"eval/{r}/accuracy" for r in config.recipes)],
+                  step=start, extra={"device_count": devices["device_count"]})
+  if start < n_total or not events.has("run/device_count"):  # one point per (re)start
+    events.scalar("run/device_count", devices["device_count"], start)
+  print(f"devices: {devices['device_count']} x {devices['device_kind']} "
+        f"({devices['process_count']} process(es)); steps {start}..{n_total}")
   bar = tqdm(range(start, n_total), initial=start, total=n_total, desc="digits",
              disable=not config.progress_bar)
   loss = None
+  t_last, step_last = time.perf_counter(), start
   for step in bar:
     idx = batch_indices(config, step, len(data.x_train))
     x, y = data.x_train[idx], data.y_train[idx]
@@ -176,12 +255,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if done == config.dense_steps:
       dense_params = step_state.params
     if done % config.log_every == 0 or done == n_total:
-      loss_f = float(loss)
+      loss_f = float(loss)  # waits for the step: the timing below is of finished steps
+      now = time.perf_counter()
+      steps_per_sec = (done - step_last) / max(now - t_last, 1e-9)
+      t_last, step_last = now, done
       sparsity = jaxmem.sparsity.mask_sparsity(step_state.opt_state[1].masks)
-      writer.add_scalar("train/loss", loss_f, done)
-      writer.add_scalar("train/sparsity", sparsity, done)
-      bar.set_postfix(loss=f"{loss_f:.4f}", sparsity=f"{sparsity:.3f}")
+      events.scalar("train/loss", loss_f, done)
+      events.scalar("train/sparsity", sparsity, done)
+      events.scalar("train/steps_per_sec", steps_per_sec, done)
+      bar.set_postfix(loss=f"{loss_f:.4f}", sparsity=f"{sparsity:.3f}",
+                      steps_s=f"{steps_per_sec:.1f}")
+    if done % config.eval_every == 0 or done == n_total:
+      acc = digits.accuracy(eval_fn(step_state.params, data.x_test), data.y_test)
+      curve.append({"step": done, "accuracy": acc})
+      _write_curve(curve_file, curve)
+      events.scalar("eval/accuracy", acc, done)
+      tqdm.write(f"step {done}: held-out accuracy {acc:.4f}, train loss {float(loss):.4f}")
     if done % config.checkpoint_every == 0 or done == n_total:
+      events.flush()  # points up to a checkpoint outlive a kill: a resume starts after them
       state = {"params": step_state.params, "opt_state": step_state.opt_state,
                "dense_params": dense_params, "step": done}
       mgr.save(done, state)
@@ -203,9 +294,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     rows.append({"recipe": name, "accuracy": acc, "bytes": nbytes,
                  "ratio": nbytes / dense_bytes})
     compressed[name] = cparams
-    writer.add_scalar(f"eval/{name}/accuracy", acc, n_total)
-    writer.add_scalar(f"eval/{name}/bytes", nbytes, n_total)
-  writer.close()
+    events.scalar(f"eval/{name}/accuracy", acc, n_total)  # skipped when already written
+    events.scalar(f"eval/{name}/bytes", nbytes, n_total)
+  events.close()
 
   with jaxmem.CheckpointManager(workdir / "compressed", max_to_keep=1) as cmgr:
     if n_total not in cmgr.all_steps():
@@ -215,13 +306,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "step": n_total,
       "final_train_loss": float(jax.device_get(loss)) if loss is not None else None,
       "sparsity": jaxmem.sparsity.tree_sparsity(params),
+      "device_count": devices["device_count"],
+      "eval_curve": curve,
       "recipes": rows,
   }
-  if loss is None:  # resumed after training had finished: keep the earlier value
-    old = workdir / "metrics.json"
-    if old.exists():
-      metrics["final_train_loss"] = json.loads(old.read_text())["final_train_loss"]
-  (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+  old = workdir / "metrics.json"
+  if loss is None and old.exists():  # resumed after training had finished: keep the value
+    metrics["final_train_loss"] = json.loads(old.read_text())["final_train_loss"]
+  old.write_text(json.dumps(metrics, indent=2))
   pareto_plot(rows, workdir / "pareto.png",
               f"digits MLP, gradual {config.prune.final_sparsity:.0%} pruning")
   print(f"{'recipe':<12} {'accuracy':>8} {'bytes':>9} {'ratio':>6}")

@@ -10,6 +10,7 @@ import pathlib
 
 import jax
 import numpy as np
+import pytest
 
 import jaxmem
 
@@ -35,6 +36,7 @@ def tiny(config):
   config.finetune_steps = 2
   config.prune.update_every = 1
   config.log_every = 2
+  config.eval_every = 2
   config.checkpoint_every = 2
   config.recipes = ("dense_fp32", "dense_int8", "pruned_int8")
   config.progress_bar = False
@@ -66,13 +68,100 @@ def test_train_and_evaluate(tmp_path):
   by_name = {r["recipe"]: r for r in metrics["recipes"]}
   assert by_name["pruned_int8"]["bytes"] < 0.1 * by_name["dense_fp32"]["bytes"]
   assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
-  assert (tmp_path / "pareto.png").stat().st_size > 1000
-  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert metrics["device_count"] == jax.device_count()
+  # The eval curve: held-out accuracy every eval_every=2 steps, in metrics and TensorBoard.
+  assert [p["step"] for p in metrics["eval_curve"]] == [2, 4, 6]
+  assert all(0.0 <= p["accuracy"] <= 1.0 for p in metrics["eval_curve"])
+  # config.json records the run's config.
+  saved_config = json.loads((tmp_path / "config.json").read_text())
+  assert saved_config["prune"]["final_sparsity"] == 0.9 and saved_config["dense_steps"] == 2
+  assert saved_config["recipes"] == ["dense_fp32", "dense_int8", "pruned_int8"]
+  assert saved_config["allow_config_change"] is False
+  events = train.wd.read_events(tmp_path / "tensorboard")
+  assert sorted(events["eval/accuracy"]) == [2, 4, 6]
+  assert events["eval/accuracy"][6] == pytest.approx(metrics["eval_curve"][-1]["accuracy"])
+  assert sorted(events["train/steps_per_sec"]) == [2, 4, 6]
+  assert all(v > 0 for v in events["train/steps_per_sec"].values())
+  assert events["run/device_count"] == {0: jax.device_count()}
+  assert events["eval/pruned_int8/accuracy"][6] == pytest.approx(by_name["pruned_int8"]["accuracy"])
+  assert '"final_sparsity": 0.9' in events["config"][0]
+  assert "_hparams_/session_start_info" in events
+  # Rerunning the finished workdir writes no point twice (nor any new one).
+  points = train.wd.count_points(tmp_path / "tensorboard")
+  assert train.train_and_evaluate(tiny(default_config.get_config()), str(tmp_path)) == metrics
+  again = train.wd.count_points(tmp_path / "tensorboard")
+  assert again == points and set(again.values()) == {1}
+  _check_png(tmp_path / "pareto.png")
   with jaxmem.CheckpointManager(tmp_path / "checkpoints") as mgr:
     assert mgr.latest_step() == 6
   with jaxmem.CheckpointManager(tmp_path / "compressed") as mgr:
     saved = mgr.restore()
   assert isinstance(saved["pruned_int8"]["Dense_0"]["kernel"], jaxmem.SparseArray)
+
+
+def _check_png(path):
+  """The Pareto plot: FIGSIZE * DPI pixels, and not blank."""
+  import matplotlib.image
+
+  from jaxmem.models import _plots
+
+  img = matplotlib.image.imread(path)
+  w, h = (round(v * _plots.DPI) for v in _plots.FIGSIZE)
+  assert img.shape[:2] == (h, w)
+  assert img[..., :3].std() > 0.05  # points, lines and text on white
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("recipes", ("dense_fp32", "dense_int3"), "unknown recipe(s) 'dense_int3'; valid recipes "
+     "are dense_fp32, dense_int8, dense_int4, pruned_fp32, pruned_int8, pruned_int4"),
+    ("dense_steps", -1, "config.dense_steps=-1: must be an integer >= 0"),
+    ("log_every", 0, "config.log_every=0: must be a positive integer"),
+    ("prune.final_sparsity", 1.0, "config.prune.final_sparsity=1.0: must be in [0, 1)"),
+    ("prune.scope", "local", "config.prune.scope='local': must be one of global, layer"),
+])
+def test_bad_config_is_refused_before_training(tmp_path, field, value, message):
+  config = tiny(default_config.get_config())
+  node, _, leaf = field.rpartition(".")
+  (config[node] if node else config)[leaf] = value
+  with pytest.raises(ValueError) as err:
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert message in str(err.value)
+  assert not (tmp_path / "w").exists()  # nothing written: no checkpoints, no config.json
+
+
+def test_resume_with_changed_config_is_refused_unless_allowed(tmp_path):
+  config = tiny(default_config.get_config())
+  config.prune.final_sparsity = 0.95
+  config.finetune_steps = 0
+  train.train_and_evaluate(config, str(tmp_path))
+  before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  changed = tiny(default_config.get_config())
+  changed.prune.final_sparsity = 0.5
+  changed.finetune_steps = 0
+  changed.log_every = 1  # ignored in the comparison (changes no result)
+  with pytest.raises(train.wd.ConfigChangedError) as err:
+    train.train_and_evaluate(changed, str(tmp_path))
+  msg = str(err.value)
+  assert "prune.final_sparsity: 0.95 -> 0.5" in msg and "allow_config_change" in msg
+  assert "log_every" not in msg.split("Not compared")[0]
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+  assert json.loads((tmp_path / "config.json").read_text())["prune"]["final_sparsity"] == 0.95
+  # Fields that change no result may differ: same config up to log_every/progress_bar.
+  same = tiny(default_config.get_config())
+  same.prune.final_sparsity = 0.95
+  same.finetune_steps = 0
+  same.log_every = 1
+  train.train_and_evaluate(same, str(tmp_path))
+  # With the override the run goes on (here: it had finished, so only the evaluation reruns)
+  # and the new config is recorded. tests/test_experiments.py continues a run for more steps.
+  changed.allow_config_change = True
+  metrics = train.train_and_evaluate(changed, str(tmp_path))
+  assert metrics["step"] == 4
+  assert json.loads((tmp_path / "config.json").read_text())["prune"]["final_sparsity"] == 0.5
+  events = train.wd.read_events(tmp_path / "tensorboard")
+  assert "prune.final_sparsity: 0.95 -> 0.5" in events["config_change"][4]
+  assert '"final_sparsity": 0.5' in events["config"][4]
+  assert set(train.wd.count_points(tmp_path / "tensorboard").values()) == {1}
 
 
 def test_tpu_config_data_parallel_on_simulated_devices(tmp_path):

@@ -2,7 +2,12 @@
 
   python experiments/minilm/main.py --workdir=/tmp/minilm \
       --config=experiments/minilm/configs/default.py --config.num_sentences=256
+
+Rerunning with the same --workdir skips finished recipes; a change of another field than
+recipes/progress_bar is refused unless --config.allow_config_change=True.
 """
+
+import sys
 
 import train
 from absl import app, flags, logging
@@ -19,6 +24,11 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  try:  # a bad or changed config: the message alone, before anything runs
+    train.validate_config(FLAGS.config)
+    train.wd.check_config(FLAGS.config, FLAGS.workdir, ignore=train.IGNORED_CONFIG_FIELDS)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -9,6 +9,7 @@ import json
 import pathlib
 
 import jax
+import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -43,7 +44,13 @@ def test_recipes_and_resume_by_name(tmp_path):
   assert fp32["cos_min"] > 0.99999 and fp32["topk_agreement"] == 1.0 and metrics["top_k"] == 3
   assert int8["cos_mean"] >= 0.999 and int8["ratio"] < 0.27
   assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
-  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  saved_config = json.loads((tmp_path / "config.json").read_text())
+  assert saved_config["recipes"] == ["fp32", "int8_weight"] and saved_config["top_k"] == 3
+  events = train.wd.read_events(tmp_path / "tensorboard")
+  assert events["int8_weight/cos_mean"] == {1: pytest.approx(int8["cos_mean"])}
+  assert events["run/device_count"] == {0: jax.device_count()}
+  assert '"top_k": 3' in events["config"][0]
+  _check_png(tmp_path / "pareto.png")
   saved = minilm.restore_params(tmp_path / "compressed", "int8_weight")
   kernel = saved["encoder"]["layer_0"]["intermediate"]["kernel"]
   assert isinstance(kernel, jaxmem.QArray) and kernel.qvalue.dtype == "int8"
@@ -56,6 +63,16 @@ def test_recipes_and_resume_by_name(tmp_path):
   again = train.train_and_evaluate(config, str(tmp_path))["recipes"]
   assert [r["recipe"] for r in again] == list(config.recipes)
   assert again[1]["marker"] == 1 and again[0]["cos_mean"] >= 0.99
+  # The rerun added the new recipe's points only: fp32 and int8_weight were not written again
+  # (neither at their old positions nor at their new ones).
+  counts = train.wd.count_points(tmp_path / "tensorboard")
+  assert set(counts.values()) == {1}
+  assert sorted(s for (tag, s) in counts if tag.endswith("/cos_mean")) == [0, 0, 1]
+  # recipes may change between reruns; other results-relevant fields may not.
+  config.top_k = 2
+  with pytest.raises(train.wd.ConfigChangedError, match="top_k: 3 -> 2"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert json.loads((tmp_path / "config.json").read_text())["top_k"] == 3
   # Each checkpoint holds its own recipe's params: fp32 exactly, the others with their own
   # bytes and layout.
   compressed = tmp_path / "compressed"
@@ -71,6 +88,26 @@ def test_recipes_and_resume_by_name(tmp_path):
   assert layer["intermediate"]["kernel"].act_bits == 8
   layer = restored["int8_weight"]["encoder"]["layer_0"]
   assert layer["intermediate"]["kernel"].act_bits is None
+
+
+def _check_png(path):
+  import matplotlib.image
+
+  from jaxmem.models import _plots
+
+  img = matplotlib.image.imread(path)
+  w, h = (round(v * _plots.DPI) for v in _plots.FIGSIZE)
+  assert img.shape[:2] == (h, w)
+  assert img[..., :3].std() > 0.05
+
+
+def test_bad_recipe_is_refused_before_loading(tmp_path):
+  config = tiny(default_config.get_config())
+  config.recipes = ("fp32", "int3_weight")
+  with pytest.raises(ValueError, match=r"unknown recipe\(s\) 'int3_weight'; valid recipes are "
+                     r"fp32, int8_weight, int8_weight_channel, int8_dynamic"):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
 
 
 def test_tpu_config_data_parallel_on_simulated_devices(tmp_path):

@@ -25,10 +25,14 @@ def get_config() -> ml_collections.ConfigDict:
   # weights saved at the end of the dense phase, "pruned_*" the final sparse weights.
   config.recipes = ("dense_fp32", "dense_int8", "dense_int4", "pruned_fp32", "pruned_int8",
                     "pruned_int4")
-  config.log_every = 50
+  config.log_every = 50  # train/loss, train/sparsity, train/steps_per_sec
+  config.eval_every = 100  # held-out accuracy of the training params (eval/accuracy)
   config.checkpoint_every = 250
   config.max_to_keep = 2
   config.progress_bar = True
+  # A rerun in a workdir whose config.json differs (results-relevant fields; see
+  # train.IGNORED_CONFIG_FIELDS) is refused unless this is True.
+  config.allow_config_change = False
   # Data parallelism: None runs on one device; a dict of mesh axis sizes (-1: all remaining
   # devices) shards each batch over the 'data' axis and replicates the params.
   config.mesh = None

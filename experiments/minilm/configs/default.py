@@ -18,6 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
   # int8_dynamic, int8_dynamic_all, int4_g<group> (e.g. int4_g64).
   config.recipes = ("fp32", "int8_weight", "int8_dynamic", "int4_g64")
   config.progress_bar = True
+  # A rerun in a workdir whose config.json differs (any field but recipes and progress_bar:
+  # results are keyed by recipe name) is refused unless this is True.
+  config.allow_config_change = False
   # Data parallelism: None runs on one device; {axis: size} (-1 = all remaining devices)
   # shards each batch over the 'data' axis, params replicated.
   config.mesh = None

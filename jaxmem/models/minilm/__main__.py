@@ -1,79 +1,84 @@
-"""The MiniLM main job (the README's): compress, evaluate, save each recipe's params.
+r"""The MiniLM main job (the README's): compress, evaluate, save each recipe's params.
 
-  python -m jaxmem.models.minilm --workdir /tmp/minilm
+  python -m jaxmem.models.minilm --workdir=/tmp/minilm
+  python -m jaxmem.models.minilm --workdir=/tmp/minilm --config.num_sentences=64 \
+      --config.recipes=fp32,int8_dynamic
 
 Loads all-MiniLM-L6-v2, compresses it with each recipe through jaxmem's param transforms,
 embeds the evaluation sentences, prints a table (bytes, ratio to fp32, cosine to fp32, top-10
 retrieval agreement, sentences/s) and saves each compressed parameter tree with
-:class:`jaxmem.CheckpointManager` in ``<workdir>/<recipe>/``
-(:func:`jaxmem.models.minilm.save_params`), then restores it to check.
+jaxmem.CheckpointManager in <workdir>/<recipe>/ (jaxmem.models.minilm.save_params), then
+restores it to check; <workdir>/config.json records the config the job ran with.
 
-Example (fp32 alone: nothing to save):
-  >>> import contextlib, io, tempfile
-  >>> with contextlib.redirect_stdout(io.StringIO()) as out:
-  ...   rows = main(['--workdir', tempfile.mkdtemp(), '--num-sentences', '4',
-  ...                '--batch-size', '4', '--recipes', 'fp32', '--no-progress'])
-  >>> rows[0]['recipe'], rows[0]['cos_min'] > 0.99999, 'top-10 agree' in out.getvalue()
-  ('fp32', True, True)
+Flags: --workdir (required) and --config, a Python file whose get_config() returns the
+config (default: jaxmem/models/minilm/config.py); --config.<field>=<value> overrides one
+field. The fields (see jaxmem.models.minilm.config):
+  num_sentences (512): evaluation sentences embedded by every recipe.
+  batch_size (32): sentences per embedding call.
+  recipes ('fp32,int8_weight,int8_dynamic,int4_g64'): comma-separated recipe names.
+  sensitivity (False): also run the W8A8 sensitivity pass on calibration sentences.
+  progress (True): a progress bar per recipe.
 """
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+from absl import app, flags
 
 import jaxmem
+from jaxmem.models import _cli
+from jaxmem.models.minilm import config as _config
 from jaxmem.models.minilm.data import calibration_sentences, eval_sentences
 from jaxmem.models.minilm.evaluate import evaluate_recipes, format_table, sensitivity
 from jaxmem.models.minilm.loader import load
-from jaxmem.models.minilm.recipes import (
-  DEFAULT_RECIPES,
-  RECIPES,
-  recipe,
-  restore_params,
-  save_params,
+from jaxmem.models.minilm.recipes import recipe, restore_params, save_params
+
+PROG = "python -m jaxmem.models.minilm"
+_FLAGS = dict(
+    config_module=_config,
+    workdir_help="Directory the job writes: config.json and one jaxmem.CheckpointManager "
+    "directory <recipe>/ per compressed recipe (created if missing).",
 )
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-  """Runs the main job with command-line ``argv``; returns the table's rows."""
-  parser = argparse.ArgumentParser(
-    prog="python -m jaxmem.models.minilm",
-    description="Compress all-MiniLM-L6-v2 with jaxmem recipes, compare them with fp32 on "
-    "real sentences, and save the compressed params with jaxmem.CheckpointManager (Orbax).",
-  )
-  parser.add_argument("--workdir", required=True, help="where <recipe>/ checkpoints are saved")
-  parser.add_argument("--num-sentences", type=int, default=512)
-  parser.add_argument("--batch-size", type=int, default=32)
-  parser.add_argument(
-    "--recipes",
-    default=",".join(DEFAULT_RECIPES),
-    help=f"comma-separated, from: {', '.join(RECIPES)}",
-  )
-  parser.add_argument(
-    "--sensitivity",
-    action="store_true",
-    help="also run the W8A8 sensitivity pass on calibration sentences",
-  )
-  parser.add_argument("--no-progress", action="store_true")
-  args = parser.parse_args(argv)
-  recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-  for r in recipes:
-    recipe(r)  # unknown names fail before the slow part
+def recipe_names(config) -> list[str]:
+  """The config's recipe list, checked (before the slow part).
 
-  workdir = pathlib.Path(args.workdir)
+  Raises:
+    ValueError: an unknown recipe (the message lists the known ones), no recipe, or a
+      count below 1.
+  """
+  _cli.check_config(config, _config)
+  if config.num_sentences < 1 or config.batch_size < 1:
+    raise ValueError("--config.num_sentences and --config.batch_size must be >= 1.")
+  spec = config.recipes
+  names = [r.strip() for r in spec.split(",")] if isinstance(spec, str) else list(spec)
+  names = [r for r in names if r]
+  if not names:
+    raise ValueError("--config.recipes: no recipe named.")
+  for r in names:
+    recipe(r)  # an unknown name fails before the slow part, listing the known ones
+  return names
+
+
+def run(workdir: str | pathlib.Path, config) -> list[dict[str, Any]]:
+  """Runs the job on a parsed config (fields: :mod:`jaxmem.models.minilm.config`)."""
+  names = recipe_names(config)
+  workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  _cli.write_config(workdir, config)
   m = load()
   print(
     f"all-MiniLM-L6-v2: {jaxmem.tree_bytes(m.params):,} fp32 weight bytes; "
-    f"{args.num_sentences} sentences, batch {args.batch_size}; {jax.devices()[0].device_kind}"
+    f"{config.num_sentences} sentences, batch {config.batch_size}; "
+    f"{jax.devices()[0].device_kind}"
   )
-  if args.sensitivity:
+  if config.sensitivity:
     sens = sensitivity(m, calibration_sentences(128))
     print("W8A8 sensitivity (calibration set; the named group kept int8 weight-only):")
     for r in sens:
@@ -87,10 +92,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
   rows = evaluate_recipes(
     m,
-    eval_sentences(args.num_sentences),
-    recipes,
-    batch_size=args.batch_size,
-    progress=not args.no_progress,
+    eval_sentences(config.num_sentences),
+    names,
+    batch_size=config.batch_size,
+    progress=config.progress,
     on_result=save,
   )
   print(format_table(rows))
@@ -100,5 +105,39 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   return rows
 
 
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+  """Runs the job with command-line ``argv`` (default ``sys.argv[1:]``; absl flags, parsed
+  by a :class:`absl.flags.FlagValues` of this call's own); returns the table's rows.
+
+  Raises:
+    absl.flags.Error: a bad flag or config override, or no ``--workdir``.
+    ValueError: an unknown recipe (the message lists the known ones), before the model loads.
+
+  Example (fp32 alone: nothing to save):
+    >>> import contextlib, io, json, pathlib, tempfile
+    >>> workdir = tempfile.mkdtemp()
+    >>> with contextlib.redirect_stdout(io.StringIO()) as out:
+    ...   rows = main([f'--workdir={workdir}', '--config.num_sentences=4',
+    ...                '--config.batch_size=4', '--config.recipes=fp32', '--config.progress=False'])
+    >>> rows[0]['recipe'], rows[0]['cos_min'] > 0.99999, 'top-10 agree' in out.getvalue()
+    ('fp32', True, True)
+    >>> json.loads((pathlib.Path(workdir) / 'config.json').read_text())['num_sentences']
+    4
+  """
+  fv = _cli.parse(argv, PROG, **_FLAGS)
+  return run(fv.workdir, fv.config)
+
+
+def _app_main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag.")
+  _cli.quiet_logging(flags.FLAGS)
+  try:
+    recipe_names(flags.FLAGS.config)
+  except ValueError as e:
+    _cli.fail(e)
+  run(flags.FLAGS.workdir, flags.FLAGS.config)
+
+
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  _cli.run_app(_app_main, module_name=sys.argv[0], **_FLAGS)

@@ -22,11 +22,11 @@ from typing import Any
 import jaxmem
 from jaxmem.models import _recipe_checkpoints as _ckpt
 
-# Found by `python -m jaxmem.models.minilm --sensitivity` (a measured pass on calibration
-# sentences, :func:`jaxmem.models.minilm.sensitivity`): with every Dense in W8A8, keeping the
-# value projections' activations out of int8 (weight-only, or W8A16 with bf16 activations as
-# the recipe does) recovers most of the lost fidelity (their errors reach the output
-# unattenuated by the softmax), while costing 1/12 of the Dense FLOPs.
+# Found by `python -m jaxmem.models.minilm --config.sensitivity=True` (a measured pass on
+# calibration sentences, :func:`jaxmem.models.minilm.sensitivity`): with every Dense in W8A8,
+# keeping the value projections' activations out of int8 (weight-only, or W8A16 with bf16
+# activations as the recipe does) recovers most of the lost fidelity (their errors reach the
+# output unattenuated by the softmax), while costing 1/12 of the Dense FLOPs.
 W8A8_WEIGHT_ONLY_RULE = r".*/attention/self/value/kernel"
 
 # int8_weight: one scale per 128 inputs and output feature of a kernel, per 128 features and
