@@ -1,6 +1,6 @@
 """Checkpoints of anything jaxmem produces, through Orbax, with restore targets built for you.
 
-:class:`CheckpointManager` wraps ``orbax.checkpoint.CheckpointManager`` (async saves,
+:class:`jaxmem.CheckpointManager` wraps ``orbax.checkpoint.CheckpointManager`` (async saves,
 ``max_to_keep``). Each step stores two Orbax items:
 
 * ``state``: the arrays, as a plain nested dict saved with ``StandardSave``. Every array
@@ -11,8 +11,8 @@
 * ``layout``: a JSON document (format ``"jaxmem.checkpoint/3"``) holding the full tree
   structure: container kinds (dict, list, tuple, NamedTuple, dataclass), each class by its
   *registered name* (``jaxmem.QArray``, ``optax.ScaleByAdamState``; see
-  :func:`register_checkpoint_type`) with its static fields (``bits``, ``pack_axis``,
-  ``act_bits``), and for each array its shape, dtype and crc32c checksum.
+  :func:`jaxmem.checkpoint.register_checkpoint_type`) with its static fields (``bits``,
+  ``pack_axis``, ``act_bits``), and for each array its shape, dtype and crc32c checksum.
 
 On restore the layout gives the abstract target, so users never hand-build one: a
 checkpoint of int8 params restores as QArrays, an optimizer state as the optax
@@ -27,8 +27,8 @@ What restore trusts (a checkpoint directory may come from anywhere):
   the registered classes: jaxmem's compressed types (``QArray``, ``SparseArray``) and its
   NamedTuple states (transform, pruning, distillation, train states), every state
   NamedTuple defined in optax, ``collections.OrderedDict``, ``flax.core.FrozenDict``, and
-  whatever you register with :func:`register_checkpoint_type`. A registered class is
-  called with the fields stored in the file (NamedTuples and dataclasses: register only
+  whatever you register with :func:`jaxmem.checkpoint.register_checkpoint_type`. A registered
+  class is called with the fields stored in the file (NamedTuples and dataclasses: register only
   types whose constructor has no side effects). A name that is not registered, a class
   used as the wrong node kind (a NamedTuple as a dataclass), fields that differ from the
   class's, an unknown node kind or a non-numeric dtype make the step corrupt.
@@ -69,9 +69,9 @@ Safety rules:
   layout, unregistered type, checksum mismatch) raises :class:`CheckpointCorruptError`
   naming the step and the path when that step was asked for explicitly. When the
   *latest* step is requested (``step=None``), the manager falls back to the newest step
-  that restores cleanly and emits a :class:`CheckpointFallbackWarning` naming the bad
-  step; a later ``save`` of that step number replaces the bad one. If no step restores,
-  :class:`CheckpointCorruptError` lists each step's failure.
+  that restores cleanly and emits a :class:`jaxmem.checkpoint.CheckpointFallbackWarning`
+  naming the bad step; a later ``save`` of that step number replaces the bad one. If no
+  step restores, :class:`CheckpointCorruptError` lists each step's failure.
 * **One writer per directory.** A manager opened for writing holds an exclusive
   ``fcntl.flock`` on ``<directory>/.jaxmem-writer.lock`` (its pid and host written in it)
   until :meth:`CheckpointManager.close`; the OS releases it if the process dies. A second
@@ -153,7 +153,7 @@ class CheckpointFallbackWarning(UserWarning):
 
 
 class CheckpointLockedError(ValueError):
-  """Another :class:`CheckpointManager` has the directory open for writing."""
+  """Another :class:`jaxmem.CheckpointManager` has the directory open for writing."""
 
 
 # ----------------------------------------------------------------------------- type registry
@@ -587,9 +587,9 @@ def _flat(nested: dict, paths: list[str]) -> list[Any]:
 def checkpoint_layout(tree: PyTree) -> dict:
   """The JSON layout document of ``tree`` (structure, static metadata, shapes, dtypes).
 
-  This is what :class:`CheckpointManager` writes next to the arrays (without the
+  This is what :class:`jaxmem.CheckpointManager` writes next to the arrays (without the
   checksums, which need concrete values). Classes appear by their registered name
-  (:func:`register_checkpoint_type`); an unregistered one is a ``TypeError``.
+  (:func:`jaxmem.checkpoint.register_checkpoint_type`); an unregistered one is a ``TypeError``.
 
   Example:
     >>> import jax.numpy as jnp, jaxmem
@@ -1300,8 +1300,8 @@ class CheckpointManager:
 
     Raises:
       TypeError: a node the layout cannot describe, a class that is not registered
-        (:func:`register_checkpoint_type`), or a traced/abstract array; the message names
-        its path.
+        (:func:`jaxmem.checkpoint.register_checkpoint_type`), or a traced/abstract array;
+        the message names its path.
       ValueError: ``step`` already exists (and was not found corrupt by a restore), or the
         manager is ``read_only``.
     """
@@ -1350,7 +1350,9 @@ class CheckpointManager:
     for (_, n), a in zip(_array_nodes(node), _host_arrays(values), strict=True):
       n["dtype"], n["shape"] = a.dtype.name, list(a.shape)
       n["crc32c"] = _array_crc32c(a)
-    plain = _nest([(p, v) for (p, _), v in zip(arrays, values, strict=True)])
+    # Orbax cannot write zero-size arrays (e.g. the index of a SparseArray with no nonzero):
+    # the layout already holds their shape, dtype and checksum, which is all of their content.
+    plain = _nest([(p, v) for (p, _), v in zip(arrays, values, strict=True) if v.size])
     layout = {"format": FORMAT, "paths": [p for p, _ in arrays], "tree": node}
     layout["crc32c"] = _layout_crc32c(layout)
     ocp = self._ocp
@@ -1429,10 +1431,11 @@ class CheckpointManager:
 
     Args:
       step: the step to restore; None: the latest step that reads back cleanly (an
-        unreadable newer step is skipped with a :class:`CheckpointFallbackWarning`).
+        unreadable newer step is skipped with a
+        :class:`jaxmem.checkpoint.CheckpointFallbackWarning`).
       target: optional tree of the expected structure (concrete or abstract, e.g.
-        :func:`abstract_target`); it must match the checkpoint exactly in structure,
-        leaf types and dtypes, and its arrays' shardings are used.
+        :func:`jaxmem.checkpoint.abstract_target`); it must match the checkpoint exactly in
+        structure, leaf types and dtypes, and its arrays' shardings are used.
       sharding: a ``jax.sharding.Sharding`` for every array, or a function
         ``(path, ShapeDtypeStruct) -> Sharding`` (paths like ``params/Dense_0/kernel/qvalue``);
         default: the target's shardings, else the first local device.
@@ -1519,13 +1522,14 @@ class CheckpointManager:
         for (_, n), sh in zip(nodes, shardings, strict=True)
     ]
     ocp = self._ocp
+    stored = [(p, a) for p, a in zip(layout.paths, abstract, strict=True) if a.size]
     try:
       out = self._manager.restore(
-          step,
-          args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(
-              _nest(list(zip(layout.paths, abstract, strict=True))))}),
-      )
-      values = _flat(out[_STATE], layout.paths)
+          step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(_nest(stored))}))
+      read = iter(_flat(out[_STATE], [p for p, _ in stored]))
+      # Zero-size arrays are not on disk (see save): their layout entry is their content.
+      values = [next(read) if a.size else jax.device_put(np.zeros(a.shape, a.dtype), a.sharding)
+                for a in abstract]
     except Exception as e:  # tensorstore/Orbax raise many types for truncated or missing data.
       raise self._corrupt(step, f"cannot be read ({type(e).__name__}: {e}).") from e
     if self.verify:
