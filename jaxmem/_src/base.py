@@ -21,9 +21,10 @@ Integer and bool leaves are never touched: a regex that selects one is an error.
 
 Non-finite weights: the quantizers and pruners take ``check_finite=True`` (the default)
 and raise a ``ValueError`` naming the leaf's path when a selected leaf holds NaN or Inf
-(see :func:`require_finite`): at once on concrete params, and inside ``jax.jit`` when the
-compiled function runs (there the error reaches you as a ``jax.errors.JaxRuntimeError``
-whose text holds the same message, raised by the call or by ``block_until_ready``).
+(see ``jaxmem._src.base.require_finite``): at once on concrete params, and inside
+``jax.jit`` when the compiled function runs (there the error reaches you as a
+``jax.errors.JaxRuntimeError`` whose text holds the same message, raised by the call or
+by ``block_until_ready``).
 """
 
 from __future__ import annotations
@@ -398,7 +399,7 @@ def leafwise(
     default: the selection used when ``where`` is None; default: float leaves.
     name: the transform's name, for error messages.
     check_finite: first check the selected float leaves for NaN/Inf, also under ``jit``
-      (see :func:`require_finite`).
+      (see ``jaxmem._src.base.require_finite``).
 
   Example:
     >>> import jax.numpy as jnp, jaxmem

@@ -92,7 +92,7 @@ class InputStats(NamedTuple):
 
 
 def row_stats(x: Any, *, hessian: bool = True) -> InputStats:
-  """The :class:`InputStats` of one batch: ``x [..., in]``, every leading position a row.
+  """The :class:`jaxmem.InputStats` of one batch: ``x [..., in]``, every leading position a row.
 
   Computed in float32 (``X^T X`` at highest precision); runs under ``jit``.
 

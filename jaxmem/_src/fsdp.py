@@ -12,18 +12,18 @@ all-gathers and reduce-scatters. Under scan over layers (``nn.scan``, ``lax.scan
 :func:`jaxmem.scan_layers`) the gathered weights of one layer live inside the loop body, so
 they are not kept across layers; with a remat policy the backward pass gathers them again.
 
-* :func:`fsdp_specs` gives the ``PartitionSpec`` tree of a params tree (or any tree): each
+* :func:`jaxmem.fsdp_specs` gives the ``PartitionSpec`` tree of a params tree (or any tree): each
   leaf with at least ``min_size`` values is sharded over the mesh axis on its largest
   axis that the axis size divides; smaller leaves, and leaves with no divisible axis, are
   replicated; ``rules={regex: spec}`` override leaves by path. A :class:`jaxmem.QArray`
   gets the specs of its values, scales and zero points from a float spec, as
   :func:`jaxmem.partition_specs` maps them.
-* :func:`fsdp_state_specs` shards an optimizer state like the params its leaves mirror
+* :func:`jaxmem.fsdp_state_specs` shards an optimizer state like the params its leaves mirror
   (optax states hold param-shaped trees under ``mu``, ``nu``, ...).
-* :func:`fsdp_train_step` builds an :class:`FSDPTrainStep`: :func:`jaxmem.train_step`
-  (microbatches, bf16 compute, frozen compressed leaves) under ``jit`` with those shardings,
-  the batch sharded on its leading axis over every mesh axis (a 2-D ``data`` x ``fsdp``
-  mesh: batch over both, params over ``fsdp``), the state donated.
+* :func:`jaxmem.fsdp_train_step` builds an :class:`jaxmem.distributed.FSDPTrainStep`:
+  :func:`jaxmem.train_step` (microbatches, bf16 compute, frozen compressed leaves) under
+  ``jit`` with those shardings, the batch sharded on its leading axis over every mesh axis
+  (a 2-D ``data`` x ``fsdp`` mesh: batch over both, params over ``fsdp``), the state donated.
 
 The math is the single-device full-batch step's: sharding changes where values live, not
 what they are (sums run in another order, so results agree to float rounding).
@@ -246,7 +246,7 @@ def fsdp_specs(
 
 
 def _float_spec(spec: Any) -> PartitionSpec | None:
-  """The float param's spec behind a spec tree of :func:`fsdp_specs` (None: not one)."""
+  """The float param's spec behind a spec tree of :func:`jaxmem.fsdp_specs` (None: not one)."""
   if isinstance(spec, PartitionSpec):
     return spec
   if spec is None:
@@ -273,13 +273,13 @@ def fsdp_state_specs(
   :func:`jaxmem.partition_specs`; a blockwise-quantized moment (``BlockQArray``, whose
   codes and block scales keep the param's rank and leading axes) gets the spec on each of
   its arrays the spec fits, the others replicated. Every other leaf (step counts, leaves
-  the spec does not fit) gets :func:`fsdp_specs`' default. A param a rule replicated keeps
+  the spec does not fit) gets :func:`jaxmem.fsdp_specs`' default. A param a rule replicated keeps
   its moments replicated too.
 
   Args:
     opt_state: the optimizer state (``StepState.opt_state``), concrete or abstract.
-    param_specs: the params' specs (from :func:`fsdp_specs`; the same paths as the params).
-    mesh, axis, min_size: as for :func:`fsdp_specs` (for the default).
+    param_specs: the params' specs (from :func:`jaxmem.fsdp_specs`; the same paths as the params).
+    mesh, axis, min_size: as for :func:`jaxmem.fsdp_specs` (for the default).
 
   Returns:
     The spec tree of ``opt_state``.
@@ -344,14 +344,14 @@ def _global(x: Any, sharding: NamedSharding) -> Any:
 
 
 class FSDPTrainStep:
-  """:func:`jaxmem.train_step` fully sharded under ``jit``; built by :func:`fsdp_train_step`.
+  """:func:`jaxmem.train_step` fully sharded under ``jit``; built by :func:`jaxmem.fsdp_train_step`.
 
   Use :meth:`init` for the sharded state, then ``state, metrics = step(state, batch,
   *args)``. A call donates the state (continue with the one it returns). The batch is
   split over the devices on its leading axis: pass the global batch in one process, or
   each process's share (its devices' rows, in order) with several processes; ``args``
   (e.g. a frozen teacher's params) keep their own shardings (place them with
-  :func:`fsdp_specs` too, or leave them replicated).
+  :func:`jaxmem.fsdp_specs` too, or leave them replicated).
 
   Attributes:
     mesh: the device mesh.
@@ -380,8 +380,8 @@ class FSDPTrainStep:
 
   # ------------------------------------------------------------------ specs and placement
   def state_specs(self, state: train_lib.StepState) -> train_lib.StepState:
-    """The :class:`jaxmem.StepState` of specs: params by :func:`fsdp_specs`, optimizer state
-    by :func:`fsdp_state_specs`, the step count replicated (concrete or abstract state)."""
+    """The :class:`jaxmem.StepState` of specs: params by :func:`jaxmem.fsdp_specs`, optimizer state
+    by :func:`jaxmem.fsdp_state_specs`, the step count replicated (concrete or abstract state)."""
     if not isinstance(state, train_lib.StepState):
       raise TypeError(
           f"FSDPTrainStep: state is a {type(state).__name__}, not a jaxmem.StepState; build it "
@@ -536,8 +536,8 @@ def fsdp_train_step(
 ) -> FSDPTrainStep:
   """A fully sharded (ZeRO-3) train step: :func:`jaxmem.train_step` under ``jit`` with shardings.
 
-  Params are sharded by :func:`fsdp_specs` (``axis``, ``min_size``, ``rules``), the
-  optimizer state like the params it mirrors (:func:`fsdp_state_specs`), gradients come out
+  Params are sharded by :func:`jaxmem.fsdp_specs` (``axis``, ``min_size``, ``rules``), the
+  optimizer state like the params it mirrors (:func:`jaxmem.fsdp_state_specs`), gradients come out
   of the backward pass with the params' shardings, and the batch is split on its leading
   axis over ``batch_axes``. Everything :func:`jaxmem.train_step` does carries over:
   microbatches (split ``"strided"``, so each device's rows divide evenly), a bf16
@@ -551,7 +551,7 @@ def fsdp_train_step(
     mesh: the device mesh, e.g. ``Mesh(devices.reshape(2, 2), ('data', 'fsdp'))``.
     axis: the mesh axis (or axes) params, gradients and optimizer state are sharded over.
     batch_axes: mesh axes the batch is split over (default: every mesh axis).
-    min_size, rules: see :func:`fsdp_specs`.
+    min_size, rules: see :func:`jaxmem.fsdp_specs`.
     microbatches, compute_dtype, trainable, has_aux: see :func:`jaxmem.train_step`.
     offload: parts of the state kept in host memory (``pinned_host`` memory kind) between
       steps: ``("opt_state",)`` and/or ``"params"``. The step copies them to device memory
@@ -562,14 +562,14 @@ def fsdp_train_step(
       arguments among the argument bytes.
 
   Returns:
-    An :class:`FSDPTrainStep`: ``state = step.init(params)``, then
+    An :class:`jaxmem.distributed.FSDPTrainStep`: ``state = step.init(params)``, then
     ``state, metrics = step(state, batch)``.
 
   Raises:
     TypeError, ValueError: a bad mesh, axis or ``batch_axes``, or any argument
       :func:`jaxmem.train_step` rejects; when called, a batch leaf whose leading size does
       not split over the batch devices, a consumed (donated) state, or a spec that does not
-      fit (see :func:`fsdp_specs`).
+      fit (see :func:`jaxmem.fsdp_specs`).
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np, optax

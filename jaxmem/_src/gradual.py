@@ -1,12 +1,12 @@
 """Pruning while training, as optax transformations whose masks live in the optimizer state.
 
-:func:`gradual_prune` raises sparsity along the cubic schedule of Zhu & Gupta 2017
+:func:`jaxmem.gradual_prune` raises sparsity along the cubic schedule of Zhu & Gupta 2017
 ("To prune, or not to prune: exploring the efficacy of pruning for model
 compression"): at mask-update steps ``t = t0, t0 + dt, ..., t0 + n dt`` the target is
 
     s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (n dt)) ** 3
 
-and the mask keeps the largest-magnitude weights. :func:`keep_masks` trains with fixed
+and the mask keeps the largest-magnitude weights. :func:`jaxmem.keep_masks` trains with fixed
 masks (e.g. after one-shot pruning). Both go LAST in ``optax.chain`` (after the learning
 rate), because they turn the final update ``u`` of a pruned weight ``p`` into ``-p``:
 after ``optax.apply_updates`` pruned weights are exactly zero after every step, and
@@ -32,14 +32,14 @@ PyTree = Any
 
 
 class GradualPruneState(NamedTuple):
-  """State of :func:`gradual_prune`."""
+  """State of :func:`jaxmem.gradual_prune`."""
 
   count: jax.Array  # [] int32: updates applied so far (the step index of the next update)
   masks: PyTree  # bool, shaped like each pruned param (True = kept); None at other leaves
 
 
 class KeepMasksState(NamedTuple):
-  """State of :func:`keep_masks`."""
+  """State of :func:`jaxmem.keep_masks`."""
 
   masks: PyTree  # bool, shaped like each pruned param (True = kept); None at other leaves
 
@@ -152,8 +152,8 @@ def gradual_prune(
 ) -> optax.GradientTransformation:
   """Gradual magnitude pruning (Zhu & Gupta 2017) as an optax transformation; put it last.
 
-  At every mask-update step (see :func:`sparsity_schedule`) the mask is recomputed from
-  the magnitudes of the weights after the step, keeping exactly
+  At every mask-update step (see :func:`jaxmem.sparsity.sparsity_schedule`) the mask is
+  recomputed from the magnitudes of the weights after the step, keeping exactly
   ``round((1 - s_t) * n)`` (per leaf for ``scope='layer'``, over all selected leaves
   for ``'global'``); pruned weights are zero and rank lowest, so masks only shrink. At
   every step the updates of pruned weights become ``-p``, so after

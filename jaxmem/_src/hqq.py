@@ -31,8 +31,8 @@ groups, whose scale is the float32 floor, stay finite. The result has exactly th
 packing axis). Only the integer values and the offsets differ, so it runs wherever an
 asymmetric QArray runs.
 
-* :func:`hqq_quantize`: one array;
-* :func:`quantize_hqq`: the param transform (the per-leaf layouts and ``stack_axes`` of
+* :func:`jaxmem.ops.hqq_quantize`: one array;
+* :func:`jaxmem.quantize_hqq`: the param transform (the per-leaf layouts and ``stack_axes`` of
   :func:`jaxmem.quantize_weights`).
 """
 
@@ -202,7 +202,7 @@ def hqq_quantize(
     pack_bits, act_bits: as :func:`jaxmem.ops.quantize`.
     path: the leaf's path, for error messages.
     check_finite: raise a ValueError naming ``path`` when a concrete ``w`` holds NaN/Inf
-      (traced values are not checked here; :func:`quantize_hqq` checks them under ``jit``).
+      (traced values are not checked here; :func:`jaxmem.quantize_hqq` checks them under ``jit``).
 
   Returns:
     An asymmetric :class:`jaxmem.QArray` (``offset`` set).
@@ -251,7 +251,7 @@ def _hqq_quantize(
     w, *, bits, group_size, group_axis, channel_axes, iters, p, beta, kappa, pack_bits, act_bits,
     path,
 ) -> QArray:
-  """:func:`hqq_quantize` after its checks: round-to-nearest, then the solver."""
+  """:func:`jaxmem.ops.hqq_quantize` after its checks: round-to-nearest, then the solver."""
   rtn = quantize(
       w, bits, channel_axes=channel_axes, group_size=group_size, group_axis=group_axis,
       symmetric=False, pack_bits=pack_bits, act_bits=act_bits, path=path, check_finite=False,
@@ -288,8 +288,8 @@ def quantize_hqq(
   :func:`jaxmem.quantize_weights` with ``symmetric=False`` and the same per-leaf layouts
   (kernels: per output feature, groups along the input axis; embeddings: per row, groups
   along features; ``stack_axes`` leading layer axes keep their own scales). Each leaf's
-  zero points are solved by :func:`hqq_quantize` instead of taken from its minimum, so the
-  result has exactly that transform's layout. Runs under ``jax.jit``.
+  zero points are solved by :func:`jaxmem.ops.hqq_quantize` instead of taken from its
+  minimum, so the result has exactly that transform's layout. Runs under ``jax.jit``.
 
   Args:
     bits: 2..8.
@@ -299,7 +299,7 @@ def quantize_hqq(
       channel.
     stack_axes: leading layer axes, an int or ``{regex: int}`` (see
       :func:`jaxmem.quantize_weights`).
-    iters, p, beta, kappa: solver settings (see :func:`hqq_quantize`).
+    iters, p, beta, kappa: solver settings (see :func:`jaxmem.ops.hqq_quantize`).
     check_finite: raise a ValueError naming the leaf when a selected leaf holds NaN/Inf,
       under ``jit`` too (see :func:`jaxmem.quantize_weights` for the cost and how the
       error arrives).

@@ -21,7 +21,7 @@ of ``base``, ``a`` and ``b``.
   :func:`jaxmem.ops.quantized_einsum`) run ``base_dot(x) + (alpha / r) (x . a) . b``:
   the base through its own quantized kernel, the adapters as two thin contractions, so
   no dense ``in x out`` copy of the base or of ``a @ b`` is made (layers without a
-  quantized kernel, e.g. ``Conv``, run on :meth:`LoRAWeight.materialize`);
+  quantized kernel, e.g. ``Conv``, run on :meth:`jaxmem.LoRAWeight.materialize`);
 * :func:`jaxmem.train_step` differentiates only ``a`` and ``b`` of a selected LoRAWeight
   (the base stays bit-identical; a float base is frozen too): ``trainable=None`` trains
   the adapters and every other float leaf, ``trainable=lora_trainable`` the adapters only;
@@ -376,7 +376,7 @@ def merge_lora(
 
   Args:
     requantize: None or False: the merged kernel is a float array in the base's dtype
-      (equal to :meth:`LoRAWeight.materialize`); True: re-quantized (round to nearest)
+      (equal to :meth:`jaxmem.LoRAWeight.materialize`); True: re-quantized (round to nearest)
       with the base QArray's own layout (bits, channel axes, groups, symmetry, packing,
       ``act_bits``); an int (2..8): the same layout at that many bits.
     where: leaves to merge; default: every :class:`LoRAWeight`.

@@ -2,7 +2,7 @@
 
 Adam keeps two float32 moments per parameter, 8 bytes per weight: twice the params. Following
 Dettmers, Lewis, Shleifer and Zettlemoyer (2022), "8-bit Optimizers via Block-wise
-Quantization" (ICLR 2022), the moments of large leaves are stored as :class:`BlockQArray`:
+Quantization" (ICLR 2022), the moments of large leaves are stored as :class:`jaxmem.BlockQArray`:
 each row of the leaf's last axis cut into blocks (at most ``block_size`` values, see below),
 each block divided by its absolute maximum (one float32 per block) and every value rounded to
 the nearest entry of a fixed non-linear code of ``2**bits`` values. Each update decodes the
@@ -33,7 +33,7 @@ Every value is rounded to the nearest code after dividing by its block's maximum
 ``|x - decode(encode(x))| <= max_gap / 2 * absmax`` per block, ``max_gap`` the largest gap
 between consecutive code values (the block maximum itself is exact: ±1 is a code).
 
-**Storage** of a :class:`BlockQArray` of shape ``[..., d]``: blocks run along the last axis
+**Storage** of a :class:`jaxmem.BlockQArray` of shape ``[..., d]``: blocks run along the last axis
 only, so the leading axes stay the param's. The block length ``b`` (:func:`row_block`) is a
 divisor of ``d`` of at most ``block_size`` -- preferring one that leaves ``d / b`` a
 multiple of 8, so that a last axis split over 2, 4 or 8 devices splits between blocks --
@@ -227,6 +227,7 @@ class BlockQArray(Compressed):
     return self.codes.shape[-1] * (8 // self.bits) // self.absmax.shape[-1]
 
   def materialize(self) -> jax.Array:
+    """The dense array (see :func:`jaxmem.optim.block_dequantize`)."""
     return block_dequantize(self)
 
   def __repr__(self) -> str:
@@ -254,7 +255,8 @@ def block_quantize(
     block_size: the most values per block (even for 4 bits); see :func:`row_block`.
 
   Returns:
-    A :class:`BlockQArray` with ``|x - materialize()| <= max_code_gap / 2 * absmax`` per block.
+    A :class:`jaxmem.BlockQArray` with ``|x - materialize()| <= max_code_gap / 2 * absmax``
+    per block.
 
   Raises:
     TypeError, ValueError: bad ``bits``/``block_size``/``signed``, or ``x`` is not float.
@@ -393,7 +395,7 @@ def block_codes(q: BlockQArray) -> jax.Array:
 
 
 def block_dequantize(q: BlockQArray) -> jax.Array:
-  """The dense array of a :class:`BlockQArray`: ``table[code] * absmax``, cropped and reshaped.
+  """The dense array of a :class:`~jaxmem.BlockQArray`: ``table[code] * absmax``, cropped, reshaped.
 
   Example:
     >>> import jax.numpy as jnp
@@ -598,7 +600,7 @@ class ScaleByAdam8bitState(NamedTuple):
 
   Attributes:
     count: ``[] int32``, updates so far.
-    mu: first moments, the params' structure: a ``dynamic_signed`` :class:`BlockQArray`
+    mu: first moments, the params' structure: a ``dynamic_signed`` :class:`jaxmem.BlockQArray`
       per leaf of >= ``min_size`` values, float32 arrays for the others.
     nu: second moments, likewise with ``dynamic_unsigned`` codes.
   """

@@ -1,6 +1,6 @@
 """Data parallelism for pmap-style per-replica steps.
 
-:func:`data_parallel` runs any per-replica step written in pmap style (an axis name,
+:func:`jaxmem.data_parallel` runs any per-replica step written in pmap style (an axis name,
 ``lax.pmean`` where replicas must agree) on several devices, with ``jax.shard_map`` over a
 ``Mesh`` (default) or ``jax.pmap``, donating the state buffers. :func:`jaxmem.train_step`
 builds such a step from a loss (``axis_name=`` names the axis of its ``pmean``).
@@ -38,7 +38,7 @@ def _array_leaves(tree: PyTree) -> list[tuple[str, Any]]:
 
 
 class DataParallel:
-  """A per-replica step run data-parallel; build it with :func:`data_parallel`.
+  """A per-replica step run data-parallel; build it with :func:`jaxmem.data_parallel`.
 
   Calling it takes the state in *replicated form* (from :meth:`replicate`, or a previous
   call's output) and global batches (the per-process batch with several processes), and

@@ -40,7 +40,7 @@ class MemoryProfile:
 
   @property
   def total_bytes(self) -> int:
-    """Device bytes live at the peak of the step: arguments + outputs - aliased + temps."""
+    """Device bytes live at the peak of the step (arguments + outputs - aliased + temps)."""
     return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
   def as_dict(self) -> dict[str, Any]:

@@ -131,7 +131,7 @@ class QArray(Compressed):
 
   @property
   def block_shape(self) -> tuple[int, ...]:
-    """Per axis, how many consecutive values share one scale (1: a channel axis)."""
+    """Per axis, how many consecutive values share one scale (1 for a channel axis)."""
     return tuple(n // max(s, 1) for n, s in zip(self.shape, self.scale.shape, strict=True))
 
   @property

@@ -20,7 +20,7 @@ How QAT hooks into a model -- explicitly, with no patching of jax or flax:
   params unchanged (STE), so any optax optimizer trains them. With pruning, apply the
   mask first (``qat.fake_quant(mask * params)``): zeros quantize to exactly zero.
 * **Activations** (8 bits, dynamic per row/token like the W8A8 run-time path): call
-  :func:`fake_quantize_activations` where you want it, or run a Linen model under
+  :func:`jaxmem.ops.fake_quantize_activations` where you want it, or run a Linen model under
   :func:`fake_quantize_linen_inputs`, a context manager built on
   ``flax.linen.intercept_methods`` that fake-quantizes the inputs of chosen layers.
 * **Convert**: ``jaxmem.transform(qat.convert, params)`` turns the trained float params
@@ -174,7 +174,7 @@ def qat_weights(
     stack_axes: leading layer axes (scan over layers), an int or ``{regex: int}``, as for
       :func:`jaxmem.quantize_weights`: each layer keeps its own scales.
     act_bits: 8 to record in the converted QArrays that layers quantize their inputs at
-      run time (dynamic W8A8; train with :func:`fake_quantize_activations` to match).
+      run time (dynamic W8A8; train with :func:`jaxmem.ops.fake_quantize_activations` to match).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, jaxmem

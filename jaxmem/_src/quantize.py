@@ -195,7 +195,7 @@ def quantize_weights(
 
   :func:`jaxmem.quantize_int8`, :func:`jaxmem.quantize_dynamic_int8` and
   :func:`jaxmem.quantize_int4` are presets of it. Each leaf gets the per-leaf layout of
-  :func:`jaxmem._src.quantize.leaf_layout` (kernels: per output feature, groups along the
+  ``jaxmem._src.quantize.leaf_layout`` (kernels: per output feature, groups along the
   input axis; embeddings: per row, groups along features), after ``stack_axes`` leading
   layer axes.
 

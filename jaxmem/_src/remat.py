@@ -12,7 +12,7 @@ Named policies (which forward values a remat'ed block keeps for the backward pas
   elementwise work (activations, norms, softmax).
 * ``"dots_no_batch"``: keeps only matmuls without batch dimensions (weight matmuls
   ``x @ W``); batched matmuls such as attention ``q @ k^T`` are recomputed.
-* ``"names"``: keeps only the values tagged with :func:`checkpoint_name` under one of
+* ``"names"``: keeps only the values tagged with :func:`jaxmem.memory.checkpoint_name` under one of
   ``names``.
 * ``"offload_dots_no_batch"`` / ``"offload_names"``: like the two above but the kept
   values move to pinned host memory between the passes (the backend must have a
@@ -71,8 +71,10 @@ def remat_policy(policy: str, names: Sequence[str] = ()) -> Callable[..., Any] |
   """The ``jax.checkpoint`` policy function for a named policy (None for ``"none"``/``"full"``).
 
   Args:
-    policy: one of :data:`REMAT_ALL_POLICIES`.
-    names: activation names (from :func:`checkpoint_name`) for the ``*names`` policies.
+    policy: one of :data:`jaxmem.memory.REMAT_POLICIES` or
+      :data:`jaxmem.memory.REMAT_OFFLOAD_POLICIES`.
+    names: activation names (from :func:`jaxmem.memory.checkpoint_name`) for the ``*names``
+      policies.
 
   Raises:
     ValueError: unknown policy, names missing for a ``*names`` policy (or given for another),
@@ -141,8 +143,9 @@ def remat(
 
   Args:
     target: what to wrap (see above).
-    policy: one of :data:`REMAT_ALL_POLICIES`.
-    names: names kept by the ``*names`` policies (see :func:`checkpoint_name`).
+    policy: one of :data:`jaxmem.memory.REMAT_POLICIES` or
+      :data:`jaxmem.memory.REMAT_OFFLOAD_POLICIES`.
+    names: names kept by the ``*names`` policies (see :func:`jaxmem.memory.checkpoint_name`).
     prevent_cse: passed to ``jax.checkpoint``; keep True outside scan.
     static_argnums: passed to ``jax.checkpoint`` / ``nn.remat``.
 

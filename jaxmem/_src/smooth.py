@@ -16,14 +16,14 @@ before the attention output projection) has those columns and its bias divided b
 float function is unchanged up to float rounding; what changes is which side of the matmul
 carries the channel's magnitude when it is quantized.
 
-* :func:`smoothquant_scales` (SmoothQuant): move activation outliers into the weights,
+* :func:`jaxmem.ops.smoothquant_scales` (SmoothQuant): move activation outliers into the weights,
   ``s_j = max|X_j|**alpha / max|W_j|**(1 - alpha)``, so that per-token int8 activations
   (W8A8) lose less.
-* :func:`awq_scales` (AWQ): protect the weights of salient input channels (large mean
+* :func:`jaxmem.ops.awq_scales` (AWQ): protect the weights of salient input channels (large mean
   ``|x_j|``) from weight-only rounding: ``s = mean|X|**alpha``, ``alpha`` searched on a grid to
   minimize the exact squared output error over the calibration rows, computed from
   ``H = X^T X`` alone; optionally followed by AWQ's clip search (shrink each group's max).
-* :func:`fold_input_scales`: the param transform applying scales to a params tree.
+* :func:`jaxmem.fold_input_scales`: the param transform applying scales to a params tree.
 
 Calibration statistics arrive as plain arrays per kernel input: ``act_absmax = max_rows |x_j|``,
 ``act_mean_abs = mean_rows |x_j|`` and ``hessian = X^T X`` (as :func:`jaxmem.input_hessians`
@@ -122,7 +122,7 @@ def smoothquant_scales(
   """SmoothQuant's per-input-channel scales: ``max|X_j|**alpha / max|W_j|**(1 - alpha)``.
 
   The max over weights runs over every kernel sharing this input (e.g. q, k and v after one
-  norm) and all their output columns. After folding (:func:`fold_input_scales`), channel
+  norm) and all their output columns. After folding (:func:`jaxmem.fold_input_scales`), channel
   ``j``'s activations are ``X_j / s_j`` and its weights ``s_j W_j``; with ``alpha = 0.5``
   both have the same max magnitude ``sqrt(max|X_j| max|W_j|)``, so per-token int8
   activations and per-channel int8 weights share the outlier's range.
@@ -189,7 +189,7 @@ def smoothquant_scales(
 
 @jax.jit
 def _smooth(a, ks, alpha, eps):
-  """:func:`smoothquant_scales`' arithmetic, one compiled call."""
+  """:func:`jaxmem.ops.smoothquant_scales`' arithmetic, one compiled call."""
   wmax = None
   for k in ks:
     m = jnp.max(jnp.abs(k.astype(jnp.float32)), axis=tuple(range(a.ndim, k.ndim)))
@@ -365,7 +365,7 @@ def awq_scales(
   column) max ``|w|`` is shrunk to a ratio in ``1.0, 0.95, ..., 0.55``, picked to minimize
   the same H-weighted error (groups visited in turn, exact given the others; never worse
   than no clipping). The clipped kernels come back in ``info['kernels']`` in the unscaled
-  space: put them into the params, then fold ``s`` (:func:`fold_input_scales`) and quantize
+  space: put them into the params, then fold ``s`` (:func:`jaxmem.fold_input_scales`) and quantize
   with ``jaxmem.quantize_weights(bits, group_size=group_size)``.
 
   Runs on concrete arrays (not under ``jit``); the search itself is one compiled call.
@@ -508,11 +508,11 @@ def awq_scales(
 
 
 class InputScale(NamedTuple):
-  """One input's scales and where they fold (an entry of :func:`fold_input_scales`).
+  """One input's scales and where they fold (an entry of :func:`jaxmem.fold_input_scales`).
 
   Attributes:
-    scale: ``(*stack, in)`` positive scales (from :func:`smoothquant_scales` or
-      :func:`awq_scales`); leading stack axes for params stacked by a scan over layers.
+    scale: ``(*stack, in)`` positive scales (from :func:`jaxmem.ops.smoothquant_scales` or
+      :func:`jaxmem.ops.awq_scales`); leading stack axes for params stacked by a scan over layers.
     kernels: path(s) of the kernels reading this input (``'layers/q/kernel'``); their input
       rows (the axis after the stack) are multiplied by ``scale``. Their leading axes are
       ``scale``'s shape.

@@ -1,6 +1,6 @@
 """The packed sparse array: nonzero values plus a compressed index. Pure array math, no Flax.
 
-A :class:`SparseArray` ``s`` of logical shape ``S`` (``n = prod(S)`` elements) stores:
+A :class:`jaxmem.SparseArray` ``s`` of logical shape ``S`` (``n = prod(S)`` elements) stores:
 
 * ``s.values``: the ``nnz`` kept entries in C (row-major) order. Float values keep the
   original dtype. Quantized values (``bits`` set) are int8, or flat uint8 holding
@@ -113,6 +113,7 @@ class SparseArray(Compressed):
     return None if a is None else self.shape[a] // self.scale.shape[a]
 
   def materialize(self) -> jax.Array:
+    """The dense array (jit-able; see :func:`jaxmem.ops.sparse_unpack`)."""
     return sparse_unpack(self)
 
   def __repr__(self) -> str:
@@ -190,7 +191,7 @@ def sparse_pack(
     encoding: str = "auto",
     path: str = "array",
 ) -> SparseArray:
-  """Packs an array into a :class:`SparseArray` (runs outside ``jit``: ``nnz`` is static).
+  """Packs an array into a :class:`jaxmem.SparseArray` (runs outside ``jit``: ``nnz`` is static).
 
   Args:
     x: a float array, or a symmetric :class:`jaxmem.QArray` (per channel, per tensor or
@@ -337,7 +338,7 @@ def _positions_dense(s: SparseArray, vals: jax.Array) -> jax.Array:
 
 
 def sparse_unpack(s: SparseArray, dtype=None) -> jax.Array:
-  """The dense array of a :class:`SparseArray` (jit-able), as ``dtype`` (default ``s.dtype``).
+  """The dense array of a :class:`~jaxmem.SparseArray` (jit-able), as ``dtype`` (default: its own).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -357,7 +358,7 @@ def sparse_unpack(s: SparseArray, dtype=None) -> jax.Array:
 
 
 def sparse_int_values(s: SparseArray) -> jax.Array:
-  """The dense int8 values of a quantized :class:`SparseArray` (jit-able)."""
+  """The dense int8 values of a quantized :class:`jaxmem.SparseArray` (jit-able)."""
   if s.bits is None:
     raise ValueError("sparse_int_values: the SparseArray holds float values (bits=None).")
   ints = unpack_ints(s.values, s.bits, -1, size=s.nnz) if s.packed else s.values

@@ -73,7 +73,7 @@ def plan_training(
     mesh: the device mesh; with ``fsdp=True`` it must have the ``axis`` axis.
     optimizers: name -> optax transformation, e.g. ``{"adamw": optax.adamw(1e-3),
       "adamw_8bit": jaxmem.optim.adamw_8bit(1e-3)}``.
-    policies: remat policies :func:`make_loss` accepts.
+    policies: remat policies ``make_loss`` accepts.
     microbatches: gradient-accumulation counts.
     fsdp: which of replicated (False) and sharded (True) to try.
     offload: state parts to keep in host memory, each a tuple (``()``: none; e.g.

@@ -62,7 +62,7 @@ class Compressed:
 
   @property
   def nbytes(self) -> int:
-    """Real storage bytes: the sum over the value's arrays (values, indices, scales)."""
+    """Real storage bytes, the sum over the value's arrays (values, indices, scales)."""
     return sum(
         math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(self)
     )

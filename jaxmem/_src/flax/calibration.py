@@ -3,7 +3,7 @@
 Runs the model through :func:`jaxmem.apply` (so compressed params work too) under
 ``flax.linen.intercept_methods`` (an official, scoped Flax API; nothing is patched): every
 ``nn.Dense`` call is seen with its module path, and its input is reduced at once to
-:class:`jaxmem.calibration.InputStats` (per-channel abs-max, sums of ``|x|`` and ``x^2``,
+:class:`jaxmem.InputStats` (per-channel abs-max, sums of ``|x|`` and ``x^2``,
 ``X^T X``). The reduction is *sown* into the ``"intermediates"`` collection, which is how
 values leave a lifted transform: a layer inside ``nn.scan`` gets one set of statistics per
 scanned layer, stacked on axis 0, provided the scan stacks that collection
@@ -88,7 +88,7 @@ def _stats_fn(model, patterns, rules, hessian: bool, seen: set[str]):
 
 def _calibrating(cls: type, hessian: bool, ran: set[str]) -> type:
   """``cls`` (an ``nnx.Linear`` or its quantized twin) whose call first sows its input's
-  :class:`InputStats` (the module's ``_jaxmem_stats`` attribute names the kernel path, added
+  :class:`jaxmem.InputStats` (the module's ``_jaxmem_stats`` attribute names the kernel path, added
   to ``ran`` when the call is traced)."""
   parent = cls.__call__
 
@@ -265,7 +265,7 @@ def calibrate_layers(
 
   For each layer ``i`` of ``layer_params`` (the stacked ``"params"`` of ``block``, axis 0 =
   layer): ``block`` runs with layer ``i``'s params on every input batch, collecting the
-  :class:`~jaxmem.calibration.InputStats` of its ``nn.Dense`` inputs (as :func:`input_stats`,
+  :class:`~jaxmem.InputStats` of its ``nn.Dense`` inputs (as :func:`input_stats`,
   paths relative to the block); ``compress(i, params_i, stats)`` returns the layer's new
   params (float or compressed); the next layer's inputs are this layer's outputs, computed
   with the compressed params through :func:`jaxmem.apply` when ``sequential`` (the error

@@ -26,10 +26,10 @@ def fake_quantize_linen_inputs(
   Uses ``flax.linen.intercept_methods`` (no patching): each ``__call__`` of a module of
   one of ``module_types`` whose path (``a/b/Dense_0``) fullmatches a pattern of
   ``where`` (None: every such module) gets its first argument passed through
-  :func:`fake_quantize_activations`. A pattern that chooses none of the layers that ran
+  :func:`jaxmem.ops.fake_quantize_activations`. A pattern that chooses none of the layers that ran
   inside the context is a ``ValueError`` when the context exits (a cached ``jax.jit``
   call runs no layer, so it is not checked). Pair it with ``qat_weights(8, act_bits=8)`` to
-  train for dynamic W8A8. For NNX models call :func:`fake_quantize_activations` in
+  train for dynamic W8A8. For NNX models call :func:`jaxmem.ops.fake_quantize_activations` in
   ``__call__``.
 
   Example:
