@@ -40,7 +40,7 @@ if _minilm_path.exists():
 
 # ----------------------------------------------------------------------------- workdir module
 
-wd = _digits.train.wd  # experiments/workdir.py, as both experiments load it
+from jaxmem.models import _workdir as wd  # noqa: E402  (the experiments' bookkeeping)
 
 
 def test_workdir_paths_keep_cloud_urls():

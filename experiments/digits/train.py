@@ -26,11 +26,8 @@ held-out split, and saved; ``workdir`` then holds::
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import pathlib
-import sys
 import time
 from typing import Any
 
@@ -43,21 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxmem
 from jaxmem.models import _plots, digits
-
-
-def _load_workdir_module():
-  """``experiments/workdir.py``, loaded by path (``train.py`` is itself loaded by path)."""
-  name = "jaxmem_experiments_workdir"
-  if name not in sys.modules:
-    path = pathlib.Path(__file__).resolve().parents[1] / "workdir.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
-
-
-wd = _load_workdir_module()
+from jaxmem.models import _workdir as wd
 
 RECIPES = tuple(f"{kind}_{fmt}" for kind in ("dense", "pruned") for fmt in ("fp32", "int8", "int4"))
 SCOPES = ("global", "layer")

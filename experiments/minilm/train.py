@@ -24,10 +24,7 @@ refused unless ``config.allow_config_change``; see :data:`IGNORED_CONFIG_FIELDS`
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
-import sys
 from typing import Any
 
 import ml_collections
@@ -36,21 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxmem
 from jaxmem.models import _plots, minilm
-
-
-def _load_workdir_module():
-  """``experiments/workdir.py``, loaded by path (``train.py`` is itself loaded by path)."""
-  name = "jaxmem_experiments_workdir"
-  if name not in sys.modules:
-    path = pathlib.Path(__file__).resolve().parents[1] / "workdir.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
-
-
-wd = _load_workdir_module()
+from jaxmem.models import _workdir as wd
 
 # Not compared with workdir/config.json on a rerun: results are keyed by recipe name, and the
 # progress bar changes nothing.

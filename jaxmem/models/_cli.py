@@ -132,6 +132,19 @@ def check_config(config: config_dict.ConfigDict, config_module: types.ModuleType
         f"the fields are {', '.join(config_module.get_config())}.")
 
 
+def recipe_list(spec: str | Sequence[str]) -> list[str]:
+  """The recipe names of ``config.recipes``: a comma-separated string or a sequence.
+
+  Raises:
+    ValueError: no name is given.
+  """
+  names = [r.strip() for r in spec.split(",")] if isinstance(spec, str) else list(spec)
+  names = [r for r in names if r]
+  if not names:
+    raise ValueError("--config.recipes: no recipe named.")
+  return names
+
+
 def write_config(workdir: pathlib.Path, config: config_dict.ConfigDict) -> pathlib.Path:
   """Writes ``config`` as ``<workdir>/config.json`` and returns its path."""
   path = workdir / "config.json"
@@ -150,6 +163,23 @@ def fail(error: Exception) -> None:
   """Exits with status 1 and absl's one-line flag error (no traceback)."""
   sys.exit(f"FATAL Flags parsing error: {error}\n"
            "Pass --help to see the flags and the config fields.")
+
+
+def app_main(recipe_names, run):
+  """The ``main`` that :func:`run_app` hands to :func:`absl.app.run`: checks the recipes
+  (``recipe_names(config)``) before anything slow, then ``run(workdir, config)``."""
+
+  def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag.")
+    quiet_logging(flags.FLAGS)
+    try:
+      recipe_names(flags.FLAGS.config)
+    except ValueError as e:
+      fail(e)
+    run(flags.FLAGS.workdir, flags.FLAGS.config)
+
+  return main
 
 
 def run_app(main, **define_kwargs) -> None:

@@ -1,8 +1,7 @@
 """Workdir bookkeeping shared by the experiments: paths, config records, TensorBoard events.
 
-Each experiment's ``train.py`` loads this file (``experiments/workdir.py``) by path, so it
-works both from ``main.py`` and from tests that load ``train.py`` with
-``importlib.util.spec_from_file_location``:
+Each experiment's ``train.py`` (``experiments/digits``, ``experiments/minilm``) imports it as
+``from jaxmem.models import _workdir as wd``:
 
 * :func:`as_path`: the workdir as an ``etils.epath.Path`` (``gs://bucket/x`` stays intact,
   where ``pathlib.Path`` would make it ``gs:/bucket/x``);

@@ -48,7 +48,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 
 import jaxmem
 from jaxmem._src import qdot  # cpu_summary: the CPU line under the table
@@ -116,11 +115,7 @@ def recipe_names(config, build: Callable | None = None) -> list[str]:
   from jaxmem.models.llama import recipes as _recipes
 
   _cli.check_config(config, _config)
-  spec = config.recipes
-  names = [r.strip() for r in spec.split(",")] if isinstance(spec, str) else list(spec)
-  names = [r for r in names if r]
-  if not names:
-    raise ValueError("--config.recipes: no recipe named.")
+  names = _cli.recipe_list(config.recipes)
   if build is None:
     for n in names:
       _recipes.parse(n)  # an unknown name fails before the slow part, listing the known ones
@@ -231,16 +226,5 @@ def main(argv: Sequence[str] | None = None, *,
   return run(fv.workdir, fv.config, source=source, build=build)
 
 
-def _app_main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag.")
-  _cli.quiet_logging(flags.FLAGS)
-  try:
-    recipe_names(flags.FLAGS.config)
-  except ValueError as e:
-    _cli.fail(e)
-  run(flags.FLAGS.workdir, flags.FLAGS.config)
-
-
 if __name__ == "__main__":
-  _cli.run_app(_app_main, module_name=sys.argv[0], **_FLAGS)
+  _cli.run_app(_cli.app_main(recipe_names, run), module_name=sys.argv[0], **_FLAGS)

@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-from absl import app, flags
 
 import jaxmem
 from jaxmem.models import _cli
@@ -56,11 +55,7 @@ def recipe_names(config) -> list[str]:
   _cli.check_config(config, _config)
   if config.num_sentences < 1 or config.batch_size < 1:
     raise ValueError("--config.num_sentences and --config.batch_size must be >= 1.")
-  spec = config.recipes
-  names = [r.strip() for r in spec.split(",")] if isinstance(spec, str) else list(spec)
-  names = [r for r in names if r]
-  if not names:
-    raise ValueError("--config.recipes: no recipe named.")
+  names = _cli.recipe_list(config.recipes)
   for r in names:
     recipe(r)  # an unknown name fails before the slow part, listing the known ones
   return names
@@ -128,16 +123,5 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   return run(fv.workdir, fv.config)
 
 
-def _app_main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag.")
-  _cli.quiet_logging(flags.FLAGS)
-  try:
-    recipe_names(flags.FLAGS.config)
-  except ValueError as e:
-    _cli.fail(e)
-  run(flags.FLAGS.workdir, flags.FLAGS.config)
-
-
 if __name__ == "__main__":
-  _cli.run_app(_app_main, module_name=sys.argv[0], **_FLAGS)
+  _cli.run_app(_cli.app_main(recipe_names, run), module_name=sys.argv[0], **_FLAGS)
