@@ -88,7 +88,6 @@ import jaxlib
 import numpy as np
 
 import jaxmem
-from jaxmem._src import qdot  # cpu_info/cpu_summary: the CPU under each table
 from jaxmem.models.llama import evaluate, recipes
 from jaxmem.models.llama.data import WINDOW_LENGTH, windows
 from jaxmem.models.llama.model import Llama
@@ -153,11 +152,12 @@ def run(methods, n_windows: int, repeats: int, new_tokens: int = 64,
   log(f"  compiled memory in {time.perf_counter() - t1:.1f} s; total "
       f"{time.perf_counter() - t0:.1f} s")
 
-  cpu, flags = qdot.cpu_info()
+  info = jaxmem.ops.kernel_info()
   records = [{
       "bench": "llm_env",
-      "cpu": cpu,
-      "cpu_flags": [f for f in qdot._ROUTE_CPU_FLAGS if f in flags],
+      "cpu": info.cpu,
+      "cpu_flags": list(info.cpu_features),
+      "int8_route": info.int8_route,
       "device": jax.devices()[0].device_kind,
       "jax": jax.__version__,
       "jaxlib": jaxlib.__version__,
@@ -199,7 +199,7 @@ def print_tables(records, new_tokens: int) -> None:
         f"({env['scored_tokens']:,}), {env['device']}, jax {env['jax']}, medians of "
         f"{env['repeats']} interleaved rounds; prompt {PROMPT_LEN}, {new_tokens} new tokens, "
         f"KV bytes at {KV_TOKENS} tokens, batch 1")
-  print(qdot.cpu_summary())
+  print(jaxmem.ops.kernel_info().summary())
   rows = [{"recipe": r["method"], "ratio": r["weight_bytes"] / fp32_bytes,
            "ppl_delta": r["ppl"] - env["fp32_ppl"], **r} for r in main]
   print(evaluate.format_table(rows))

@@ -56,7 +56,6 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jaxmem  # noqa: E402
-from jaxmem._src import qdot  # noqa: E402
 from jaxmem.models import transformer  # noqa: E402
 
 CFG = transformer.Config(vocab=256, d_model=128, heads=4, d_ff=512, layers=12, seq=64)
@@ -260,7 +259,7 @@ def main():
           f"{r['param_bytes'] / fp32['param_bytes']:>7.3f} {r['temp_bytes']:>11,} "
           f"{r['temp_bytes'] / fp32['temp_bytes']:>7.3f} {r['ms']:>8.1f} "
           f"{fp32['ms'] / r['ms']:>8.2f} {r['rel_err']:>8.4f}")
-  print(qdot.cpu_summary())
+  print(jaxmem.ops.kernel_info().summary())
 
 
 if __name__ == "__main__":

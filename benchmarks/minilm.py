@@ -42,7 +42,6 @@ import os
 import jax
 
 import jaxmem
-from jaxmem._src import qdot  # cpu_summary: the CPU line under each table
 from jaxmem.models import minilm
 
 S32 = "_s32"  # suffix: the same recipe with its W8A8 dots forced onto the int32 route
@@ -108,7 +107,7 @@ def main(argv=None):
     f"{jax.devices()[0].device_kind}, jax {jax.__version__}, median of {args.repeats} passes "
     "interleaved per batch"
   )
-  print(qdot.cpu_summary())
+  print(jaxmem.ops.kernel_info().summary())
   head = (
     f"{'method':<20} {'param_bytes':>12} {'ratio':>6} {'sent/s':>8} {'speedup':>8} "
     f"{'cos_mean':>9} {'cos_min':>8}"

@@ -39,7 +39,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmem
-from jaxmem._src import qdot  # cpu_summary: the CPU line under each table
 
 METHODS = ("fp32", "int8_weight", "int8_dynamic")
 # The same W8A8 params forced onto XLA's int8 x int8 -> int32 dot (jaxmem.ops.int8_dot_route); on
@@ -134,7 +133,7 @@ def print_table(rows, batch, features, layers, repeats):
   dev = jax.devices()[0]
   print(f"MLP {layers} x Dense({features}), batch {batch}, median of {repeats} interleaved "
         f"calls on {dev.platform} ({dev.device_kind}), jax {jax.__version__}")
-  print(qdot.cpu_summary())
+  print(jaxmem.ops.kernel_info().summary())
   header = (f"{'method':<18}{'param_bytes':>13}{'bytes/fp32':>12}{'ms':>10}"
             f"{'speed vs fp32':>15}{'rel_err':>10}")
   if peers:

@@ -52,7 +52,6 @@ import numpy as np
 import optax
 
 import jaxmem
-from jaxmem._src import qdot  # cpu_summary: the CPU line above the table
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "adamw_4bit")
 TASKS = ("digits_mlp", "bytes_lm")
@@ -275,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
   parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
   args = parser.parse_args(argv)
-  print(f"# {qdot.cpu_summary()}; jax {jax.__version__}, {jax.device_count()} device(s)")
+  print(f"# {jaxmem.ops.kernel_info().summary()}; jax {jax.__version__}, "
+        f"{jax.device_count()} device(s)")
   log = None if args.json else (lambda s: print(f"# {s}", flush=True))
   records = []
   t0 = time.perf_counter()

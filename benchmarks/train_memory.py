@@ -68,7 +68,6 @@ import optax  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 import jaxmem  # noqa: E402
-from jaxmem._src import qdot  # noqa: E402  (cpu_summary: the CPU line under the table)
 from jaxmem._src.fsdp import fsdp_train_step  # noqa: E402
 from jaxmem.models.llama import model as llama  # noqa: E402
 
@@ -224,7 +223,7 @@ def plan(budget_mib: float, batch: int, seq: int, head_chunk: int = HEAD_CHUNK) 
       policies=("none", "full"), microbatches=(1, 2), fsdp=(False, True))
   print(f"SmolLM2-135M train step, {DEVICES} simulated devices, batch {batch} x {seq} tokens; "
         f"jaxmem.memory.plan_training, per-device budget {budget_mib:g} MiB (total bytes)")
-  print(f"{qdot.cpu_summary()}; jax {jax.__version__}")
+  print(f"{jaxmem.ops.kernel_info().summary()}; jax {jax.__version__}")
   print(result.table())
 
 
@@ -262,8 +261,8 @@ def main():
   head = f"head in chunks of {args.head_chunk}" if args.head_chunk else "dense head"
   print(f"SmolLM2-135M train step, {DEVICES} simulated devices, batch {args.batch} x "
         f"{args.seq} tokens, {head}, AdamW; per-device MiB from XLA memory_analysis()")
-  print(f"{qdot.cpu_summary()}; jax {jax.__version__}; forward vs llama.Llama (tiny): max err "
-        f"{err:.1e}")
+  print(f"{jaxmem.ops.kernel_info().summary()}; jax {jax.__version__}; forward vs llama.Llama "
+        f"(tiny): max err {err:.1e}")
   print(f"{'config':18s} {'params':>9s} {'opt':>9s} {'temp':>9s} {'total':>9s}  vs replicated")
   for r in rows:
     ratio = f"{r['total_bytes'] / ref:.3f}x" if ref else "-"

@@ -11,7 +11,9 @@ from jaxmem._src.pruning import magnitude_mask, nm_mask
 from jaxmem._src.qarray import dequantize, pack_ints, quantize, unpack_ints
 from jaxmem._src.qat import fake_quantize, fake_quantize_activations
 from jaxmem._src.qdot import (
+    KernelInfo,
     int8_dot_route,
+    kernel_info,
     quantize_activations,
     quantized_conv,
     quantized_dot_general,
@@ -24,6 +26,7 @@ from jaxmem._src.sparsegpt import sparsegpt_kernel
 from jaxmem._src.wanda import wanda_mask
 
 __all__ = [
+    "KernelInfo",
     "awq_scales",
     "dequantize",
     "fake_quantize",
@@ -31,6 +34,7 @@ __all__ = [
     "gptq_kernel",
     "hqq_quantize",
     "int8_dot_route",
+    "kernel_info",
     "magnitude_mask",
     "nm_mask",
     "pack_ints",

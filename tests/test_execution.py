@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 import jaxmem
+from jaxmem._src import qdot
 
 
 def fake_quant_rows(x, axes):
@@ -206,7 +207,6 @@ def test_bf16_route_is_bit_identical_to_int32(case):
 
   All-ones activations and weights give the largest possible sums (127 * 127 * K).
   """
-  from jaxmem._src import qdot
 
   if case.startswith("dot"):
     k = int(case.split("k")[1])
@@ -238,6 +238,48 @@ def test_bf16_route_is_bit_identical_to_int32(case):
   np.testing.assert_array_equal(out["auto"], out["int32"])
   if case.startswith("dot"):
     np.testing.assert_allclose(out["int32"], np.full((3, 16), float(k)), rtol=1e-6)
+
+
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse2 avx avx2 fma
+processor\t: 1
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse2 avx avx2 fma
+"""
+
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd evtstrm aes crc32 atomics asimddp i8mm bf16
+CPU implementer\t: 0x41
+"""
+
+
+def test_cpuinfo_is_parsed_on_x86_and_arm():
+  model, flags = qdot._parse_cpuinfo(X86_CPUINFO)
+  assert model == "AMD EPYC 7B13" and {"avx2", "fma"} <= flags and "avx512f" not in flags
+  model, flags = qdot._parse_cpuinfo(ARM_CPUINFO)
+  assert model == "" and {"asimd", "asimddp", "i8mm", "bf16"} <= flags
+  assert qdot._parse_cpuinfo("") == ("", frozenset())
+
+
+def test_kernel_info_names_the_route_the_kernels_take():
+  """kernel_info's route is the one a W8A8 dot is lowered to, under each setting."""
+  q = jaxmem.ops.quantize(jnp.ones((64, 8)), channel_axes=(1,), act_bits=8)
+  f = jax.jit(lambda x, q: jaxmem.ops.quantized_dot_general(x, q, (((1,), (0,)), ((), ()))))
+  with jaxmem.ops.int8_dot_route("auto"):  # whatever $JAXMEM_INT8_DOT says
+    info = jaxmem.ops.kernel_info()
+  assert info.backend == jax.default_backend() == "cpu"
+  assert info.int8_route == ("bf16" if qdot._cpu_has_native_bf16() else "int32")
+  assert set(info.cpu_features) <= set(qdot.cpu_info()[1])
+  for mode in ("auto", "int32", "bf16"):
+    with jaxmem.ops.int8_dot_route(mode):
+      info = jaxmem.ops.kernel_info()
+      text = f.lower(jnp.ones((2, 64)), q).as_text()
+    assert info.route_setting == mode
+    assert ("xbf16>" in text) == (info.int8_route == "bf16"), (mode, info)
+    assert f"W8A8 route: {info.int8_route} ({mode})" in info.summary()
 
 
 def test_int8_route_is_validated():

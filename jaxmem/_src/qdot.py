@@ -60,9 +60,11 @@ copy of a weight.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
+import platform
 import string
 from collections.abc import Sequence
 
@@ -196,35 +198,99 @@ def int8_dot_route(route: str):
 
 # The host CPU features that decide which integer route is fast (and that benchmark tables
 # print beside their numbers: a speed ratio measured on one CPU does not hold on another).
-_ROUTE_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+# x86 from the "flags" line; ARM from "Features" (asimd = NEON, asimddp = dot product, i8mm).
+_ROUTE_CPU_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
+                    "amx_int8", "asimd", "asimddp", "i8mm", "bf16")
+
+
+def _parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
+  """``(model name, flags)`` from the text of Linux ``/proc/cpuinfo`` (x86 or ARM)."""
+  model, flags = "", frozenset()
+  for line in text.splitlines():
+    key, _, value = line.partition(":")
+    key = key.strip()
+    if key in ("model name", "Model", "Processor") and not model:
+      model = value.strip()
+    elif key in ("flags", "Features") and not flags:
+      flags = frozenset(value.split())
+  return model, flags
 
 
 @functools.cache
 def cpu_info() -> tuple[str, frozenset[str]]:
   """``(model name, flags)`` of this host's CPU from Linux ``/proc/cpuinfo`` (empty if absent)."""
-  model, flags = "", frozenset()
   try:
     with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name") and not model:
-          model = line.split(":", 1)[1].strip()
-        elif line.startswith("flags") and not flags:
-          flags = frozenset(line.split(":", 1)[1].split())
+      return _parse_cpuinfo(f.read())
   except OSError:
-    pass
-  return model, flags
-
-
-def cpu_summary() -> str:
-  """One line naming the CPU and which route-relevant features it has, for benchmark tables."""
-  model, flags = cpu_info()
-  have = [f for f in _ROUTE_CPU_FLAGS if f in flags]
-  return f"CPU: {model or 'unknown'}; flags: {' '.join(have) or 'none of ' + str(_ROUTE_CPU_FLAGS)}"
+    return "", frozenset()
 
 
 def _cpu_has_native_bf16() -> bool:
   """Whether this host's CPU advertises AVX512_BF16 or AMX-BF16 (Linux ``/proc/cpuinfo``)."""
   return bool(cpu_info()[1] & {"avx512_bf16", "amx_bf16"})
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelInfo:
+  """What jaxmem's integer kernels run on here (see :func:`jaxmem.ops.kernel_info`).
+
+  Attributes:
+    backend: JAX's default backend (``"cpu"``, ``"gpu"``, ``"tpu"``).
+    machine: the host architecture (``platform.machine()``, e.g. ``"x86_64"``, ``"aarch64"``).
+    cpu: the host CPU's model name ('' where Linux ``/proc/cpuinfo`` is absent).
+    cpu_features: the route-relevant CPU features present (AVX2, AVX-VNNI, AVX-512F/VNNI/BF16,
+      AMX; on ARM NEON ``asimd``, dot product ``asimddp``, ``i8mm``, ``bf16``).
+    int8_route: what a W8A8 product traced now runs as: ``"bf16"`` (exact bf16 dots with f32
+      accumulation: CPUs with AVX512_BF16 or AMX, or a forced route), ``"int32"``
+      (``int8 x int8 -> int32`` XLA dots) or, on GPU/TPU under ``"auto"``, ``"native"``
+      (XLA's own int8 dot).
+    route_setting: the setting it came from: ``"auto"``, ``"int32"`` or ``"bf16"`` (the
+      enclosing :func:`jaxmem.ops.int8_dot_route` block, else ``$JAXMEM_INT8_DOT``, else auto).
+  """
+
+  backend: str
+  machine: str
+  cpu: str
+  cpu_features: tuple[str, ...]
+  int8_route: str
+  route_setting: str
+
+  def summary(self) -> str:
+    """One line for benchmark tables: CPU, its route-relevant features, backend and route."""
+    feats = " ".join(self.cpu_features) or "none of " + " ".join(_ROUTE_CPU_FLAGS)
+    return (f"CPU: {self.cpu or 'unknown'} ({self.machine}); flags: {feats}; backend "
+            f"{self.backend}; W8A8 route: {self.int8_route} ({self.route_setting})")
+
+
+def kernel_info() -> KernelInfo:
+  """The CPU features and integer-dot route jaxmem's W8A8 kernels use here.
+
+  A speed ratio measured on one CPU does not hold on another (the bf16 route is fast only
+  where the CPU has native bf16 dots), so every benchmark prints :meth:`KernelInfo.summary`.
+
+  Example:
+    >>> import jaxmem
+    >>> info = jaxmem.ops.kernel_info()
+    >>> info.int8_route in ('int32', 'bf16', 'native'), info.route_setting
+    (True, 'auto')
+    >>> with jaxmem.ops.int8_dot_route('int32'):
+    ...   jaxmem.ops.kernel_info().int8_route
+    'int32'
+  """
+  model, flags = cpu_info()
+  setting = _ROUTE.value
+  backend = jax.default_backend()
+  if setting != "auto":
+    route = setting
+  elif backend != "cpu":
+    route = "native"
+  else:
+    route = "bf16" if _cpu_has_native_bf16() else "int32"
+  return KernelInfo(
+      backend=backend, machine=platform.machine(), cpu=model,
+      cpu_features=tuple(f for f in _ROUTE_CPU_FLAGS if f in flags), int8_route=route,
+      route_setting=setting)
 
 
 def _integer_op(op, xq, wq, labels, splittable=True, route=None, wmax=127):

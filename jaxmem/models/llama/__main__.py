@@ -50,7 +50,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmem
-from jaxmem._src import qdot  # cpu_summary: the CPU line under the table
 from jaxmem.models import _cli
 from jaxmem.models import _recipe_checkpoints as _ckpt
 from jaxmem.models.llama import config as _config
@@ -165,7 +164,7 @@ def run(workdir: str | os.PathLike, config, *,
   print(f"perplexity, KL, top-1: {wins.shape[0]} windows x {wins.shape[1] - 1} predicted tokens; "
         f"speed: batch 1, {c.prompt_len}-token prompt, {c.new_tokens} decoded tokens, "
         f"median of {c.repeats} interleaved rounds; KV bytes at {c.kv_tokens} tokens")
-  print(qdot.cpu_summary())
+  print(jaxmem.ops.kernel_info().summary())
   print(evaluate.format_table(rows))
   if c.plot:
     from jaxmem.models import _plots
