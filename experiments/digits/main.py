@@ -24,12 +24,10 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  try:  # a bad or changed config: the message alone, before anything runs
-    train.validate_config(FLAGS.config)
-    train.wd.check_config(FLAGS.config, FLAGS.workdir, ignore=train.IGNORED_CONFIG_FIELDS)
-  except ValueError as e:
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except train.wd.ConfigError as e:  # refused before anything ran: the message alone
     sys.exit(f"error: {e}")
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

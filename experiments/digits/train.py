@@ -19,13 +19,13 @@ held-out split, and saved; ``workdir`` then holds::
   checkpoints/<step>/      training state (resumable)
   compressed/<step>/       every recipe's compressed params, one checkpoint
   tensorboard/             event files (see README.md for the tags), each point written once
-  eval_curve.jsonl         held-out accuracy every eval_every steps, one JSON line per point
   metrics.json             final metrics
   pareto.png               bytes vs accuracy across recipes, Pareto front marked
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -50,7 +50,8 @@ IGNORED_CONFIG_FIELDS = ("progress_bar", "log_every", "eval_every", "checkpoint_
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError listing every invalid field; called before anything runs."""
+  """Raises ``wd.ConfigError`` (a ValueError) listing every invalid field; called before
+  anything runs."""
   errors = []
 
   def check(ok, msg):
@@ -85,7 +86,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"recipes are {', '.join(RECIPES)}")
     check(len(set(recipes)) == len(recipes), f"config.recipes={tuple(recipes)!r}: duplicates")
   if errors:
-    raise ValueError("invalid digits config:\n  " + "\n  ".join(errors))
+    raise wd.ConfigError("invalid digits config:\n  " + "\n  ".join(errors))
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:
@@ -147,10 +148,15 @@ def recipe_transform(name: str) -> jaxmem.ParamTransform | None:
   raise ValueError(f"unknown recipe {name!r}; valid recipes are {', '.join(RECIPES)}.")
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(model, params, x):
+  return jaxmem.apply(model, {"params": params}, x)
+
+
 def evaluate(model, params, data: digits.DigitsData) -> float:
-  """Held-out accuracy; compressed leaves run through :func:`jaxmem.apply`."""
-  logits = jax.jit(lambda p, x: jaxmem.apply(model, {"params": p}, x))(params, data.x_test)
-  return digits.accuracy(logits, data.y_test)
+  """Held-out accuracy; compressed leaves run through :func:`jaxmem.apply` (one compilation
+  per model and params structure, reused by every evaluation during training)."""
+  return digits.accuracy(_logits(model, params, data.x_test), data.y_test)
 
 
 def pareto_plot(rows: list[dict[str, Any]], path, title: str) -> None:
@@ -159,22 +165,13 @@ def pareto_plot(rows: list[dict[str, Any]], path, title: str) -> None:
                      xlabel="stored parameter bytes", ylabel="held-out accuracy")
 
 
-def _read_curve(path) -> list[dict[str, Any]]:
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_curve(path, curve: list[dict[str, Any]]) -> None:
-  path.write_text("".join(json.dumps(p) + "\n" for p in curve))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the experiment in ``workdir``; returns the final metrics.
 
-  Raises ValueError before anything is written when the config is invalid
-  (:func:`validate_config`) or differs from the one recorded in ``workdir/config.json``
-  (``wd.ConfigChangedError``; set ``config.allow_config_change=True`` to continue anyway).
+  Raises ``wd.ConfigError`` (a ValueError) before anything is written when the config is
+  invalid (:func:`validate_config`) or differs from the one recorded in
+  ``workdir/config.json`` (``wd.ConfigChangedError``; set
+  ``config.allow_config_change=True`` to continue anyway).
   """
   from tqdm import tqdm
 
@@ -202,15 +199,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   n_total = total_steps(config)
   train_step = make_train_step(model, tx)
-  eval_fn = jax.jit(lambda p, x: jaxmem.apply(model, {"params": p}, x))
   # The step runs on a jaxmem.StepState; checkpoints keep the plain dict above.
   step_state = jaxmem.StepState(np.int32(state["step"]), state["params"], state["opt_state"])
   dense_params = state["dense_params"]
   start = int(state["step"])
-  # Points after the restored step were written by a killed run: they are recomputed.
-  curve_file = workdir / "eval_curve.jsonl"
-  curve = [p for p in _read_curve(curve_file) if p["step"] <= start]
-  _write_curve(curve_file, curve)
   events = wd.EventLog(workdir / "tensorboard")
   if changed:
     events.text("config_change", "\n".join(f"* {c}" for c in changed), start)
@@ -249,9 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       bar.set_postfix(loss=f"{loss_f:.4f}", sparsity=f"{sparsity:.3f}",
                       steps_s=f"{steps_per_sec:.1f}")
     if done % config.eval_every == 0 or done == n_total:
-      acc = digits.accuracy(eval_fn(step_state.params, data.x_test), data.y_test)
-      curve.append({"step": done, "accuracy": acc})
-      _write_curve(curve_file, curve)
+      acc = evaluate(model, step_state.params, data)
       events.scalar("eval/accuracy", acc, done)
       tqdm.write(f"step {done}: held-out accuracy {acc:.4f}, train loss {float(loss):.4f}")
     if done % config.checkpoint_every == 0 or done == n_total:
@@ -280,6 +270,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     events.scalar(f"eval/{name}/accuracy", acc, n_total)  # skipped when already written
     events.scalar(f"eval/{name}/bytes", nbytes, n_total)
   events.close()
+  # The eval curve of the whole run, resumes included, as logged (each step once).
+  logged = wd.read_events(workdir / "tensorboard").get("eval/accuracy", {})
+  curve = [{"step": s, "accuracy": a} for s, a in sorted(logged.items())]
 
   with jaxmem.CheckpointManager(workdir / "compressed", max_to_keep=1) as cmgr:
     if n_total not in cmgr.all_steps():

@@ -42,7 +42,8 @@ SCALAR_KEYS = ("param_bytes", "ratio", "cos_mean", "cos_min", "topk_agreement", 
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError listing every invalid field; called before the model is loaded."""
+  """Raises ``wd.ConfigError`` (a ValueError) listing every invalid field; called before
+  the model is loaded."""
   errors = []
   recipes = config.recipes
   if isinstance(recipes, str) or not recipes:
@@ -65,7 +66,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
       errors.append(f"config.{field}={v!r}: must be a positive integer")
   if errors:
-    raise ValueError("invalid minilm config:\n  " + "\n  ".join(errors))
+    raise wd.ConfigError("invalid minilm config:\n  " + "\n  ".join(errors))
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh | None:
@@ -87,8 +88,8 @@ def finished_row(workdir, name: str) -> dict[str, Any] | None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs every recipe (skipping ones already finished in ``workdir``); returns the metrics.
 
-  Raises ValueError before anything is loaded or written when the config is invalid
-  (:func:`validate_config`) or differs from ``workdir/config.json``
+  Raises ``wd.ConfigError`` (a ValueError) before anything is loaded or written when the
+  config is invalid (:func:`validate_config`) or differs from ``workdir/config.json``
   (``wd.ConfigChangedError``; ``config.allow_config_change=True`` continues anyway).
   """
   validate_config(config)

@@ -16,7 +16,6 @@ its own (:func:`parse`), so calls share no flag state; ``python -m`` runs it und
 from __future__ import annotations
 
 import contextlib
-import json
 import pathlib
 import re
 import sys
@@ -143,13 +142,6 @@ def recipe_list(spec: str | Sequence[str]) -> list[str]:
   if not names:
     raise ValueError("--config.recipes: no recipe named.")
   return names
-
-
-def write_config(workdir: pathlib.Path, config: config_dict.ConfigDict) -> pathlib.Path:
-  """Writes ``config`` as ``<workdir>/config.json`` and returns its path."""
-  path = workdir / "config.json"
-  path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-  return path
 
 
 def quiet_logging(fv: flags.FlagValues) -> None:

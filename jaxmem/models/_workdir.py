@@ -6,10 +6,11 @@ Each experiment's ``train.py`` (``experiments/digits``, ``experiments/minilm``) 
 * :func:`as_path`: the workdir as an ``etils.epath.Path`` (``gs://bucket/x`` stays intact,
   where ``pathlib.Path`` would make it ``gs:/bucket/x``);
 * :func:`check_config` / :func:`write_config`: ``workdir/config.json`` holds the config of
-  the run; resuming with a different config is refused with the changed fields listed
-  (dotted paths, ``old -> new``) unless ``config.allow_config_change`` is True. Fields that
-  cannot change the results (progress bar, logging cadence, ...) are left out of the
-  comparison; each experiment lists its own in ``IGNORED_CONFIG_FIELDS``;
+  the run (the main jobs write it too); resuming with a different config is refused with
+  the changed fields listed (dotted paths, ``old -> new``) unless
+  ``config.allow_config_change`` is True. Fields that cannot change the results (progress
+  bar, logging cadence, ...) are left out of the comparison; each experiment lists its own
+  in ``IGNORED_CONFIG_FIELDS``;
 * :class:`EventLog`: a tensorboardX ``SummaryWriter`` on ``workdir/tensorboard`` that reads
   back the event files already there and never writes a ``(tag, step)`` twice, so a rerun or
   a resume after a kill adds no duplicate points; it also writes the config as TensorBoard
@@ -41,7 +42,13 @@ CONFIG_FILE = "config.json"
 ALWAYS_IGNORED = ("allow_config_change",)
 
 
-class ConfigChangedError(ValueError):
+class ConfigError(ValueError):
+  """A config refused before anything runs: invalid fields, or a changed config on resume.
+
+  An experiment's ``main.py`` prints it without a traceback."""
+
+
+class ConfigChangedError(ConfigError):
   """The workdir holds a run of another config (see :func:`check_config`)."""
 
 

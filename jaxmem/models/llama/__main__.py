@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmem
-from jaxmem.models import _cli
+from jaxmem.models import _cli, _workdir
 from jaxmem.models import _recipe_checkpoints as _ckpt
 from jaxmem.models.llama import config as _config
 from jaxmem.models.llama import evaluate
@@ -137,7 +137,7 @@ def run(workdir: str | os.PathLike, config, *,
   names = recipe_names(config, build)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  _cli.write_config(workdir, config)
+  _workdir.write_config(config, workdir)
   c = config
   t0 = time.perf_counter()
   src = source if isinstance(source, evaluate.Source) else (source or evaluate.load_smollm2)()

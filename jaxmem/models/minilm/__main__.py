@@ -30,7 +30,7 @@ from typing import Any
 import jax
 
 import jaxmem
-from jaxmem.models import _cli
+from jaxmem.models import _cli, _workdir
 from jaxmem.models.minilm import config as _config
 from jaxmem.models.minilm.data import calibration_sentences, eval_sentences
 from jaxmem.models.minilm.evaluate import evaluate_recipes, format_table, sensitivity
@@ -66,7 +66,7 @@ def run(workdir: str | pathlib.Path, config) -> list[dict[str, Any]]:
   names = recipe_names(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  _cli.write_config(workdir, config)
+  _workdir.write_config(config, workdir)
   m = load()
   print(
     f"all-MiniLM-L6-v2: {jaxmem.tree_bytes(m.params):,} fp32 weight bytes; "
