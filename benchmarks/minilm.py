@@ -40,6 +40,7 @@ import json
 import os
 
 import jax
+from quantization import route_of  # benchmarks/quantization.py: the route read from the HLO
 
 import jaxmem
 from jaxmem.models import minilm
@@ -50,25 +51,26 @@ ALL_METHODS = minilm.RECIPES + ("int8_dynamic" + S32,)
 
 
 def _compile(model, params, data, route: str):
-  """``fn(params, ids, mask)`` backed by one AOT executable per padded shape, traced on one
-  integer-dot route (:func:`jaxmem.ops.int8_dot_route`)."""
+  """``(fn(params, ids, mask), route)``: one AOT executable per padded shape, traced on one
+  integer-dot route (:func:`jaxmem.ops.int8_dot_route`), and the route the products took."""
   with jaxmem.ops.int8_dot_route(route):
     jitted = minilm.embed_fn(model)
     compiled = {}
     for b in data.batches:  # one executable per distinct padded shape
       if b.input_ids.shape not in compiled:
         compiled[b.input_ids.shape] = jitted.lower(params, b.input_ids, b.attention_mask).compile()
-  return lambda p, ids, mask: compiled[ids.shape](p, ids, mask)
+  return lambda p, ids, mask: compiled[ids.shape](p, ids, mask), next(iter(compiled.values()))
 
 
 def run(methods, n_sentences: int, batch_size: int, repeats: int) -> list[dict]:
   m = minilm.load()
   data = minilm.make_batches(m.tokenizer, minilm.eval_sentences(n_sentences), batch_size)
-  params, fns, emb = {}, {}, {}
+  params, fns, emb, routes = {}, {}, {}, {}
   for name in methods:
     params[name] = minilm.apply_recipe(name.removesuffix(S32), m.params)
     route = "int32" if name.endswith(S32) else os.environ.get("JAXMEM_INT8_DOT", "auto")
-    fns[name] = _compile(m.model, params[name], data, route)
+    fns[name], exe = _compile(m.model, params[name], data, route)
+    routes[name] = route_of(exe, None, None, name)
     emb[name] = minilm.embed(m.model, params[name], data, fn=fns[name])[0]
   speed = minilm.time_interleaved(fns, params, data, repeats)
   ref = emb["fp32"] if "fp32" in emb else minilm.embed(m.model, m.params, data)[0]
@@ -79,6 +81,7 @@ def run(methods, n_sentences: int, batch_size: int, repeats: int) -> list[dict]:
       "param_bytes": int(jaxmem.tree_bytes(params[name])),
       "sent_per_s": speed[name],
       **minilm.fidelity(ref, emb[name]),  # cos_mean, cos_min
+      "route": routes[name],
     }
     for name in methods
   ]
@@ -110,7 +113,7 @@ def main(argv=None):
   print(jaxmem.ops.kernel_info().summary())
   head = (
     f"{'method':<20} {'param_bytes':>12} {'ratio':>6} {'sent/s':>8} {'speedup':>8} "
-    f"{'cos_mean':>9} {'cos_min':>8}"
+    f"{'cos_mean':>9} {'cos_min':>8}  route"
   )
   print(head)
   print("-" * len(head))
@@ -119,7 +122,7 @@ def main(argv=None):
     speedup = r["sent_per_s"] / fp32["sent_per_s"] if fp32 else float("nan")
     print(
       f"{r['method']:<20} {r['param_bytes']:>12,} {ratio:>6.3f} {r['sent_per_s']:>8.1f} "
-      f"{speedup:>7.2f}x {r['cos_mean']:>9.5f} {r['cos_min']:>8.5f}"
+      f"{speedup:>7.2f}x {r['cos_mean']:>9.5f} {r['cos_min']:>8.5f}  {r['route']}"
     )
   return rows
 

@@ -20,16 +20,31 @@ every array leaf: int8 values, float scales and biases).
 
 If qwix is installed (``pip install qwix``), the table adds its PTQ of the same model as a
 peer column (timed in the same interleaved rounds); ``--json`` prints jaxmem's rows only.
+Every MLP row names the ``route`` its products took (read from the lowered HLO).
+
+**Decode-shaped products** (``gemv``): ``M x K x N`` = activation rows x inputs x outputs
+(SmolLM2's q/gate/up 1x576x1536, down 1x1536x576, LM head 1x576x49152 and batch-8 decode
+8x576x1536), one record per method: ``fp32`` (``x @ W``), ``int8_weight`` (int8 per output
+channel), ``int4_weight`` (int4, groups of 32 inputs, packed) and ``int8_dynamic`` (W8A8),
+through :func:`jaxmem.ops.quantized_dot_general`. ``us`` is the time per product inside a
+jitted ``lax.scan`` over 64 different activations (no dispatch overhead, nothing hoisted),
+median of ``--repeats`` interleaved rounds; ``route`` is what ran: ``native-<isa>`` (the
+native CPU kernel, :func:`jaxmem.ops.native_kernels`), ``xla`` (XLA's ops), or for W8A8 the
+integer-dot route (``bf16``/``int32``). ``--no-native`` times XLA's ops for every method.
+``1x576x49152T`` is the tied head's ``x @ E.T`` (the embedding ``[N, K]`` contracted on
+its last axis; int4 groups along K).
 
 Usage::
 
   python benchmarks/quantization.py            # table
   python benchmarks/quantization.py --json     # one JSON object per line
+  python benchmarks/quantization.py --only gemv
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -116,14 +131,98 @@ def measure(batch=256, features=1024, layers=4, repeats=30, warmup=3, peers=True
   rows = []
   for name in runs:
     out = np.asarray(outs[name], np.float64)
+    fn, p = runs[name]
     rows.append({
         "bench": "mlp",
         "method": name,
-        "param_bytes": int(jaxmem.tree_bytes(runs[name][1])),
+        "param_bytes": int(jaxmem.tree_bytes(p)),
         "ms": float(np.median(times[name]) * 1e3),
         "rel_err": float(np.linalg.norm(out - ref) / np.linalg.norm(ref)),
+        "route": route_of(fn, p, x, name) if not name.startswith("qwix_") else "qwix",
     })
   return rows
+
+
+def route_of(fn, params, x, method) -> str:
+  """What a method's products ran as, read from the lowered HLO of ``fn(params, x)``."""
+  text = fn.as_text() if hasattr(fn, "as_text") else fn.lower(params, x).as_text()
+  if "jaxmem_qmatmul" in text:
+    return f"native-{jaxmem.ops.kernel_info().native}"
+  if "dynamic" in method:
+    return "bf16" if ("xbf16>" in text or "bf16[" in text) else "int32"
+  return "xla-f32" if method == "fp32" else "xla"
+
+
+GEMV_SHAPES = ("1x576x1536", "1x1536x576", "1x576x49152", "8x576x1536", "1x576x49152T")
+GEMV_METHODS = ("fp32", "int8_weight", "int4_weight", "int8_dynamic")
+GEMV_STEPS = 64  # products per timed call (a scan over different activations)
+
+
+def gemv_weights(shape: str, seed: int = 0):
+  """``(x_steps [S, M, K], {method: weight}, dimension_numbers)`` for one decode shape."""
+  head = shape.endswith("T")
+  m, k, n = (int(v) for v in shape.rstrip("T").split("x"))
+  kx, kw = jax.random.split(jax.random.key(seed))
+  xs = jax.random.normal(kx, (GEMV_STEPS, m, k), jnp.float32)
+  w = jax.random.normal(kw, (n, k) if head else (k, n), jnp.float32) / np.sqrt(k)
+  chan, gaxis = ((0,), 1) if head else ((1,), 0)
+  weights = {
+      "fp32": w,
+      "int8_weight": jaxmem.ops.quantize(w, 8, channel_axes=chan),
+      "int4_weight": jaxmem.ops.quantize(w, 4, channel_axes=chan, group_size=32,
+                                         group_axis=gaxis),
+      "int8_dynamic": jaxmem.ops.quantize(w, 8, channel_axes=chan, act_bits=8),
+  }
+  dn = (((1,), (1,)), ((), ())) if head else (((1,), (0,)), ((), ()))
+  return xs, weights, dn
+
+
+def measure_gemv(shapes=GEMV_SHAPES, repeats=20, native=True):
+  """``{"bench": "gemv", "shape", "method", "us", "route"}`` per shape and method."""
+  rows = []
+  ctx = contextlib.nullcontext() if native else jaxmem.ops.native_kernels(False)
+  for shape in shapes:
+    xs, weights, dn = gemv_weights(shape)
+    with ctx:
+      fns = {}
+      for name, w in weights.items():
+        def steps(xs, w, dn=dn):
+          return jax.lax.scan(
+              lambda c, x: (c, jaxmem.ops.quantized_dot_general(x, w, dn)), 0.0, xs)[1]
+        fns[name] = jax.jit(steps).lower(xs, w).compile()
+    ref = np.asarray(fns["fp32"](xs, weights["fp32"]), np.float64)
+    times = {name: [] for name in fns}
+    for name, f in fns.items():
+      jax.block_until_ready(f(xs, weights[name]))
+    for _ in range(repeats):
+      for name, f in fns.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(xs, weights[name]))
+        times[name].append((time.perf_counter() - t0) / GEMV_STEPS)
+    for name, f in fns.items():
+      out = np.asarray(f(xs, weights[name]), np.float64)
+      rows.append({
+          "bench": "gemv", "shape": shape, "method": name,
+          "us": float(np.median(times[name]) * 1e6),
+          "route": route_of(f, weights[name], xs, name),
+          "rel_err": float(np.linalg.norm(out - ref) / np.linalg.norm(ref)),
+          "weight_bytes": int(jaxmem.tree_bytes(weights[name])),
+      })
+  return rows
+
+
+def print_gemv(rows, repeats):
+  print(f"\nDecode-shaped products (M x K x N), us per product in a jitted scan of {GEMV_STEPS}, "
+        f"median of {repeats} interleaved rounds")
+  print(jaxmem.ops.kernel_info().summary())
+  header = (f"{'shape':<14}{'method':<14}{'weight_bytes':>14}{'us':>10}{'vs fp32':>9}"
+            f"{'rel_err':>10}  route")
+  print(header)
+  print("-" * (len(header) + 14))
+  base = {r["shape"]: r["us"] for r in rows if r["method"] == "fp32"}
+  for r in rows:
+    print(f"{r['shape']:<14}{r['method']:<14}{r['weight_bytes']:>14,}{r['us']:>10.1f}"
+          f"{base[r['shape']] / r['us']:>8.2f}x{r['rel_err']:>10.4f}  {r['route']}")
 
 
 def print_table(rows, batch, features, layers, repeats):
@@ -135,7 +234,7 @@ def print_table(rows, batch, features, layers, repeats):
         f"calls on {dev.platform} ({dev.device_kind}), jax {jax.__version__}")
   print(jaxmem.ops.kernel_info().summary())
   header = (f"{'method':<18}{'param_bytes':>13}{'bytes/fp32':>12}{'ms':>10}"
-            f"{'speed vs fp32':>15}{'rel_err':>10}")
+            f"{'speed vs fp32':>15}{'rel_err':>10}  {'route':<14}")
   if peers:
     header += f"{'qwix speed':>12}{'qwix rel_err':>14}"
   print(header)
@@ -143,7 +242,8 @@ def print_table(rows, batch, features, layers, repeats):
   for name in METHODS + (S32,):
     r = by_name[name]
     line = (f"{name:<18}{r['param_bytes']:>13,}{r['param_bytes'] / base['param_bytes']:>12.3f}"
-            f"{r['ms']:>10.2f}{base['ms'] / r['ms']:>14.2f}x{r['rel_err']:>10.4f}")
+            f"{r['ms']:>10.2f}{base['ms'] / r['ms']:>14.2f}x{r['rel_err']:>10.4f}"
+            f"  {r['route']:<14}")
     peer = by_name.get("qwix_" + name)
     if peer is not None:
       line += f"{base['ms'] / peer['ms']:>11.2f}x{peer['rel_err']:>14.4f}"
@@ -160,14 +260,28 @@ def main(argv=None):
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=30, help="timed calls per method (>= 20)")
   parser.add_argument("--no-peers", action="store_true", help="skip the qwix peer column")
+  parser.add_argument("--only", choices=("mlp", "gemv"), help="run one of the two benchmarks")
+  parser.add_argument("--no-native", action="store_true",
+                      help="decode products on XLA's ops only (jaxmem.ops.native_kernels(False))")
+  parser.add_argument("--gemv-shapes", default=",".join(GEMV_SHAPES),
+                      help="comma-separated M x K x N (a trailing T: x @ W.T)")
   args = parser.parse_args(argv)
-  rows = measure(args.batch, args.features, args.layers, args.repeats, peers=not args.no_peers)
+  rows = []
+  if args.only != "gemv":
+    rows = measure(args.batch, args.features, args.layers, args.repeats, peers=not args.no_peers)
+  gemv = [] if args.only == "mlp" else measure_gemv(
+      tuple(args.gemv_shapes.split(",")), args.repeats, native=not args.no_native)
   if args.json:  # the contract: jaxmem's methods only
     for r in rows:
       if r["method"] in METHODS + (S32,):
         print(json.dumps(r))
+    for r in gemv:
+      print(json.dumps(r))
   else:
-    print_table(rows, args.batch, args.features, args.layers, args.repeats)
+    if rows:
+      print_table(rows, args.batch, args.features, args.layers, args.repeats)
+    if gemv:
+      print_gemv(gemv, args.repeats)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ build your own layer or transform.
 from jaxmem._src.calibration import row_stats
 from jaxmem._src.gptq import gptq_kernel
 from jaxmem._src.hqq import hqq_quantize
+from jaxmem._src.native import native_kernels
 from jaxmem._src.pruning import magnitude_mask, nm_mask
 from jaxmem._src.qarray import dequantize, pack_ints, quantize, unpack_ints
 from jaxmem._src.qat import fake_quantize, fake_quantize_activations
@@ -36,6 +37,7 @@ __all__ = [
     "int8_dot_route",
     "kernel_info",
     "magnitude_mask",
+    "native_kernels",
     "nm_mask",
     "pack_ints",
     "quantize",

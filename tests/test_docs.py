@@ -16,6 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _modules():
   names = ["jaxmem"]
   for info in pkgutil.walk_packages(jaxmem.__path__, "jaxmem."):
+    if info.name == "jaxmem._native._qmatmul":  # the native kernel library, loaded by ctypes
+      continue
     names.append(info.name)
   return sorted(names)
 

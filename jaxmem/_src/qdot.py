@@ -48,10 +48,16 @@ is mutated and no cache is cleared):
   invalid value makes the import fail with a ``ValueError``); unset, it is ``auto``.
 
 ``auto`` picks bf16 accumulation on CPUs advertising AVX512_BF16/AMX (host
-``/proc/cpuinfo``) through ``lax.platform_dependent``, so GPU and TPU lowerings keep
+``/proc/cpuinfo``, unless ``$XLA_FLAGS`` caps XLA below AVX-512 with
+``--xla_cpu_max_isa``) through ``lax.platform_dependent``, so GPU and TPU lowerings keep
 their native int8 ops; everywhere else it is ``int32``. ``bf16`` forces the bf16 route
 on every platform; contractions that cannot be split exactly (grouped convolutions over
 1040 elements) stay on int32.
+
+**Weight-only decode products on CPU** (:func:`quantized_dot_general` of a 2-D int8 or
+packed int4 weight-only QArray with at most 16 activation rows) run on jaxmem's native
+kernel (:mod:`jaxmem._src.native`, :func:`jaxmem.ops.native_kernels`): XLA:CPU's
+convert-then-dot is 2-15x slower than its float32 dot at those shapes.
 
 All kernels are jit-, vmap- and eval_shape-compatible; nothing here stores a float
 copy of a weight.
@@ -70,8 +76,10 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from jaxmem._src import native
 from jaxmem._src.lora import LoRAWeight, adapter_product
 from jaxmem._src.qarray import QArray, expand_blocks, int_values, unpack_ints
 from jaxmem._src.tree import Compressed
@@ -227,7 +235,14 @@ def cpu_info() -> tuple[str, frozenset[str]]:
 
 
 def _cpu_has_native_bf16() -> bool:
-  """Whether this host's CPU advertises AVX512_BF16 or AMX-BF16 (Linux ``/proc/cpuinfo``)."""
+  """Whether this host's CPU advertises AVX512_BF16 or AMX-BF16 (Linux ``/proc/cpuinfo``).
+
+  False when XLA is capped below AVX-512 (``--xla_cpu_max_isa=AVX2`` in ``$XLA_FLAGS``):
+  XLA then emulates bf16 dots, far slower than its int8 ones.
+  """
+  cap = native.xla_max_isa()
+  if cap is not None and not (cap.startswith("AVX512") or cap.startswith("AMX")):
+    return False
   return bool(cpu_info()[1] & {"avx512_bf16", "amx_bf16"})
 
 
@@ -247,6 +262,10 @@ class KernelInfo:
       (XLA's own int8 dot).
     route_setting: the setting it came from: ``"auto"``, ``"int32"`` or ``"bf16"`` (the
       enclosing :func:`jaxmem.ops.int8_dot_route` block, else ``$JAXMEM_INT8_DOT``, else auto).
+    native: the native CPU kernels of weight-only int8/int4 decode products
+      (:func:`jaxmem.ops.native_kernels`): the instruction set they run with here
+      (``"avx512"``, ``"avx2"``, ``"portable"``), ``"off (...)"`` or ``"unavailable: ..."``
+      with the reason (then XLA's ops run).
   """
 
   backend: str
@@ -255,12 +274,20 @@ class KernelInfo:
   cpu_features: tuple[str, ...]
   int8_route: str
   route_setting: str
+  native: str
 
   def summary(self) -> str:
-    """One line for benchmark tables: CPU, its route-relevant features, backend and route."""
+    """One line for benchmark tables: CPU, its route-relevant features, backend and routes."""
     feats = " ".join(self.cpu_features) or "none of " + " ".join(_ROUTE_CPU_FLAGS)
     return (f"CPU: {self.cpu or 'unknown'} ({self.machine}); flags: {feats}; backend "
-            f"{self.backend}; W8A8 route: {self.int8_route} ({self.route_setting})")
+            f"{self.backend}; W8A8 route: {self.int8_route} ({self.route_setting}); "
+            f"weight-only decode route: {self.weight_only_route}")
+
+  @property
+  def weight_only_route(self) -> str:
+    """``native-<isa>`` where decode-shaped weight-only products run natively, else ``xla``."""
+    on_cpu = self.native in native.ISAS and self.backend == "cpu"
+    return f"native-{self.native}" if on_cpu else "xla"
 
 
 def kernel_info() -> KernelInfo:
@@ -290,7 +317,7 @@ def kernel_info() -> KernelInfo:
   return KernelInfo(
       backend=backend, machine=platform.machine(), cpu=model,
       cpu_features=tuple(f for f in _ROUTE_CPU_FLAGS if f in flags), int8_route=route,
-      route_setting=setting)
+      route_setting=setting, native=native.status())
 
 
 def _integer_op(op, xq, wq, labels, splittable=True, route=None, wmax=127):
@@ -534,10 +561,124 @@ def quantized_dot_general(
         dtype=dtype, out_dtype=preferred_element_type, kind="dot_general", path=path,
         int8_route=int8_route,
     )
-  return _quantized_op(
-      op, lhs, rhs, (lhs_labels, rhs_labels, out_labels), lc, dtype=dtype,
-      out_dtype=preferred_element_type, kind="dot_general", path=path, int8_route=int8_route,
-  )
+
+  def xla_op(lhs, rhs):
+    return _quantized_op(
+        op, lhs, rhs, (lhs_labels, rhs_labels, out_labels), lc, dtype=dtype,
+        out_dtype=preferred_element_type, kind="dot_general", path=path, int8_route=int8_route,
+    )
+
+  _check_route(int8_route, f"dot_general '{path}': int8_route")
+  layout = _native_layout(lhs, rhs, dn, dtype)
+  if layout is None:
+    return xla_op(lhs, rhs)
+  out_dtype = preferred_element_type or (
+      jnp.dtype(dtype) if dtype is not None else jnp.result_type(lhs.dtype, rhs.dtype))
+  return lax.platform_dependent(
+      lhs, rhs, cpu=lambda lhs, rhs: _native_product(lhs, rhs, *layout).astype(out_dtype),
+      default=xla_op)
+
+
+# ----------------------------------------------------------------------------- native route
+
+
+def _native_layout(lhs, rhs, dn, dtype):
+  """``(nk, bits, group)`` when ``lhs . rhs`` can run on the native CPU kernel, else None.
+
+  The native route (:mod:`jaxmem._src.native`) takes weight-only int8 (any ``bits`` stored
+  unpacked as int8) and packed int4 2-D weights contracted on one axis with the last axis of
+  at most ``native.MAX_ROWS`` float activation rows, scales (and offsets) per output channel
+  or per group along the contracted axis.
+  """
+  if not isinstance(rhs, QArray) or rhs.act_bits is not None or len(rhs.shape) != 2:
+    return None
+  (lc, rc), (lb, _) = dn
+  if lb or lc != (lhs.ndim - 1,) or rc not in ((0,), (1,)):
+    return None
+  cdt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(lhs.dtype, rhs.dtype)
+  if cdt not in (jnp.float32, jnp.bfloat16, jnp.float16) or not jnp.issubdtype(
+      lhs.dtype, jnp.floating) or math.prod(lhs.shape[:-1]) > native.MAX_ROWS:
+    return None
+  kax = rc[0]
+  k = rhs.shape[kax]
+  if rhs.packed:
+    if rhs.bits != 4 or rhs.pack_axis % 2 != kax or rhs.qvalue.shape[kax] * 2 != k:
+      return None
+    bits = 4
+  elif rhs.qvalue.dtype == jnp.int8:
+    bits = 8
+  else:
+    return None
+  group = k // rhs.scale.shape[kax]
+  if group % 2 and bits == 4:
+    return None
+  if not native.enabled():
+    return None
+  return kax == 1, bits, group
+
+
+def _native_operands(rhs: QArray, nk: bool):
+  """The kernel's ``(scale, offset)``: float32, ``(G, N)`` (``(N, G)`` for nk), N expanded."""
+  nax = 0 if nk else 1
+
+  def full(s):
+    shape = list(s.shape)
+    shape[nax] = rhs.shape[nax]
+    return jnp.broadcast_to(expand_blocks(s, shape), shape).astype(jnp.float32)
+
+  return full(rhs.scale), None if rhs.offset is None else full(rhs.offset)
+
+
+def _native_reference(x, q, scale, offset, bits, group, nk):
+  """What the native kernel computes, in XLA ops (its gradient, and the checked meaning)."""
+  axis = 1 if nk else 0
+  v = q if bits == 8 else unpack_ints(q, 4, axis)
+  w = v.astype(jnp.float32) * jnp.repeat(scale, group, axis=axis)
+  if offset is not None:
+    w = w + jnp.repeat(offset, group, axis=axis)
+  return x @ (w.T if nk else w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _native_call(x, q, scale, offset, bits, group, nk):
+  n = q.shape[0] if nk else q.shape[1]
+  return native.qmatmul(x, q, scale, offset, bits=bits, group=group, nk=nk, n=n)
+
+
+def _native_fwd(x, q, scale, offset, bits, group, nk):
+  return _native_call(x, q, scale, offset, bits, group, nk), (x, q, scale, offset)
+
+
+def _native_bwd(bits, group, nk, res, g):
+  x, q, scale, offset = res
+  _, vjp = jax.vjp(lambda x, s, o: _native_reference(x, q, s, o, bits, group, nk),
+                   x, scale, offset)
+  dx, ds, do = vjp(g)
+  dq = np.zeros(q.shape, jax.dtypes.float0)
+  return dx, dq, ds, do
+
+
+_native_call.defvjp(_native_fwd, _native_bwd)
+
+
+def _varying_axes(a) -> frozenset:
+  """The shard_map mesh axes a traced value varies over (empty outside shard_map)."""
+  aval = jax.typeof(a)
+  mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
+  return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _native_product(lhs, rhs: QArray, nk: bool, bits: int, group: int) -> jax.Array:
+  """``lhs . rhs`` (float32) on the native kernel, in ``lax.dot_general``'s output layout."""
+  scale, offset = _native_operands(rhs, nk)
+  x = lhs.reshape(-1, lhs.shape[-1]).astype(jnp.float32)
+  y = _native_call(x, rhs.qvalue, scale, offset, bits, group, nk)
+  # Inside shard_map the custom call's result is not marked as varying over the mesh axes
+  # its operands vary over: mark it, as XLA's own dot would be.
+  vma = frozenset().union(*(_varying_axes(a) for a in jax.tree.leaves((lhs, rhs))))
+  if vma:
+    y = lax.pcast(y, tuple(sorted(vma)), to="varying")
+  return y.reshape(lhs.shape[:-1] + (y.shape[-1],))
 
 
 # ----------------------------------------------------------------------------- einsum

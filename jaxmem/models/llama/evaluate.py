@@ -509,7 +509,8 @@ def kernel_route(params) -> str:
     >>> p = {'layers': {'mlp': {'up': {'kernel': jnp.ones((2, 8, 4))}}}}
     >>> kernel_route(p)
     'f32 dot'
-    >>> kernel_route(jaxmem.transform(jaxmem.quantize_int8(stack_axes=1), p))
+    >>> with jaxmem.ops.native_kernels(False):
+    ...   kernel_route(jaxmem.transform(jaxmem.quantize_int8(stack_axes=1), p))
     'int8 weights converted to f32 in the dot, per-channel scale on the output'
   """
   from jaxmem._src import qdot
@@ -525,11 +526,19 @@ def kernel_route(params) -> str:
     elif w.act_bits == 8:
       phrase = ("int8 x int8 as exact bf16 dots (AVX512_BF16/AMX)" if qdot._cpu_has_native_bf16()
                 else "int8 x int8 -> int32 dot") + ", activations quantized per token"
-    elif w.scale.shape[-2] == 1:  # one scale along the contracted (input) axis
-      phrase = f"int{w.bits} weights converted to f32 in the dot, per-channel scale on the output"
     else:
-      phrase = (f"int{w.bits} {'packed ' if w.packed else ''}weights dequantized "
-                f"(groups of {w.shape[-2] // w.scale.shape[-2]}) in jit, f32 dot")
+      if w.scale.shape[-2] == 1:  # one scale along the contracted (input) axis
+        phrase = f"int{w.bits} weights converted to f32 in the dot, per-channel scale on the output"
+      else:
+        phrase = (f"int{w.bits} {'packed ' if w.packed else ''}weights dequantized "
+                  f"(groups of {w.shape[-2] // w.scale.shape[-2]}) in jit, f32 dot")
+      # Decode steps (<= native.MAX_ROWS rows) of one layer's kernel: the native CPU kernel?
+      layer = jax.eval_shape(lambda w: w[(0,) * (len(w.shape) - 2)], w)
+      row = jax.ShapeDtypeStruct((1, w.shape[-2]), jnp.float32)
+      if jax.default_backend() == "cpu" and qdot._native_layout(
+          row, layer, (((1,), (0,)), ((), ())), None) is not None:
+        phrase = (f"decode: native {jaxmem.ops.kernel_info().native} int{w.bits} kernel; "
+                  f"prefill: {phrase}")
     if phrase not in phrases:
       phrases.append(phrase)
   return "; ".join(phrases) or "no block kernels"

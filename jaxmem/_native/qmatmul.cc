@@ -1,0 +1,438 @@
+// Weight-only int8 / int4 matrix products for XLA:CPU, called through jax.ffi.
+//
+//   y[m, n] = sum_g ( s[g, n] * sum_{k in g} x[m, k] * q[k, n]  +  o[g, n] * sum_{k in g} x[m, k] )
+//
+// x: float32 (M, K). q: the integer weight, int8 values or int4 values packed two per byte
+// along K (jaxmem.ops.pack_ints: the even k in the low nibble, sign-extended). s, o: float32
+// scales and offsets per group of `group` consecutive k (group == K: per output channel).
+// Two layouts of the weight:
+//   "kn" (a Dense kernel, contracted on axis 0): q (K, N) int8 or (K/2, N) uint8, s/o (G, N);
+//   "nk" (a tied LM head x @ E.T, contracted on axis 1): q (N, K) or (N, K/2), s/o (N, G).
+// Accumulation is float32 in k order within a group (vector lanes reorder the sum for "nk"):
+// the result is within float32 rounding of the dequantize-then-dot reference, which the tests
+// pin. Decode-shaped products (M small) are memory-bound: reading 1 (int8) or 0.5 (int4) bytes
+// per weight instead of XLA's 4 (float32) is the speedup.
+//
+// The ISA is chosen at run time (AVX-512 > AVX2+FMA > portable C), capped by
+// jaxmem_set_max_isa (jaxmem passes XLA's --xla_cpu_max_isa and $JAXMEM_NATIVE_ISA through
+// it). Columns (kn) or rows (nk) are split over XLA's intra-op thread pool.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define JAXMEM_X86 1
+#include <immintrin.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+struct Problem {
+  const float* x;
+  const uint8_t* q;  // int8 values or packed int4 bytes
+  const float* s;
+  const float* o;  // nullptr: symmetric
+  float* y;
+  int64_t M, K, N, group;
+  int bits;  // 8 or 4
+};
+
+inline int NibbleLo(uint8_t b) { return static_cast<int8_t>(static_cast<uint8_t>(b << 4)) >> 4; }
+inline int NibbleHi(uint8_t b) { return static_cast<int8_t>(b) >> 4; }
+
+inline float Weight(const Problem& p, int64_t k, int64_t n, bool nk) {
+  if (p.bits == 8) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(p.q);
+    return static_cast<float>(nk ? q[n * p.K + k] : q[k * p.N + n]);
+  }
+  uint8_t b = nk ? p.q[n * (p.K / 2) + k / 2] : p.q[(k / 2) * p.N + n];
+  return static_cast<float>((k & 1) ? NibbleHi(b) : NibbleLo(b));
+}
+
+// Portable C: any CPU, and the column / row tails of the vector kernels.
+void PortableRange(const Problem& p, bool nk, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t G = p.K / p.group;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* x = p.x + m * p.K;
+    for (int64_t n = n0; n < n1; ++n) {
+      float out = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        float acc = 0.f, xs = 0.f;
+        for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) {
+          acc += x[k] * Weight(p, k, n, nk);
+          xs += x[k];
+        }
+        const int64_t si = nk ? n * G + g : g * p.N + n;
+        out += acc * p.s[si];
+        if (p.o) out += xs * p.o[si];
+      }
+      p.y[m * p.N + n] = out;
+    }
+  }
+}
+
+// Sums of x over each group (the offset term), [M][G].
+std::vector<float> GroupSums(const Problem& p) {
+  const int64_t G = p.K / p.group;
+  std::vector<float> xs(p.o ? p.M * G : 0);
+  if (!p.o) return xs;
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float t = 0.f;
+      for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) t += p.x[m * p.K + k];
+      xs[m * G + g] = t;
+    }
+  return xs;
+}
+
+}  // namespace
+
+// --------------------------------------------------------------------------- vector kernels
+// One body, compiled once per ISA: the traits struct V gives the lane width and the few
+// operations the kernels use.
+#define JAXMEM_KERNEL_BODY                                                                       \
+  /* kn: a tile of NV vectors of output columns, MB rows of x at a time. */                       \
+  template <int MB, int NV>                                                                      \
+  void KnTile(const Problem& p, const float* xs, int64_t m0, int64_t n0) {                      \
+    constexpr int W = V::kWidth;                                                                 \
+    const int64_t G = p.K / p.group;                                                             \
+    typename V::F out[MB][NV], acc[MB][NV];                                                      \
+    for (int i = 0; i < MB; ++i)                                                                 \
+      for (int j = 0; j < NV; ++j) out[i][j] = V::Zero();                                        \
+    for (int64_t g = 0; g < G; ++g) {                                                            \
+      for (int i = 0; i < MB; ++i)                                                               \
+        for (int j = 0; j < NV; ++j) acc[i][j] = V::Zero();                                      \
+      const int64_t kb = g * p.group, ke = kb + p.group;                                         \
+      if (p.bits == 8) {                                                                         \
+        const int8_t* q = reinterpret_cast<const int8_t*>(p.q) + n0;                             \
+        for (int64_t k = kb; k < ke; ++k) {                                                      \
+          typename V::F w[NV];                                                                   \
+          for (int j = 0; j < NV; ++j) w[j] = V::LoadI8(q + k * p.N + j * W);                    \
+          for (int i = 0; i < MB; ++i) {                                                         \
+            typename V::F xb = V::Set1(p.x[(m0 + i) * p.K + k]);                                 \
+            for (int j = 0; j < NV; ++j) acc[i][j] = V::Fma(xb, w[j], acc[i][j]);                \
+          }                                                                                      \
+        }                                                                                        \
+      } else {                                                                                   \
+        const uint8_t* q = p.q + n0;                                                             \
+        /* odd k into a second accumulator: two independent FMA chains per column */           \
+        typename V::F acc1[MB][NV];                                                              \
+        for (int i = 0; i < MB; ++i)                                                             \
+          for (int j = 0; j < NV; ++j) acc1[i][j] = V::Zero();                                   \
+        for (int64_t k = kb; k < ke; k += 2) {                                                   \
+          typename V::F lo[NV], hi[NV];                                                          \
+          for (int j = 0; j < NV; ++j) V::LoadU4(q + (k / 2) * p.N + j * W, &lo[j], &hi[j]);     \
+          for (int i = 0; i < MB; ++i) {                                                         \
+            typename V::F x0 = V::Set1(p.x[(m0 + i) * p.K + k]);                                 \
+            typename V::F x1 = V::Set1(p.x[(m0 + i) * p.K + k + 1]);                             \
+            for (int j = 0; j < NV; ++j) {                                                       \
+              acc[i][j] = V::Fma(x0, lo[j], acc[i][j]);                                          \
+              acc1[i][j] = V::Fma(x1, hi[j], acc1[i][j]);                                        \
+            }                                                                                    \
+          }                                                                                      \
+        }                                                                                        \
+        for (int i = 0; i < MB; ++i)                                                             \
+          for (int j = 0; j < NV; ++j) acc[i][j] = V::Add(acc[i][j], acc1[i][j]);                \
+      }                                                                                          \
+      for (int j = 0; j < NV; ++j) {                                                             \
+        typename V::F s = V::Load(p.s + g * p.N + n0 + j * W);                                   \
+        typename V::F o = p.o ? V::Load(p.o + g * p.N + n0 + j * W) : V::Zero();                 \
+        for (int i = 0; i < MB; ++i) {                                                           \
+          out[i][j] = V::Fma(acc[i][j], s, out[i][j]);                                           \
+          if (p.o) out[i][j] = V::Fma(V::Set1(xs[(m0 + i) * G + g]), o, out[i][j]);              \
+        }                                                                                        \
+      }                                                                                          \
+    }                                                                                            \
+    for (int i = 0; i < MB; ++i)                                                                 \
+      for (int j = 0; j < NV; ++j) V::Store(p.y + (m0 + i) * p.N + n0 + j * W, out[i][j]);       \
+  }                                                                                              \
+                                                                                                 \
+  template <int NV>                                                                              \
+  void KnRows(const Problem& p, const float* xs, int64_t m0, int64_t m1, int64_t n0) {          \
+    int64_t m = m0;                                                                              \
+    for (; m + 4 <= m1; m += 4) KnTile<4, NV>(p, xs, m, n0);                                     \
+    switch (m1 - m) {                                                                            \
+      case 3: KnTile<3, NV>(p, xs, m, n0); break;                                                \
+      case 2: KnTile<2, NV>(p, xs, m, n0); break;                                                \
+      case 1: KnTile<1, NV>(p, xs, m, n0); break;                                                \
+      default: break;                                                                            \
+    }                                                                                            \
+  }                                                                                              \
+                                                                                                 \
+  /* Columns [n0, n1) of every row; n0 is a multiple of the lane width. */                       \
+  void Kn(const Problem& p, const float* xs, int64_t n0, int64_t n1) {                          \
+    constexpr int W = V::kWidth;                                                                 \
+    int64_t n = n0;                                                                              \
+    if (p.M == 1) /* decode: 8 vectors of columns, 8 independent FMA chains */                  \
+      for (; n + 8 * W <= n1; n += 8 * W) KnTile<1, 8>(p, xs, 0, n);                             \
+    for (; n + 4 * W <= n1; n += 4 * W) KnRows<4>(p, xs, 0, p.M, n);                             \
+    for (; n + W <= n1; n += W) KnRows<1>(p, xs, 0, p.M, n);                                     \
+    if (n < n1) PortableRange(p, false, 0, p.M, n, n1);                                          \
+  }                                                                                              \
+                                                                                                 \
+  /* nk: output rows n of the weight, each a dot product over k (vectorized along k). For     */ \
+  /* int4, x is read de-interleaved (even k, odd k), matching the nibbles of each byte.        */ \
+  template <int MB, int NR>                                                                      \
+  void NkTile(const Problem& p, const float* xe, const float* xo, const float* xs, int64_t m0,   \
+              int64_t n0) {                                                                      \
+    constexpr int W = V::kWidth;                                                                 \
+    const int64_t G = p.K / p.group;                                                             \
+    typename V::F out[MB][NR], acc[MB][NR];                                                      \
+    for (int i = 0; i < MB; ++i)                                                                 \
+      for (int r = 0; r < NR; ++r) out[i][r] = V::Zero();                                        \
+    float extra[MB][NR] = {};                                                                    \
+    for (int64_t g = 0; g < G; ++g) {                                                            \
+      for (int i = 0; i < MB; ++i)                                                               \
+        for (int r = 0; r < NR; ++r) acc[i][r] = V::Zero();                                      \
+      const int64_t kb = g * p.group, ke = kb + p.group;                                         \
+      if (p.bits == 8) {                                                                         \
+        const int8_t* q = reinterpret_cast<const int8_t*>(p.q);                                  \
+        for (int64_t k = kb; k < ke; k += W) {                                                   \
+          typename V::F w[NR];                                                                   \
+          for (int r = 0; r < NR; ++r) w[r] = V::LoadI8(q + (n0 + r) * p.K + k);                 \
+          for (int i = 0; i < MB; ++i) {                                                         \
+            typename V::F xv = V::Load(p.x + (m0 + i) * p.K + k);                                \
+            for (int r = 0; r < NR; ++r) acc[i][r] = V::Fma(xv, w[r], acc[i][r]);                \
+          }                                                                                      \
+        }                                                                                        \
+      } else {                                                                                   \
+        const int64_t half = p.K / 2;                                                            \
+        for (int64_t k = kb; k < ke; k += 2 * W) {                                               \
+          typename V::F lo[NR], hi[NR];                                                          \
+          for (int r = 0; r < NR; ++r) V::LoadU4(p.q + (n0 + r) * half + k / 2, &lo[r], &hi[r]); \
+          for (int i = 0; i < MB; ++i) {                                                         \
+            typename V::F ev = V::Load(xe + (m0 + i) * half + k / 2);                            \
+            typename V::F od = V::Load(xo + (m0 + i) * half + k / 2);                            \
+            for (int r = 0; r < NR; ++r) {                                                       \
+              acc[i][r] = V::Fma(ev, lo[r], acc[i][r]);                                          \
+              acc[i][r] = V::Fma(od, hi[r], acc[i][r]);                                          \
+            }                                                                                    \
+          }                                                                                      \
+        }                                                                                        \
+      }                                                                                          \
+      for (int r = 0; r < NR; ++r) {                                                             \
+        typename V::F s = V::Set1(p.s[(n0 + r) * G + g]);                                        \
+        for (int i = 0; i < MB; ++i) {                                                           \
+          out[i][r] = V::Fma(acc[i][r], s, out[i][r]);                                           \
+          if (p.o) extra[i][r] += xs[(m0 + i) * G + g] * p.o[(n0 + r) * G + g];                  \
+        }                                                                                        \
+      }                                                                                          \
+    }                                                                                            \
+    for (int i = 0; i < MB; ++i)                                                                 \
+      for (int r = 0; r < NR; ++r) p.y[(m0 + i) * p.N + n0 + r] = V::Sum(out[i][r]) + extra[i][r];\
+  }                                                                                              \
+                                                                                                 \
+  /* Rows [n0, n1) of the weight for every row of x; the group is a multiple of the step. */     \
+  void Nk(const Problem& p, const float* xe, const float* xo, const float* xs, int64_t n0,       \
+          int64_t n1) {                                                                          \
+    int64_t n = n0;                                                                              \
+    for (; n + 4 <= n1; n += 4) {                                                                \
+      int64_t m = 0;                                                                             \
+      for (; m + 2 <= p.M; m += 2) NkTile<2, 4>(p, xe, xo, xs, m, n);                            \
+      if (m < p.M) NkTile<1, 4>(p, xe, xo, xs, m, n);                                            \
+    }                                                                                            \
+    for (; n < n1; ++n)                                                                          \
+      for (int64_t m = 0; m < p.M; ++m) NkTile<1, 1>(p, xe, xo, xs, m, n);                       \
+  }
+
+#ifdef JAXMEM_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+struct V {
+  using F = __m256;
+  static constexpr int kWidth = 8;
+  static inline F Zero() { return _mm256_setzero_ps(); }
+  static inline F Set1(float a) { return _mm256_set1_ps(a); }
+  static inline F Load(const float* a) { return _mm256_loadu_ps(a); }
+  static inline void Store(float* a, F v) { _mm256_storeu_ps(a, v); }
+  static inline F Fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline F Add(F a, F b) { return _mm256_add_ps(a, b); }
+  static inline F LoadI8(const int8_t* q) {
+    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  }
+  // 8 bytes -> 8 low nibbles and 8 high nibbles, sign-extended.
+  static inline void LoadU4(const uint8_t* q, F* lo, F* hi) {
+    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q));
+    __m256i v = _mm256_cvtepu8_epi32(b);
+    *lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28));
+    *hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 28));
+  }
+  static inline float Sum(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+JAXMEM_KERNEL_BODY
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx2,fma")
+namespace avx512 {
+struct V {
+  using F = __m512;
+  static constexpr int kWidth = 16;
+  static inline F Zero() { return _mm512_setzero_ps(); }
+  static inline F Set1(float a) { return _mm512_set1_ps(a); }
+  static inline F Load(const float* a) { return _mm512_loadu_ps(a); }
+  static inline void Store(float* a, F v) { _mm512_storeu_ps(a, v); }
+  static inline F Fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline F Add(F a, F b) { return _mm512_add_ps(a, b); }
+  static inline F LoadI8(const int8_t* q) {
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+  }
+  static inline void LoadU4(const uint8_t* q, F* lo, F* hi) {
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    __m512i v = _mm512_cvtepu8_epi32(b);
+    // vpermps reads the low 4 bits of each lane: a 16-entry table of the signed nibble values.
+    const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+    *lo = _mm512_permutexvar_ps(v, table);
+    *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+  }
+  static inline float Sum(F v) { return _mm512_reduce_add_ps(v); }
+};
+JAXMEM_KERNEL_BODY
+}  // namespace avx512
+#pragma GCC pop_options
+#endif  // JAXMEM_X86
+
+namespace {
+
+std::atomic<int> g_max_isa{kAvx512};
+
+int DetectIsa() {
+#ifdef JAXMEM_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+  return kPortable;
+}
+
+int ActiveIsa() { return std::min(DetectIsa(), g_max_isa.load()); }
+
+// Runs fn(begin, end) over [0, total) in chunks of `align`, on the caller and XLA's pool.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool* pool, int64_t total, int64_t align, int64_t min_chunk, Fn fn) {
+  int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
+  int64_t units = (total + align - 1) / align;
+  int64_t parts = std::min<int64_t>(threads, std::max<int64_t>(1, total / min_chunk));
+  parts = std::max<int64_t>(1, std::min(parts, units));
+  if (parts == 1) {
+    fn(0, total);
+    return;
+  }
+  std::atomic<int64_t> remaining{parts - 1};
+  auto range = [&](int64_t i) {
+    int64_t b = std::min(total, (units * i / parts) * align);
+    int64_t e = std::min(total, (units * (i + 1) / parts) * align);
+    if (b < e) fn(b, e);
+  };
+  for (int64_t i = 1; i < parts; ++i)
+    pool->Schedule([&, i] {
+      range(i);
+      remaining.fetch_sub(1, std::memory_order_acq_rel);
+    });
+  range(0);
+  while (remaining.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+}
+
+ffi::Error Run(ffi::ThreadPool* pool, Problem p, bool nk) {
+  if (p.bits != 8 && p.bits != 4) return ffi::Error::InvalidArgument("bits must be 8 or 4");
+  if (p.group <= 0 || p.K % p.group != 0 || (p.bits == 4 && p.group % 2 != 0))
+    return ffi::Error::InvalidArgument("group must divide K (and be even for int4)");
+  std::vector<float> xs = GroupSums(p);
+  const int isa = ActiveIsa();
+  if (!nk) {
+    const int64_t width = isa == kAvx512 ? 16 : 8;
+    ParallelFor(pool, p.N, 4 * width, 256, [&](int64_t b, int64_t e) {
+#ifdef JAXMEM_X86
+      if (isa == kAvx512) return avx512::Kn(p, xs.data(), b, e);
+      if (isa == kAvx2) return avx2::Kn(p, xs.data(), b, e);
+#endif
+      PortableRange(p, false, 0, p.M, b, e);
+    });
+    return ffi::Error::Success();
+  }
+  // nk: the vector step along k is W (int8) or 2W (int4) and must divide the group.
+  const int64_t width = isa == kAvx512 ? 16 : (isa == kAvx2 ? 8 : 0);
+  const int64_t step = p.bits == 8 ? width : 2 * width;
+  const bool vec = width > 0 && p.group % step == 0;
+  std::vector<float> xe, xo;
+  if (vec && p.bits == 4) {
+    const int64_t half = p.K / 2;
+    xe.resize(p.M * half);
+    xo.resize(p.M * half);
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int64_t j = 0; j < half; ++j) {
+        xe[m * half + j] = p.x[m * p.K + 2 * j];
+        xo[m * half + j] = p.x[m * p.K + 2 * j + 1];
+      }
+  }
+  ParallelFor(pool, p.N, 4, 64, [&](int64_t b, int64_t e) {
+#ifdef JAXMEM_X86
+    if (vec && isa == kAvx512) return avx512::Nk(p, xe.data(), xo.data(), xs.data(), b, e);
+    if (vec && isa == kAvx2) return avx2::Nk(p, xe.data(), xo.data(), xs.data(), b, e);
+#endif
+    PortableRange(p, true, 0, p.M, b, e);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
+                   ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::F32> o,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group, bool nk,
+                   bool has_offset) {
+  auto xd = x.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || yd.size() != 2 || q.dimensions().size() != 2)
+    return ffi::Error::InvalidArgument("jaxmem_qmatmul: x, q and y must be 2-D");
+  Problem p;
+  p.x = x.typed_data();
+  p.q = reinterpret_cast<const uint8_t*>(q.untyped_data());
+  p.s = s.typed_data();
+  p.o = has_offset ? o.typed_data() : nullptr;
+  p.y = y->typed_data();
+  p.M = xd[0];
+  p.K = xd[1];
+  p.N = yd[1];
+  p.group = group;
+  p.bits = static_cast<int>(bits);
+  if (yd[0] != p.M) return ffi::Error::InvalidArgument("jaxmem_qmatmul: rows of x and y differ");
+  return Run(&pool, p, nk);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxmemQMatmul, QMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group")
+                                  .Attr<bool>("nk")
+                                  .Attr<bool>("has_offset"));
+
+extern "C" {
+// The ISA the kernels run with here: 0 portable C, 1 AVX2+FMA, 2 AVX-512.
+int jaxmem_native_isa() { return ActiveIsa(); }
+int jaxmem_detected_isa() { return DetectIsa(); }
+void jaxmem_set_max_isa(int isa) { g_max_isa.store(isa); }
+}

@@ -1,0 +1,214 @@
+"""Native CPU kernels of weight-only int8/int4 products (jaxmem/_native/qmatmul.cc).
+
+Every instruction-set path the CPU here can run (AVX-512, AVX2+FMA, portable C) and XLA's own
+ops (the fallback) are checked against float64 numpy math on the dequantized weight, through
+the public API: jit, vmap, scan over stacked layers, sharded operands, gradients, Flax layers.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxmem
+from jaxmem._src import native
+
+DN_KN = (((1,), (0,)), ((), ()))  # x @ W (a Dense kernel)
+DN_NK = (((1,), (1,)), ((), ()))  # x @ E.T (a tied LM head)
+BUILT = native.library() is not None
+needs_native = pytest.mark.skipif(not BUILT, reason=f"native kernels {native.status()}")
+
+
+def _isas():
+  """The instruction sets this CPU can run, plus None for XLA's fallback."""
+  if not BUILT:
+    return [None]
+  detected = native.ISAS[native.library().jaxmem_detected_isa()]
+  return [*native.ISAS[: native.ISAS.index(detected) + 1], None]
+
+
+@pytest.fixture(params=_isas())
+def route(request):
+  """Runs the test body on one ISA (cap restored after) or, for None, on XLA's ops."""
+  if request.param is None:
+    with jaxmem.ops.native_kernels(False):
+      yield None
+    return
+  old = native.library().jaxmem_native_isa()
+  native.set_max_isa(request.param)
+  try:
+    yield request.param
+  finally:
+    native.library().jaxmem_set_max_isa(old)
+
+
+def _reference(x, q, nk):
+  """float64 x @ dequantize(q) (transposed for nk), and the bound |x| @ |w| for rounding."""
+  w = np.asarray(jaxmem.ops.dequantize(q), np.float64)
+  w = w.T if nk else w
+  x = np.asarray(x, np.float64)
+  return x @ w, np.abs(x) @ np.abs(w)
+
+
+def _check(y, x, q, nk, rtol=2e-6):
+  ref, scale = _reference(x, q, nk)
+  err = np.abs(np.asarray(y, np.float64) - ref)
+  assert np.all(err <= rtol * scale + 1e-6), float((err / (scale + 1e-6)).max())
+
+
+WEIGHTS = {
+    "int8": dict(bits=8),
+    "int8_g32_asym": dict(bits=8, group_size=32, symmetric=False),
+    "int6": dict(bits=6),  # stored unpacked as int8
+    "int4": dict(bits=4),
+    "int4_g32": dict(bits=4, group_size=32),
+    "int4_g64_asym": dict(bits=4, group_size=64, symmetric=False),
+}
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("name", list(WEIGHTS))
+@pytest.mark.parametrize("nk", [False, True], ids=["kn", "nk"])
+def test_every_route_matches_the_reference(route, rows, name, nk):
+  k, n = 128, 200  # 200 columns: full vector tiles plus a tail
+  w = jax.random.normal(jax.random.key(0), (n, k) if nk else (k, n))
+  kw = dict(WEIGHTS[name])
+  if nk:
+    kw.update(channel_axes=(0,), group_axis=1)
+  else:
+    kw.update(channel_axes=(1,))
+  q = jaxmem.ops.quantize(w, **kw)
+  x = jax.random.normal(jax.random.key(1), (rows, k))
+  f = jax.jit(lambda x, q: jaxmem.ops.quantized_dot_general(x, q, DN_NK if nk else DN_KN))
+  text = f.lower(x, q).as_text()
+  assert (native.TARGET in text) == (route is not None), route
+  _check(f(x, q), x, q, nk)
+
+
+@needs_native
+def test_route_is_taken_only_where_it_applies():
+  w = jax.random.normal(jax.random.key(0), (64, 32))
+  lowered = lambda x, q, dn=DN_KN: jax.jit(
+      lambda x, q: jaxmem.ops.quantized_dot_general(x, q, dn)).lower(x, q).as_text()
+  q8 = jaxmem.ops.quantize(w, channel_axes=(1,))
+  assert native.TARGET in lowered(jnp.ones((2, 4, 64)), q8, (((2,), (0,)), ((), ())))  # rows
+  assert native.TARGET not in lowered(jnp.ones((native.MAX_ROWS + 1, 64)), q8)  # prefill: XLA
+  w8a8 = jaxmem.ops.quantize(w, channel_axes=(1,), act_bits=8)
+  assert native.TARGET not in lowered(jnp.ones((1, 64)), w8a8)
+  q2 = jaxmem.ops.quantize(w, bits=2, channel_axes=(1,))  # packed 2-bit: XLA
+  assert native.TARGET not in lowered(jnp.ones((1, 64)), q2)
+  assert native.TARGET not in lowered(jnp.ones((1, 64)), w)  # a float weight
+
+
+@needs_native
+def test_bf16_activations_and_dtype():
+  w = jax.random.normal(jax.random.key(0), (96, 48))
+  q = jaxmem.ops.quantize(w, bits=4, group_size=32, channel_axes=(1,))
+  x = jax.random.normal(jax.random.key(1), (2, 96)).astype(jnp.bfloat16)
+  y = jaxmem.ops.quantized_dot_general(x, q, DN_KN, dtype=jnp.bfloat16)
+  assert y.dtype == jnp.bfloat16
+  _check(y.astype(jnp.float32), x.astype(jnp.float32), q, False, rtol=2e-2)
+
+
+@needs_native
+def test_vmap_scan_and_grad():
+  k = n = 64
+  layers = 3
+  ws = jax.random.normal(jax.random.key(0), (layers, k, n)) / 8
+  qs = jax.vmap(lambda w: jaxmem.ops.quantize(w, bits=4, group_size=32, channel_axes=(1,)))(ws)
+  x = jax.random.normal(jax.random.key(1), (5, 1, k))
+  dot = lambda x, q: jaxmem.ops.quantized_dot_general(x, q, DN_KN)
+  # vmap over examples (weights shared) and over stacked weights
+  _check(jax.jit(jax.vmap(dot, in_axes=(0, None)))(x, qs[0]).reshape(5, n), x.reshape(5, k),
+         qs[0], False)
+  y = jax.jit(jax.vmap(dot, in_axes=(None, 0)))(x[0], qs)
+  for i in range(layers):
+    _check(y[i], x[0], qs[i], False)
+
+  def net(x, qs):
+    return jax.lax.scan(lambda h, q: (jnp.tanh(dot(h, q)), None), x, qs)[0]
+
+  def net_ref(x):
+    for i in range(layers):
+      x = jnp.tanh(x @ jaxmem.ops.dequantize(qs[i]))
+    return x
+
+  assert native.TARGET in jax.jit(net).lower(x[0], qs).as_text()
+  np.testing.assert_allclose(jax.jit(net)(x[0], qs), net_ref(x[0]), rtol=1e-5, atol=1e-6)
+  g = jax.grad(lambda x: net(x, qs).sum())(x[0])
+  np.testing.assert_allclose(g, jax.grad(lambda x: net_ref(x).sum())(x[0]), rtol=1e-4, atol=1e-6)
+
+
+@needs_native
+def test_sharded_operands():
+  mesh = jax.make_mesh((len(jax.devices()),), ("d",))
+  w = jax.random.normal(jax.random.key(0), (64, 32 * len(jax.devices())))
+  q = jaxmem.ops.quantize(w, bits=8, channel_axes=(1,))
+  q = jax.device_put(q, jax.tree.map(lambda a: NamedSharding(mesh, P(None, "d")), q))
+  x = jax.random.normal(jax.random.key(1), (2, 64))
+  f = jax.jit(lambda x, q: jaxmem.ops.quantized_dot_general(x, q, DN_KN))
+  assert native.TARGET in f.lower(x, q).as_text()
+  _check(f(x, q), x, q, False)
+  sm = jax.jit(jax.shard_map(lambda x, q: jaxmem.ops.quantized_dot_general(x, q, DN_KN),
+                             mesh=mesh, in_specs=(P(), P(None, "d")), out_specs=P(None, "d")))
+  _check(sm(x, q), x, q, False)
+
+
+@needs_native
+def test_flax_decode_step_takes_the_native_route():
+  model = nn.Sequential([nn.Dense(96), nn.relu, nn.Dense(40)])
+  params = model.init(jax.random.key(0), jnp.ones((1, 64)))["params"]
+  packed = jaxmem.transform(jaxmem.quantize_int4(group_size=32), params)
+  x = jax.random.normal(jax.random.key(1), (1, 64))
+  f = jax.jit(lambda p, x: jaxmem.apply(model, {"params": p}, x))
+  assert native.TARGET in f.lower(packed, x).as_text()
+  with jaxmem.ops.native_kernels(False):
+    np.testing.assert_allclose(f(packed, x), f(packed, x), rtol=0)  # retraced on XLA's ops
+    ref = f(packed, x)
+  np.testing.assert_allclose(f(packed, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_are_built_where_a_compiler_is():
+  """The install compiles the kernels (setup.py) wherever a C++ compiler exists."""
+  if not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+    pytest.skip("no C++ compiler here: the XLA fallback is what runs (tested above)")
+  assert BUILT, native.status()
+  info = jaxmem.ops.kernel_info()
+  assert info.native in native.ISAS and info.weight_only_route == f"native-{info.native}"
+  assert f"weight-only decode route: native-{info.native}" in info.summary()
+
+
+def _run(code, **env):
+  env = {**os.environ, "JAXMEM_NATIVE_KERNELS": "auto", **env}
+  return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=120)
+
+
+def test_environment_switches():
+  code = ("import jax, jax.numpy as jnp, jaxmem\n"
+          "q = jaxmem.ops.quantize(jnp.ones((64, 32)), channel_axes=(1,))\n"
+          "t = jax.jit(lambda x: jaxmem.ops.quantized_dot_general(x, q, (((1,), (0,)), ((), ()))))"
+          ".lower(jnp.ones((1, 64))).as_text()\n"
+          "i = jaxmem.ops.kernel_info()\n"
+          "print(i.int8_route, i.native, 'jaxmem_qmatmul' in t)")
+  off = _run(code, JAXMEM_NATIVE_KERNELS="off")
+  assert off.returncode == 0, off.stderr
+  assert off.stdout.split()[-1] == "False" and ("off" in off.stdout or "unavailable" in off.stdout)
+  bad = _run(code, JAXMEM_NATIVE_KERNELS="fast")
+  assert bad.returncode != 0 and "JAXMEM_NATIVE_KERNELS='fast'" in bad.stderr
+  # XLA capped at AVX2 emulates bf16 dots: W8A8 takes the int32 route, the kernels AVX2 at most.
+  capped = _run(code, XLA_FLAGS="--xla_cpu_max_isa=AVX2")
+  assert capped.returncode == 0, capped.stderr
+  assert capped.stdout.split()[-3] == "int32", capped.stdout
+  if BUILT:
+    assert capped.stdout.split()[-2:] in (["avx2", "True"], ["portable", "True"]), capped.stdout
+    portable = _run(code, JAXMEM_NATIVE_ISA="portable")
+    assert portable.stdout.split()[-2:] == ["portable", "True"], portable.stderr
