@@ -154,7 +154,6 @@ def route_of(fn, params, x, method) -> str:
 
 
 GEMV_SHAPES = ("1x576x1536", "1x1536x576", "1x576x49152", "8x576x1536", "1x576x49152T")
-GEMV_METHODS = ("fp32", "int8_weight", "int4_weight", "int8_dynamic")
 GEMV_STEPS = 64  # products per timed call (a scan over different activations)
 
 

@@ -170,8 +170,8 @@ def test_flax_decode_step_takes_the_native_route():
   x = jax.random.normal(jax.random.key(1), (1, 64))
   f = jax.jit(lambda p, x: jaxmem.apply(model, {"params": p}, x))
   assert native.TARGET in f.lower(packed, x).as_text()
-  with jaxmem.ops.native_kernels(False):
-    np.testing.assert_allclose(f(packed, x), f(packed, x), rtol=0)  # retraced on XLA's ops
+  with jaxmem.ops.native_kernels(False):  # the same jitted f retraces on XLA's ops
+    assert native.TARGET not in f.lower(packed, x).as_text()
     ref = f(packed, x)
   np.testing.assert_allclose(f(packed, x), ref, rtol=1e-5, atol=1e-5)
 
@@ -212,3 +212,25 @@ def test_environment_switches():
     assert capped.stdout.split()[-2:] in (["avx2", "True"], ["portable", "True"]), capped.stdout
     portable = _run(code, JAXMEM_NATIVE_ISA="portable")
     assert portable.stdout.split()[-2:] == ["portable", "True"], portable.stderr
+
+
+@needs_native
+def test_gradients_are_xla_routes_and_bad_routes_fail():
+  """The native forward's gradients (x, scale, offset) are XLA's route's; a bad int8_route
+  on a product that takes the native route still fails, eagerly and under jit."""
+  w = jax.random.normal(jax.random.key(0), (64, 32))
+  q = jaxmem.ops.quantize(w, bits=4, group_size=32, channel_axes=(1,), symmetric=False)
+  x = jax.random.normal(jax.random.key(1), (2, 64))
+  loss = lambda x, q: jnp.sum(jnp.sin(jaxmem.ops.quantized_dot_general(x, q, DN_KN)))
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1), allow_int=True))
+  assert native.TARGET in grad.lower(x, q).as_text()
+  gx, gq = grad(x, q)
+  with jaxmem.ops.native_kernels(False):
+    rx, rq = grad(x, q)
+  np.testing.assert_allclose(gx, rx, rtol=1e-4, atol=1e-4)  # cos(y) at y summed in another order
+  np.testing.assert_allclose(gq.scale, rq.scale, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(gq.offset, rq.offset, rtol=1e-4, atol=1e-4)
+  bad = lambda x: jaxmem.ops.quantized_dot_general(x, q, DN_KN, path="w", int8_route="fp8")
+  for f in (bad, jax.jit(bad)):
+    with pytest.raises(ValueError, match=r"dot_general 'w': int8_route='fp8'"):
+      f(x)

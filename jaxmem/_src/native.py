@@ -10,7 +10,7 @@ for int8 values or int4 values packed two per byte along ``k`` (:func:`jaxmem.op
 one scale (and offset) per output channel or per group of ``k``, in float32, with AVX-512,
 AVX2+FMA or portable C picked at run time, split over XLA:CPU's intra-op thread pool.
 XLA:CPU converts int8 weights to float32 before a dot and is 2-15x *slower* than the float32
-dot on decode-shaped products (``benchmarks/quantization.py --gemv``); reading 1 or 0.5 bytes
+dot on decode-shaped products (``benchmarks/quantization.py --only gemv``); reading 1 or 0.5 bytes
 per weight instead of 4 is where weight-only quantization pays on a CPU.
 
 :func:`jaxmem.ops.quantized_dot_general` takes this route for weight-only (``act_bits=None``)
@@ -140,12 +140,6 @@ def library() -> ctypes.CDLL | None:
     return None
   lib.jaxmem_set_max_isa(_isa_cap())
   return lib
-
-
-def isa() -> str | None:
-  """The instruction set the kernels run with (``avx512``/``avx2``/``portable``), or None."""
-  lib = library()
-  return None if lib is None else ISAS[lib.jaxmem_native_isa()]
 
 
 def set_max_isa(name: str) -> None:

@@ -76,7 +76,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jaxmem._src import native
@@ -568,15 +567,22 @@ def quantized_dot_general(
         out_dtype=preferred_element_type, kind="dot_general", path=path, int8_route=int8_route,
     )
 
+  # Validated here too: on CPU, platform_dependent may never trace xla_op.
   _check_route(int8_route, f"dot_general '{path}': int8_route")
   layout = _native_layout(lhs, rhs, dn, dtype)
   if layout is None:
     return xla_op(lhs, rhs)
   out_dtype = preferred_element_type or (
       jnp.dtype(dtype) if dtype is not None else jnp.result_type(lhs.dtype, rhs.dtype))
-  return lax.platform_dependent(
-      lhs, rhs, cpu=lambda lhs, rhs: _native_product(lhs, rhs, *layout).astype(out_dtype),
-      default=xla_op)
+
+  # The native kernel forward; its gradient is XLA's route's (the same math).
+  @jax.custom_vjp
+  def native_op(lhs, rhs):
+    return _native_product(lhs, rhs, *layout).astype(out_dtype)
+
+  native_op.defvjp(lambda lhs, rhs: (native_op(lhs, rhs), (lhs, rhs)),
+                   lambda res, g: jax.vjp(xla_op, *res)[1](g))
+  return lax.platform_dependent(lhs, rhs, cpu=native_op, default=xla_op)
 
 
 # ----------------------------------------------------------------------------- native route
@@ -629,38 +635,6 @@ def _native_operands(rhs: QArray, nk: bool):
   return full(rhs.scale), None if rhs.offset is None else full(rhs.offset)
 
 
-def _native_reference(x, q, scale, offset, bits, group, nk):
-  """What the native kernel computes, in XLA ops (its gradient, and the checked meaning)."""
-  axis = 1 if nk else 0
-  v = q if bits == 8 else unpack_ints(q, 4, axis)
-  w = v.astype(jnp.float32) * jnp.repeat(scale, group, axis=axis)
-  if offset is not None:
-    w = w + jnp.repeat(offset, group, axis=axis)
-  return x @ (w.T if nk else w)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _native_call(x, q, scale, offset, bits, group, nk):
-  n = q.shape[0] if nk else q.shape[1]
-  return native.qmatmul(x, q, scale, offset, bits=bits, group=group, nk=nk, n=n)
-
-
-def _native_fwd(x, q, scale, offset, bits, group, nk):
-  return _native_call(x, q, scale, offset, bits, group, nk), (x, q, scale, offset)
-
-
-def _native_bwd(bits, group, nk, res, g):
-  x, q, scale, offset = res
-  _, vjp = jax.vjp(lambda x, s, o: _native_reference(x, q, s, o, bits, group, nk),
-                   x, scale, offset)
-  dx, ds, do = vjp(g)
-  dq = np.zeros(q.shape, jax.dtypes.float0)
-  return dx, dq, ds, do
-
-
-_native_call.defvjp(_native_fwd, _native_bwd)
-
-
 def _varying_axes(a) -> frozenset:
   """The shard_map mesh axes a traced value varies over (empty outside shard_map)."""
   aval = jax.typeof(a)
@@ -672,7 +646,8 @@ def _native_product(lhs, rhs: QArray, nk: bool, bits: int, group: int) -> jax.Ar
   """``lhs . rhs`` (float32) on the native kernel, in ``lax.dot_general``'s output layout."""
   scale, offset = _native_operands(rhs, nk)
   x = lhs.reshape(-1, lhs.shape[-1]).astype(jnp.float32)
-  y = _native_call(x, rhs.qvalue, scale, offset, bits, group, nk)
+  n = rhs.shape[0 if nk else 1]
+  y = native.qmatmul(x, rhs.qvalue, scale, offset, bits=bits, group=group, nk=nk, n=n)
   # Inside shard_map the custom call's result is not marked as varying over the mesh axes
   # its operands vary over: mark it, as XLA's own dot would be.
   vma = frozenset().union(*(_varying_axes(a) for a in jax.tree.leaves((lhs, rhs))))
