@@ -51,15 +51,17 @@ ALL_METHODS = minilm.RECIPES + ("int8_dynamic" + S32,)
 
 
 def _compile(model, params, data, route: str):
-  """``(fn(params, ids, mask), route)``: one AOT executable per padded shape, traced on one
-  integer-dot route (:func:`jaxmem.ops.int8_dot_route`), and the route the products took."""
+  """``(fn(params, ids, mask), lowered)``: one AOT executable per padded shape, traced on one
+  integer-dot route (:func:`jaxmem.ops.int8_dot_route`), and one shape's lowering (the route
+  the products took is read from it)."""
   with jaxmem.ops.int8_dot_route(route):
     jitted = minilm.embed_fn(model)
-    compiled = {}
+    compiled, lowered = {}, None
     for b in data.batches:  # one executable per distinct padded shape
       if b.input_ids.shape not in compiled:
-        compiled[b.input_ids.shape] = jitted.lower(params, b.input_ids, b.attention_mask).compile()
-  return lambda p, ids, mask: compiled[ids.shape](p, ids, mask), next(iter(compiled.values()))
+        lowered = jitted.lower(params, b.input_ids, b.attention_mask)
+        compiled[b.input_ids.shape] = lowered.compile()
+  return lambda p, ids, mask: compiled[ids.shape](p, ids, mask), lowered
 
 
 def run(methods, n_sentences: int, batch_size: int, repeats: int) -> list[dict]:
@@ -69,8 +71,8 @@ def run(methods, n_sentences: int, batch_size: int, repeats: int) -> list[dict]:
   for name in methods:
     params[name] = minilm.apply_recipe(name.removesuffix(S32), m.params)
     route = "int32" if name.endswith(S32) else os.environ.get("JAXMEM_INT8_DOT", "auto")
-    fns[name], exe = _compile(m.model, params[name], data, route)
-    routes[name] = route_of(exe, None, None, name)
+    fns[name], lowered = _compile(m.model, params[name], data, route)
+    routes[name] = route_of(lowered, None, None, name)
     emb[name] = minilm.embed(m.model, params[name], data, fn=fns[name])[0]
   speed = minilm.time_interleaved(fns, params, data, repeats)
   ref = emb["fp32"] if "fp32" in emb else minilm.embed(m.model, m.params, data)[0]

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import time
 
 import flax.linen as nn
@@ -143,13 +144,20 @@ def measure(batch=256, features=1024, layers=4, repeats=30, warmup=3, peers=True
   return rows
 
 
+S8_DOT = re.compile(r"dot_general.*xi8>, tensor<[0-9x]+xi8>\) -> tensor<[0-9x]+xi32>")
+BF16_DOT = re.compile(r"dot_general.*xbf16>, tensor<[0-9x]+xbf16>\) -> tensor<[0-9x]+xf32>")
+
+
 def route_of(fn, params, x, method) -> str:
-  """What a method's products ran as, read from the lowered HLO of ``fn(params, x)``."""
+  """What a method's products ran as, read from the StableHLO of ``fn(params, x)`` lowered
+  for this backend (``fn`` may be a ``jax.stages.Lowered``): ``native-<isa>`` (jaxmem's
+  kernels), ``int32`` / ``bf16`` (the W8A8 dots), ``xla-f32`` or ``xla``."""
   text = fn.as_text() if hasattr(fn, "as_text") else fn.lower(params, x).as_text()
   if "jaxmem_qmatmul" in text:
     return f"native-{jaxmem.ops.kernel_info().native}"
-  if "dynamic" in method:
-    return "bf16" if ("xbf16>" in text or "bf16[" in text) else "int32"
+  routes = [name for name, dot in (("int32", S8_DOT), ("bf16", BF16_DOT)) if dot.search(text)]
+  if routes:
+    return "+".join(routes)
   return "xla-f32" if method == "fp32" else "xla"
 
 

@@ -372,8 +372,26 @@ def test_w8a16_matches_bf16_rounded_activations(api):
   f32 = np.asarray(x, np.float64) @ np.asarray(params["kernel"], np.float64) + np.asarray(
       params["bias"], np.float64)
   assert np.abs(np.asarray(out) - f32).max() < 0.05
-  if text:
-    assert BF16_DOT.search(text) and not S8_DOT.search(text)
+  if text:  # bf16 dots where the CPU has them, else the same products in f32
+    assert bool(BF16_DOT.search(text)) == qdot._cpu_has_native_bf16() and not S8_DOT.search(text)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_w8a16_runs_f32_dots_on_cpus_without_bf16_dots(monkeypatch, native_bf16):
+  """Where the CPU has no native bf16 dots (AVX2), W8A16 runs its products as an f32 dot on
+  CPU (a bf16 x bf16 product is exact in f32) and keeps the bf16 dot for GPU/TPU; the
+  compiled CPU program has a bf16 dot only where the CPU has them; same result either way."""
+  monkeypatch.setattr(qdot, "_cpu_has_native_bf16", lambda: native_bf16)
+  w = jax.random.normal(_key(0), (64, 48))
+  k = jaxmem.transform(jaxmem.quantize_weights(8, act_bits=16), {"kernel": w})["kernel"]
+  x = jax.random.normal(_key(1), (8, 64))
+  f = jax.jit(lambda x, k: jaxmem.ops.quantized_dot_general(x, k, (((1,), (0,)), ((), ()))))
+  assert bool(BF16_DOT.search(f.lower(x, k).as_text())) == native_bf16
+  gpu = jax.export.export(f, platforms=("cuda",))(x, k).mlir_module()
+  assert BF16_DOT.search(gpu)  # GPU keeps its bf16 dot
+  xb = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  ref = xb @ np.asarray(k.qvalue, np.float64) * np.asarray(k.scale, np.float64)
+  assert_close(f(x, k), ref, tol=1e-5)
 
 
 def test_w8a16_rejects_group_scales_on_the_contraction_and_bad_act_bits():

@@ -14,7 +14,9 @@ low-rank adapters in dot_general and einsum, see :mod:`jaxmem._src.lora`):
 * **W8A16** (``w.act_bits == 16``): activations are rounded to bfloat16 and the op runs
   ``bf16 x bf16 -> f32`` on the integer weights (exact in bf16), scaled on the output: the
   only rounding beyond weight-only is the activation's (relative 2**-9 per element), and
-  bf16 dots are native on TPU, GPU and CPUs with AVX512_BF16/AMX.
+  bf16 dots are native on TPU, GPU and CPUs with AVX512_BF16/AMX. On other CPUs (AVX2),
+  where XLA emulates bf16 dots slower than f32 ones, the same products run as an f32 dot
+  (a bf16 x bf16 product is exact in f32; only the order of the f32 sums differs).
 * **dynamic W8A8** (``w.act_bits == 8``): activations are quantized per row (per token:
   one scale per position of the non-contracted axes, symmetric, round to nearest), the
   op is an ``int8 x int8 -> int32`` ``lax.dot_general`` / convolution, and the int32
@@ -368,6 +370,24 @@ def _integer_op(op, xq, wq, labels, splittable=True, route=None, wmax=127):
   return lax.platform_dependent(xq, wq, cpu=bf16_route, default=int32_route)
 
 
+def _w8a16_op(op, xb, wq):
+  """``xb . wq`` with f32 accumulation, bf16 activations ``xb`` and integer weights ``wq``.
+
+  A bf16 dot where the CPU has native bf16 dots (and on GPU/TPU); elsewhere on CPU, where
+  XLA emulates bf16 dots slower than its f32 ones, the same products as an f32 dot: a
+  bf16 x bf16 product is exact in f32, so only the order of the f32 sums can differ.
+  """
+  def bf16(xb, wq):
+    return op(xb, wq.astype(jnp.bfloat16), jnp.float32)
+
+  def f32(xb, wq):
+    return op(xb.astype(jnp.float32), wq.astype(jnp.float32), jnp.float32)
+
+  if _cpu_has_native_bf16():
+    return bf16(xb, wq)
+  return lax.platform_dependent(xb, wq, cpu=f32, default=bf16)
+
+
 def _factored_scale(w: QArray, contracted: Sequence[int]):
   """``(scale, offset)`` in the logical rank if both are 1 on every contracted axis, else None.
 
@@ -448,7 +468,7 @@ def _quantized_op(
 
   if rhs.act_bits == 16:  # W8A16: bf16 activations, exact integer weights, f32 accumulation
     xb = lhs.astype(jnp.bfloat16)
-    y = op(xb, int_values(rhs).astype(jnp.bfloat16), jnp.float32)
+    y = _w8a16_op(op, xb, int_values(rhs))
     y = y * _to_layout(ws, rhs_labels, out_labels)
     return (y if wo is None else y + offset_term(xb)).astype(out_dtype)
   if rhs.act_bits == 8:
