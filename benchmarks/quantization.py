@@ -146,16 +146,19 @@ def measure(batch=256, features=1024, layers=4, repeats=30, warmup=3, peers=True
 
 S8_DOT = re.compile(r"dot_general.*xi8>, tensor<[0-9x]+xi8>\) -> tensor<[0-9x]+xi32>")
 BF16_DOT = re.compile(r"dot_general.*xbf16>, tensor<[0-9x]+xbf16>\) -> tensor<[0-9x]+xf32>")
+HLO_S32_DOT = re.compile(r"= s32\[[0-9,]*\]\{[0-9,]*\} dot\(")  # a compiled executable's
 
 
 def route_of(fn, params, x, method) -> str:
   """What a method's products ran as, read from the StableHLO of ``fn(params, x)`` lowered
-  for this backend (``fn`` may be a ``jax.stages.Lowered``): ``native-<isa>`` (jaxmem's
-  kernels), ``int32`` / ``bf16`` (the W8A8 dots), ``xla-f32`` or ``xla``."""
+  for this backend (``fn`` may be a ``Lowered``, or a ``Compiled``, whose HLO shows int32
+  dots only): ``native-<isa>`` (jaxmem's kernels), ``int32`` / ``bf16`` (the W8A8 dots),
+  ``xla-f32`` or ``xla``."""
   text = fn.as_text() if hasattr(fn, "as_text") else fn.lower(params, x).as_text()
   if "jaxmem_qmatmul" in text:
     return f"native-{jaxmem.ops.kernel_info().native}"
-  routes = [name for name, dot in (("int32", S8_DOT), ("bf16", BF16_DOT)) if dot.search(text)]
+  routes = [name for name, dots in (("int32", (S8_DOT, HLO_S32_DOT)), ("bf16", (BF16_DOT,)))
+            if any(dot.search(text) for dot in dots)]
   if routes:
     return "+".join(routes)
   return "xla-f32" if method == "fp32" else "xla"
