@@ -124,10 +124,11 @@ std::vector<float> GroupSums(const Problem& p) {
         }                                                                                        \
       } else {                                                                                   \
         const uint8_t* q = p.q + n0;                                                             \
-        /* odd k into a second accumulator: two independent FMA chains per column */           \
-        typename V::F acc1[MB][NV];                                                              \
-        for (int i = 0; i < MB; ++i)                                                             \
-          for (int j = 0; j < NV; ++j) acc1[i][j] = V::Zero();                                   \
+        /* odd k into a second accumulator where a tile has too few FMA chains of its own */   \
+        constexpr bool kTwo = MB * NV < 8;                                                       \
+        typename V::F acc1[kTwo ? MB : 1][kTwo ? NV : 1];                                        \
+        for (int i = 0; i < (kTwo ? MB : 1); ++i)                                                \
+          for (int j = 0; j < (kTwo ? NV : 1); ++j) acc1[i][j] = V::Zero();                      \
         for (int64_t k = kb; k < ke; k += 2) {                                                   \
           typename V::F lo[NV], hi[NV];                                                          \
           for (int j = 0; j < NV; ++j) V::LoadU4(q + (k / 2) * p.N + j * W, &lo[j], &hi[j]);     \
@@ -136,12 +137,14 @@ std::vector<float> GroupSums(const Problem& p) {
             typename V::F x1 = V::Set1(p.x[(m0 + i) * p.K + k + 1]);                             \
             for (int j = 0; j < NV; ++j) {                                                       \
               acc[i][j] = V::Fma(x0, lo[j], acc[i][j]);                                          \
-              acc1[i][j] = V::Fma(x1, hi[j], acc1[i][j]);                                        \
+              if constexpr (kTwo) acc1[i][j] = V::Fma(x1, hi[j], acc1[i][j]);                    \
+              else acc[i][j] = V::Fma(x1, hi[j], acc[i][j]);                                     \
             }                                                                                    \
           }                                                                                      \
         }                                                                                        \
-        for (int i = 0; i < MB; ++i)                                                             \
-          for (int j = 0; j < NV; ++j) acc[i][j] = V::Add(acc[i][j], acc1[i][j]);                \
+        if constexpr (kTwo)                                                                      \
+          for (int i = 0; i < MB; ++i)                                                           \
+            for (int j = 0; j < NV; ++j) acc[i][j] = V::Add(acc[i][j], acc1[i][j]);              \
       }                                                                                          \
       for (int j = 0; j < NV; ++j) {                                                             \
         typename V::F s = V::Load(p.s + g * p.N + n0 + j * W);                                   \
@@ -174,7 +177,8 @@ std::vector<float> GroupSums(const Problem& p) {
     int64_t n = n0;                                                                              \
     if (p.M == 1) /* decode: 8 vectors of columns, 8 independent FMA chains */                  \
       for (; n + 8 * W <= n1; n += 8 * W) KnTile<1, 8>(p, xs, 0, n);                             \
-    for (; n + 4 * W <= n1; n += 4 * W) KnRows<4>(p, xs, 0, p.M, n);                             \
+    /* V::kRowVecs vectors of columns x 4 rows: a tile's accumulators fit the registers */       \
+    for (; n + V::kRowVecs * W <= n1; n += V::kRowVecs * W) KnRows<V::kRowVecs>(p, xs, 0, p.M, n); \
     for (; n + W <= n1; n += W) KnRows<1>(p, xs, 0, p.M, n);                                     \
     if (n < n1) PortableRange(p, false, 0, p.M, n, n1);                                          \
   }                                                                                              \
@@ -251,6 +255,7 @@ namespace avx2 {
 struct V {
   using F = __m256;
   static constexpr int kWidth = 8;
+  static constexpr int kRowVecs = 2;  // 16 ymm registers
   static inline F Zero() { return _mm256_setzero_ps(); }
   static inline F Set1(float a) { return _mm256_set1_ps(a); }
   static inline F Load(const float* a) { return _mm256_loadu_ps(a); }
@@ -285,6 +290,7 @@ namespace avx512 {
 struct V {
   using F = __m512;
   static constexpr int kWidth = 16;
+  static constexpr int kRowVecs = 4;  // 32 zmm registers
   static inline F Zero() { return _mm512_setzero_ps(); }
   static inline F Set1(float a) { return _mm512_set1_ps(a); }
   static inline F Load(const float* a) { return _mm512_loadu_ps(a); }
