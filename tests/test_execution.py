@@ -280,6 +280,9 @@ def test_kernel_info_names_the_route_the_kernels_take():
     assert info.route_setting == mode
     assert ("xbf16>" in text) == (info.int8_route == "bf16"), (mode, info)
     assert f"W8A8 route: {info.int8_route} ({mode})" in info.summary()
+    with jaxmem.ops.int8_dot_route(mode):  # 64 rows: W8A8's int32 products on the int8 GEMM
+      gemm = "jaxmem_i8gemm" in f.lower(jnp.ones((64, 64)), q).as_text()
+    assert gemm == info.native_gemm == ("int8 GEMM" in info.summary()), (mode, info)
 
 
 def test_int8_route_is_validated():

@@ -234,3 +234,96 @@ def test_gradients_are_xla_routes_and_bad_routes_fail():
   for f in (bad, jax.jit(bad)):
     with pytest.raises(ValueError, match=r"dot_general 'w': int8_route='fp8'"):
       f(x)
+
+
+# ----------------------------------------------------------------------------- int8 GEMM (W8A8)
+needs_gemm = pytest.mark.skipif(not (BUILT and native.gemm_vectorized()),
+                                reason="the int8 GEMM needs the native kernels on AVX2 or above")
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(1, 3, 5), (7, 33, 17), (64, 128, 200), (130, 385, 48)])
+def test_int8_gemm_is_exact_on_every_isa(shape):
+  """int8 x int8 -> int32 sums equal int64 numpy's on every ISA (full int8 range, odd K,
+  row and column tails), and under vmap."""
+  m, k, n = shape
+  rng = np.random.default_rng(0)
+  a = rng.integers(-128, 128, (m, k), dtype=np.int8)
+  b = rng.integers(-128, 128, (k, n), dtype=np.int8)
+  ref = a.astype(np.int64) @ b.astype(np.int64)
+  old = native.library().jaxmem_native_isa()
+  try:
+    for isa in native.ISAS[: native.library().jaxmem_detected_isa() + 1]:
+      native.set_max_isa(isa)
+      np.testing.assert_array_equal(np.asarray(jax.jit(native.i8gemm)(a, b)), ref, err_msg=isa)
+  finally:
+    native.library().jaxmem_set_max_isa(old)
+  batched = jax.vmap(native.i8gemm)(np.stack([a, a[::-1]]), np.stack([b, b[::-1]]))
+  np.testing.assert_array_equal(np.asarray(batched[0]), ref)
+  np.testing.assert_array_equal(np.asarray(batched[1]), a[::-1].astype(np.int64) @ b[::-1])
+
+
+def _w8a8(shape, features=96, seed=0):
+  model = nn.Dense(features)
+  x = jax.random.normal(jax.random.key(seed + 1), shape)
+  params = model.init(jax.random.key(seed), x)["params"]
+  q = jaxmem.transform(jaxmem.quantize_dynamic_int8(), params)
+  return jax.jit(lambda p, x: jaxmem.apply(model, {"params": p}, x)), q, x
+
+
+@needs_gemm
+@pytest.mark.parametrize("shape", [(63, 160), (64, 160), (4, 50, 160)])
+def test_w8a8_runs_the_int8_gemm_bit_identically(shape):
+  """W8A8 Dense products with >= GEMM_MIN_ROWS rows on the int32 route take the GEMM, with
+  XLA's int8 dot's result bit for bit (and its gradient); fewer rows, the bf16 route, and
+  native_kernels(False) keep XLA's ops."""
+  f, q, x = _w8a8(shape)
+  rows = int(np.prod(shape[:-1]))
+  with jaxmem.ops.int8_dot_route("int32"):
+    assert (native.GEMM_TARGET in f.lower(q, x).as_text()) == (rows >= native.GEMM_MIN_ROWS)
+    y = f(q, x)
+    with jaxmem.ops.native_kernels(False):
+      assert native.GEMM_TARGET not in f.lower(q, x).as_text()
+      ref = f(q, x)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))
+  with jaxmem.ops.int8_dot_route("bf16"):
+    assert native.GEMM_TARGET not in f.lower(q, x).as_text()
+  loss = lambda x: jnp.sum(jnp.sin(f(q, x)))
+  with jaxmem.ops.int8_dot_route("int32"):
+    g = jax.grad(loss)(x)
+    with jaxmem.ops.native_kernels(False):
+      rg = jax.grad(loss)(x)
+  np.testing.assert_array_equal(np.asarray(g), np.asarray(rg))
+
+
+@needs_gemm
+def test_int8_gemm_in_shard_map_and_concurrent_calls():
+  """The GEMM inside shard_map (rows split over the mesh) equals XLA's; two independent
+  GEMMs in one program (XLA may run them at once, each on a pool thread) finish (a
+  subprocess with a timeout, so a deadlock fails rather than hangs)."""
+  f, q, x = _w8a8((64 * len(jax.devices()), 160))
+  mesh = jax.make_mesh((len(jax.devices()),), ("d",))
+  model = nn.Dense(96)
+  body = lambda p, x: jaxmem.apply(model, {"params": p}, x)
+  sm = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P("d")), out_specs=P("d")))
+  x = jax.device_put(x, NamedSharding(mesh, P("d")))
+  with jaxmem.ops.int8_dot_route("int32"):
+    assert native.GEMM_TARGET in sm.lower(q, x).as_text()
+    y = sm(q, x)
+    with jaxmem.ops.native_kernels(False):
+      ref = f(q, x)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(ref))
+  code = ("import jax, numpy as np\n"
+          "from jaxmem._src import native\n"
+          "native.library()\n"
+          "r = np.random.default_rng(0)\n"
+          "a, b, c, d = (r.integers(-128, 128, s, dtype=np.int8) for s in "
+          "((512, 256), (256, 384), (512, 256), (256, 384)))\n"
+          "f = jax.jit(lambda a, b, c, d: [native.i8gemm(a, b), native.i8gemm(c, d)])\n"
+          "for _ in range(20):\n"
+          "  y, z = f(a, b, c, d)\n"
+          "ok = (np.asarray(y) == a.astype(np.int64) @ b).all() and "
+          "(np.asarray(z) == c.astype(np.int64) @ d).all()\n"
+          "print('exact', ok)\n")
+  done = _run(code, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  assert done.stdout.split() == ["exact", "True"], done.stderr

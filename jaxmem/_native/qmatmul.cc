@@ -20,6 +20,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -314,6 +316,107 @@ struct V {
 JAXMEM_KERNEL_BODY
 }  // namespace avx512
 #pragma GCC pop_options
+
+// ------------------------------------------------------------------ int8 x int8 -> int32 GEMM
+// c[m, n] = sum_k a[m, k] b[k, n], exact in int32 (W8A8's products). AVX2 has no int8 dot
+// instruction that takes two signed operands without saturating (vpmaddubsw saturates its
+// 16-bit pair sums), so both operands are widened to int16 and multiplied in pairs of k by
+// vpmaddwd (16 products per instruction, twice fp32 FMA's 8), the pair sums added in int32.
+// b is packed once per call into column panels of 16, k pairs interleaved; a is widened per
+// row panel. AVX-512 CPUs run this AVX2 kernel too.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+
+constexpr int kGemmCols = 16;   // two ymm of int32 per row of a tile
+constexpr int kGemmRows = 4;    // 8 accumulators + 2 weight vectors + 1 broadcast (6 rows spill)
+constexpr int64_t kPanelRows = 48;
+
+// Panels [p0, p1) of b (K, N) int8 -> [N/16][K/2][16][2] int16, zero-padded to even K and
+// whole panels: each k pair of 16 columns interleaved byte-wise, then widened.
+void PackB(const int8_t* b, int64_t K, int64_t N, int64_t p0, int64_t p1, int16_t* out) {
+  const int64_t kp = (K + 1) / 2;
+  for (int64_t pn = p0; pn < p1; ++pn) {
+    const int64_t n0 = pn * kGemmCols;
+    for (int64_t j = 0; j < kp; ++j) {
+      int16_t* dst = out + (pn * kp + j) * kGemmCols * 2;
+      const int64_t k = 2 * j;
+      if (n0 + kGemmCols <= N && k + 1 < K) {
+        const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + k * N + n0));
+        const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (k + 1) * N + n0));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                            _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(r0, r1)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16),
+                            _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(r0, r1)));
+        continue;
+      }
+      for (int c = 0; c < kGemmCols; ++c) {
+        const int64_t n = n0 + c;
+        dst[2 * c] = n < N ? b[k * N + n] : 0;
+        dst[2 * c + 1] = (n < N && k + 1 < K) ? b[(k + 1) * N + n] : 0;
+      }
+    }
+  }
+}
+
+template <int MR>
+void GemmTile(const int16_t* a, int64_t lda, const int16_t* bp, int64_t kp, int32_t* c,
+              int64_t ldc, int64_t cols) {
+  __m256i acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t j = 0; j < kp; ++j) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + j * 32));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bp + j * 32 + 16));
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      __builtin_memcpy(&pair, a + r * lda + 2 * j, sizeof(pair));
+      const __m256i av = _mm256_set1_epi32(pair);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(av, b0));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(av, b1));
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    if (cols == kGemmCols) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * ldc), acc[r][0]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * ldc + 8), acc[r][1]);
+    } else {
+      alignas(32) int32_t tmp[kGemmCols];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), acc[r][0]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp + 8), acc[r][1]);
+      for (int64_t q = 0; q < cols; ++q) c[r * ldc + q] = tmp[q];
+    }
+  }
+}
+
+// Rows [m0, m1) of c from a (M, K) int8 and the packed b.
+void GemmRows(const int8_t* a, const int16_t* bp, int32_t* c, int64_t K, int64_t N,
+              int64_t m0, int64_t m1) {
+  const int64_t kp = (K + 1) / 2, lda = 2 * kp, panels = (N + kGemmCols - 1) / kGemmCols;
+  std::vector<int16_t> wide(kPanelRows * lda, 0);
+  for (int64_t pm = m0; pm < m1; pm += kPanelRows) {
+    const int64_t rows = std::min(kPanelRows, m1 - pm);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < K; ++k) wide[r * lda + k] = a[(pm + r) * K + k];
+    for (int64_t pn = 0; pn < panels; ++pn) {
+      const int16_t* b = bp + pn * kp * kGemmCols * 2;
+      const int64_t n0 = pn * kGemmCols, cols = std::min<int64_t>(kGemmCols, N - n0);
+      int64_t r = 0;
+      for (; r + kGemmRows <= rows; r += kGemmRows)
+        GemmTile<kGemmRows>(wide.data() + r * lda, lda, b, kp, c + (pm + r) * N + n0, N, cols);
+      switch (rows - r) {
+        case 5: GemmTile<5>(wide.data() + r * lda, lda, b, kp, c + (pm + r) * N + n0, N, cols); break;
+        case 4: GemmTile<4>(wide.data() + r * lda, lda, b, kp, c + (pm + r) * N + n0, N, cols); break;
+        case 3: GemmTile<3>(wide.data() + r * lda, lda, b, kp, c + (pm + r) * N + n0, N, cols); break;
+        case 2: GemmTile<2>(wide.data() + r * lda, lda, b, kp, c + (pm + r) * N + n0, N, cols); break;
+        case 1: GemmTile<1>(wide.data() + r * lda, lda, b, kp, c + (pm + r) * N + n0, N, cols); break;
+        default: break;
+      }
+    }
+  }
+}
+
+}  // namespace avx2
+#pragma GCC pop_options
 #endif  // JAXMEM_X86
 
 namespace {
@@ -332,6 +435,10 @@ int DetectIsa() {
 int ActiveIsa() { return std::min(DetectIsa(), g_max_isa.load()); }
 
 // Runs fn(begin, end) over [0, total) in chunks of `align`, on the caller and XLA's pool.
+// Parts are claimed from a shared counter, and the caller claims until none is left: it never
+// waits for a task that has not started (XLA may run several custom calls at once, each
+// caller holding a pool thread, so a scheduled task may start only after its caller returns;
+// such a task finds nothing left to claim and touches only the heap-held counters).
 template <typename Fn>
 void ParallelFor(ffi::ThreadPool* pool, int64_t total, int64_t align, int64_t min_chunk, Fn fn) {
   int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
@@ -342,19 +449,26 @@ void ParallelFor(ffi::ThreadPool* pool, int64_t total, int64_t align, int64_t mi
     fn(0, total);
     return;
   }
-  std::atomic<int64_t> remaining{parts - 1};
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto counters = std::make_shared<Counters>();
   auto range = [&](int64_t i) {
     int64_t b = std::min(total, (units * i / parts) * align);
     int64_t e = std::min(total, (units * (i + 1) / parts) * align);
     if (b < e) fn(b, e);
   };
+  std::function<void(int64_t)> work = range;
+  auto claim = [parts](Counters* c, const std::function<void(int64_t)>* w) {
+    for (int64_t i; (i = c->next.fetch_add(1, std::memory_order_acq_rel)) < parts;) {
+      (*w)(i);  // the caller is still waiting for this part: `w` is alive
+      c->done.fetch_add(1, std::memory_order_acq_rel);
+    }
+  };
   for (int64_t i = 1; i < parts; ++i)
-    pool->Schedule([&, i] {
-      range(i);
-      remaining.fetch_sub(1, std::memory_order_acq_rel);
-    });
-  range(0);
-  while (remaining.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+    pool->Schedule([counters, claim, w = &work] { claim(counters.get(), w); });
+  claim(counters.get(), &work);
+  while (counters->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
 }
 
 ffi::Error Run(ffi::ThreadPool* pool, Problem p, bool nk) {
@@ -421,6 +535,48 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   return Run(&pool, p, nk);
 }
 
+// Rows [m0, m1) of the int8 GEMM in portable C.
+void PortableGemm(const int8_t* a, const int8_t* b, int32_t* c, int64_t K, int64_t N,
+                  int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    int32_t* row = c + m * N;
+    for (int64_t n = 0; n < N; ++n) row[n] = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t v = a[m * K + k];
+      const int8_t* bk = b + k * N;
+      for (int64_t n = 0; n < N; ++n) row[n] += v * bk[n];
+    }
+  }
+}
+
+ffi::Error I8Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<ffi::S8> b,
+                  ffi::ResultBuffer<ffi::S32> c) {
+  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2 || ad[1] != bd[0] || cd[0] != ad[0] ||
+      cd[1] != bd[1])
+    return ffi::Error::InvalidArgument("jaxmem_i8gemm: expected a (M, K), b (K, N), c (M, N)");
+  const int64_t M = ad[0], K = ad[1], N = bd[1];
+  const int8_t* ap = a.typed_data();
+  const int8_t* bp = b.typed_data();
+  int32_t* cp = c->typed_data();
+  const int isa = ActiveIsa();
+#ifdef JAXMEM_X86
+  if (isa >= kAvx2) {
+    const int64_t kp = (K + 1) / 2, panels = (N + avx2::kGemmCols - 1) / avx2::kGemmCols;
+    std::vector<int16_t> packed(panels * kp * avx2::kGemmCols * 2);
+    ParallelFor(&pool, panels, 1, 4, [&](int64_t p0, int64_t p1) {
+      avx2::PackB(bp, K, N, p0, p1, packed.data());
+    });
+    ParallelFor(&pool, M, avx2::kGemmRows, 2 * avx2::kPanelRows, [&](int64_t m0, int64_t m1) {
+      avx2::GemmRows(ap, packed.data(), cp, K, N, m0, m1);
+    });
+    return ffi::Error::Success();
+  }
+#endif
+  ParallelFor(&pool, M, 1, 16, [&](int64_t m0, int64_t m1) { PortableGemm(ap, bp, cp, K, N, m0, m1); });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxmemQMatmul, QMatmul,
@@ -435,6 +591,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxmemQMatmul, QMatmul,
                                   .Attr<int64_t>("group")
                                   .Attr<bool>("nk")
                                   .Attr<bool>("has_offset"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxmemI8Gemm, I8Gemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 extern "C" {
 // The ISA the kernels run with here: 0 portable C, 1 AVX2+FMA, 2 AVX-512.

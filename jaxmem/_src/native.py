@@ -1,4 +1,4 @@
-"""Native CPU kernels for weight-only int8/int4 products, called through ``jax.ffi``.
+"""Native CPU kernels for weight-only int8/int4 products and W8A8's int8 GEMM, through ``jax.ffi``.
 
 ``jaxmem/_native/qmatmul.cc`` is compiled when jaxmem is installed (``setup.py``, against
 the FFI headers of the jaxlib in the build environment; the build is optional: without a
@@ -21,6 +21,10 @@ GPU/TPU lowerings keep XLA's ops), unless native kernels are off:
 thread-local ``jax.make_user_context`` value in jit's cache key, like
 :func:`jaxmem.ops.int8_dot_route`). Without the built library the pure XLA path runs.
 
+The second kernel, :func:`i8gemm`, is an exact ``int8 x int8 -> int32`` GEMM (AVX2 code,
+on AVX-512 CPUs too; portable C below AVX2, where W8A8 keeps XLA's int8 dot instead): the
+int32 W8A8 route takes it for ``(..., K) x (K, N)`` products of at least
+:data:`GEMM_MIN_ROWS` rows, under the same switches.
 The instruction set is capped by XLA's ``--xla_cpu_max_isa`` (so one flag emulates an older
 CPU for XLA and jaxmem alike) and by ``$JAXMEM_NATIVE_ISA`` (``avx512``, ``avx2``,
 ``portable``), both read once at load.
@@ -42,9 +46,13 @@ import numpy as np
 
 ISAS = ("portable", "avx2", "avx512")
 TARGET = "jaxmem_qmatmul"
+GEMM_TARGET = "jaxmem_i8gemm"
 # Products with more activation rows than this run on XLA's dot (prefill, encoder batches:
 # there a float GEMM's reuse of each weight beats converting it per row).
 MAX_ROWS = 16
+# W8A8 products with fewer rows than this keep XLA's int8 dot: the GEMM packs its (K, N)
+# weight per call, which costs about one product of a row.
+GEMM_MIN_ROWS = 64
 _ENV = "JAXMEM_NATIVE_KERNELS"
 _ISA_ENV = "JAXMEM_NATIVE_ISA"
 
@@ -135,6 +143,7 @@ def library() -> ctypes.CDLL | None:
   try:
     lib = ctypes.CDLL(str(path))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxmemQMatmul), platform="cpu")
+    jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(lib.JaxmemI8Gemm), platform="cpu")
   except (OSError, AttributeError) as e:
     _UNAVAILABLE = f"failed to load {path.name}: {e}"
     return None
@@ -148,6 +157,13 @@ def set_max_isa(name: str) -> None:
   if lib is None:
     raise RuntimeError(f"native kernels unavailable: {status()}")
   lib.jaxmem_set_max_isa(ISAS.index(name))
+
+
+def gemm_vectorized() -> bool:
+  """Whether the int8 GEMM runs vectorized here (AVX2 or above; portable C is slower than
+  XLA's int8 dot, so W8A8 keeps XLA's where only that would run)."""
+  lib = library()
+  return lib is not None and lib.jaxmem_native_isa() >= ISAS.index("avx2")
 
 
 def status() -> str:
@@ -175,3 +191,11 @@ def qmatmul(x: jax.Array, q: jax.Array, scale: jax.Array, offset: jax.Array | No
                           vmap_method="sequential")
   return call(x, q, scale, offset, bits=np.int64(bits), group=np.int64(group), nk=nk,
               has_offset=has_offset)
+
+
+def i8gemm(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``(M, K) int8 @ (K, N) int8 -> (M, N) int32``, exact, on the native kernel (CPU lowering
+  only). Batched (``vmap``) calls run one product per element."""
+  call = jax.ffi.ffi_call(GEMM_TARGET, jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.int32),
+                          vmap_method="sequential")
+  return call(a, b)

@@ -61,6 +61,13 @@ packed int4 weight-only QArray with at most 16 activation rows) run on jaxmem's 
 kernel (:mod:`jaxmem._src.native`, :func:`jaxmem.ops.native_kernels`): XLA:CPU's
 convert-then-dot is 2-15x slower than its float32 dot at those shapes.
 
+**W8A8 on the int32 route on x86 CPUs** (``(..., K) x (K, N)`` products with at least
+``GEMM_MIN_ROWS`` (64) rows: prefill, encoder batches) runs on jaxmem's native int8 GEMM
+(AVX2 ``vpmaddwd`` on int16-widened operands, the same int32 sums as XLA's int8 dot, bit for
+bit; :func:`jaxmem.ops.native_kernels` and ``JAXMEM_NATIVE_KERNELS`` turn it off too). On
+an AVX2-only EPYC, XLA's int8 dot is no faster than its f32 one there, and the GEMM is
+1.1-1.5x (``benchmarks/RESULTS.md``).
+
 All kernels are jit-, vmap- and eval_shape-compatible; nothing here stores a float
 copy of a weight.
 """
@@ -281,8 +288,16 @@ class KernelInfo:
     """One line for benchmark tables: CPU, its route-relevant features, backend and routes."""
     feats = " ".join(self.cpu_features) or "none of " + " ".join(_ROUTE_CPU_FLAGS)
     return (f"CPU: {self.cpu or 'unknown'} ({self.machine}); flags: {feats}; backend "
-            f"{self.backend}; W8A8 route: {self.int8_route} ({self.route_setting}); "
+            f"{self.backend}; W8A8 route: {self.int8_route} ({self.route_setting})"
+            f"{' on the native-avx2 int8 GEMM' if self.native_gemm else ''}; "
             f"weight-only decode route: {self.weight_only_route}")
+
+  @property
+  def native_gemm(self) -> bool:
+    """Whether W8A8 products on the int32 route with at least ``GEMM_MIN_ROWS`` rows run on
+    jaxmem's native AVX2 int8 GEMM here (the same int32 sums as XLA's int8 dot)."""
+    return (self.backend == "cpu" and self.int8_route == "int32" and self.native in native.ISAS
+            and native.gemm_vectorized())
 
   @property
   def weight_only_route(self) -> str:
@@ -364,6 +379,8 @@ def _integer_op(op, xq, wq, labels, splittable=True, route=None, wmax=127):
   mode = route if route is not None else _ROUTE.value
   exact_bf16 = k <= exact_k or step is not None
   if mode == "int32" or not exact_bf16 or (mode == "auto" and not _cpu_has_native_bf16()):
+    if _native_gemm_applies(xq, wq, labels):  # on CPU, the same int32 sums, faster
+      return lax.platform_dependent(xq, wq, cpu=_native_int32_product, default=int32_route)
     return int32_route(xq, wq)
   if mode == "bf16":
     return bf16_route(xq, wq)
@@ -668,12 +685,35 @@ def _native_product(lhs, rhs: QArray, nk: bool, bits: int, group: int) -> jax.Ar
   x = lhs.reshape(-1, lhs.shape[-1]).astype(jnp.float32)
   n = rhs.shape[0 if nk else 1]
   y = native.qmatmul(x, rhs.qvalue, scale, offset, bits=bits, group=group, nk=nk, n=n)
-  # Inside shard_map the custom call's result is not marked as varying over the mesh axes
-  # its operands vary over: mark it, as XLA's own dot would be.
-  vma = frozenset().union(*(_varying_axes(a) for a in jax.tree.leaves((lhs, rhs))))
-  if vma:
-    y = lax.pcast(y, tuple(sorted(vma)), to="varying")
-  return y.reshape(lhs.shape[:-1] + (y.shape[-1],))
+  return _varying_like(y, lhs, rhs).reshape(lhs.shape[:-1] + (y.shape[-1],))
+
+
+def _varying_like(y, *operands):
+  """``y`` marked as varying over the shard_map mesh axes its operands vary over: a custom
+  call's result is not marked, as XLA's own dot's would be (a no-op outside shard_map)."""
+  vma = frozenset().union(*(_varying_axes(a) for a in jax.tree.leaves(operands)))
+  return lax.pcast(y, tuple(sorted(vma)), to="varying") if vma else y
+
+
+def _native_gemm_applies(xq, wq, labels) -> bool:
+  """Whether W8A8's ``int8 x int8 -> int32`` product can run on jaxmem's native GEMM:
+  ``(..., K) x (K, N) -> (..., N)`` with at least ``native.GEMM_MIN_ROWS`` rows, where the
+  vector kernel is built and enabled (:mod:`jaxmem._src.native`)."""
+  lhs_labels, rhs_labels, out_labels = labels
+  if wq.ndim != 2 or not lhs_labels or math.prod(xq.shape[:-1]) < native.GEMM_MIN_ROWS:
+    return False
+  kl, nl = rhs_labels
+  if (kl in out_labels or lhs_labels[-1] != kl or list(lhs_labels).count(kl) != 1
+      or tuple(out_labels) != tuple(lhs_labels[:-1]) + (nl,)):
+    return False
+  return native.enabled() and native.gemm_vectorized()
+
+
+def _native_int32_product(xq, wq):
+  """The int32 route's ``(..., K) x (K, N)`` product on the native GEMM, as float32."""
+  a = xq.reshape(-1, xq.shape[-1]).astype(jnp.int8)
+  y = _varying_like(native.i8gemm(a, wq.astype(jnp.int8)), xq, wq)
+  return y.reshape(xq.shape[:-1] + (wq.shape[1],)).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------- einsum
