@@ -193,10 +193,9 @@ def gemv_weights(shape: str, seed: int = 0):
 def measure_gemv(shapes=GEMV_SHAPES, repeats=20, native=True):
   """``{"bench": "gemv", "shape", "method", "us", "route"}`` per shape and method."""
   rows = []
-  ctx = contextlib.nullcontext() if native else jaxmem.ops.native_kernels(False)
   for shape in shapes:
     xs, weights, dn = gemv_weights(shape)
-    with ctx:
+    with contextlib.nullcontext() if native else jaxmem.ops.native_kernels(False):
       fns = {}
       for name, w in weights.items():
         def steps(xs, w, dn=dn):

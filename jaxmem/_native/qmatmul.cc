@@ -403,9 +403,8 @@ void GemmRows(const int8_t* a, const int16_t* bp, int32_t* c, int64_t K, int64_t
       int64_t r = 0;
       for (; r + kGemmRows <= rows; r += kGemmRows)
         GemmTile<kGemmRows>(wide.data() + r * lda, lda, b, kp, c + (pm + r) * N + n0, N, cols);
+      static_assert(kGemmRows == 4, "the row tails below are 1-3 rows");
       switch (rows - r) {
-        case 5: GemmTile<5>(wide.data() + r * lda, lda, b, kp, c + (pm + r) * N + n0, N, cols); break;
-        case 4: GemmTile<4>(wide.data() + r * lda, lda, b, kp, c + (pm + r) * N + n0, N, cols); break;
         case 3: GemmTile<3>(wide.data() + r * lda, lda, b, kp, c + (pm + r) * N + n0, N, cols); break;
         case 2: GemmTile<2>(wide.data() + r * lda, lda, b, kp, c + (pm + r) * N + n0, N, cols); break;
         case 1: GemmTile<1>(wide.data() + r * lda, lda, b, kp, c + (pm + r) * N + n0, N, cols); break;

@@ -51,7 +51,7 @@ GEMM_TARGET = "jaxmem_i8gemm"
 # there a float GEMM's reuse of each weight beats converting it per row).
 MAX_ROWS = 16
 # W8A8 products with fewer rows than this keep XLA's int8 dot: the GEMM packs its (K, N)
-# weight per call, which costs about one product of a row.
+# weight on every call, K x N operations, as many as the product of one row.
 GEMM_MIN_ROWS = 64
 _ENV = "JAXMEM_NATIVE_KERNELS"
 _ISA_ENV = "JAXMEM_NATIVE_ISA"

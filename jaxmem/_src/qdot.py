@@ -65,8 +65,8 @@ convert-then-dot is 2-15x slower than its float32 dot at those shapes.
 ``GEMM_MIN_ROWS`` (64) rows: prefill, encoder batches) runs on jaxmem's native int8 GEMM
 (AVX2 ``vpmaddwd`` on int16-widened operands, the same int32 sums as XLA's int8 dot, bit for
 bit; :func:`jaxmem.ops.native_kernels` and ``JAXMEM_NATIVE_KERNELS`` turn it off too). On
-an AVX2-only EPYC, XLA's int8 dot is no faster than its f32 one there, and the GEMM is
-1.1-1.5x (``benchmarks/RESULTS.md``).
+an AVX2-only EPYC, W8A8 at 512-row encoder shapes is 1.01-1.24x the f32 dot on it and
+0.92-1.06x on XLA's int8 dot (``benchmarks/RESULTS.md``).
 
 All kernels are jit-, vmap- and eval_shape-compatible; nothing here stores a float
 copy of a weight.
