@@ -129,7 +129,9 @@ def test_graphdef_with_state_of_another_model():
 
 
 def _w8a8():
-  return jaxmem.ops.quantize(jnp.ones((64, 16)), channel_axes=(1,), act_bits=8), jnp.ones((8, 64))
+  # 32 rows: above native.MAX_ROWS (decode W8A8 runs natively) and below GEMM_MIN_ROWS (the
+  # int8 GEMM), so the lowering shows XLA's own dots.
+  return jaxmem.ops.quantize(jnp.ones((64, 16)), channel_axes=(1,), act_bits=8), jnp.ones((32, 64))
 
 
 def _dot(x, q):

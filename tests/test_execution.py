@@ -161,9 +161,10 @@ BF16_DOT = re.compile(r"dot_general.*xbf16>, tensor<[0-9x]+xbf16>\) -> tensor<[0
 
 
 def _dense_text(tx):
-  """Lowered StableHLO of a Dense(32) layer on (8, 64) inputs with ``tx``-quantized params."""
+  """Lowered StableHLO of a Dense(32) layer on (32, 64) inputs with ``tx``-quantized params
+  (more rows than native.MAX_ROWS, fewer than GEMM_MIN_ROWS: XLA's own dots)."""
   model = nn.Dense(32)
-  x = jnp.ones((8, 64))
+  x = jnp.ones((32, 64))
   params = model.init(_key(0), x)["params"]
   return _lowered(model, {"params": jaxmem.transform(tx, params)}, x)
 
@@ -199,6 +200,7 @@ def _worst_case_w8a8(shape, channel_axes):
   return q
 
 
+@pytest.mark.usefixtures("xla_dots")
 @pytest.mark.parametrize(
     "case", ["dot_k2048", "dot_k512", "einsum_k2048", "conv_k1152", "grouped_conv_k1152"]
 )
@@ -230,7 +232,7 @@ def test_bf16_route_is_bit_identical_to_int32(case):
     with jaxmem.ops.int8_dot_route(mode):
       out[mode] = np.asarray(jax.jit(fn)(x, w))
       text = jax.jit(fn).lower(x, w).as_text()
-    bf16 = mode == "bf16" or (mode == "auto" and qdot._cpu_has_native_bf16())
+    bf16 = mode == "bf16" or (mode == "auto" and qdot._auto_w8a8_bf16())
     # A grouped convolution cannot be split along its input features: it stays on int32.
     assert ("xbf16>" in text) == (bf16 and not case.startswith("grouped")), (mode, text)
     assert (mode == "int32") <= ("xi8>" in text)
@@ -264,6 +266,7 @@ def test_cpuinfo_is_parsed_on_x86_and_arm():
   assert qdot._parse_cpuinfo("") == ("", frozenset())
 
 
+@pytest.mark.usefixtures("xla_dots")
 def test_kernel_info_names_the_route_the_kernels_take():
   """kernel_info's route is the one a W8A8 dot is lowered to, under each setting."""
   q = jaxmem.ops.quantize(jnp.ones((64, 8)), channel_axes=(1,), act_bits=8)
@@ -271,7 +274,7 @@ def test_kernel_info_names_the_route_the_kernels_take():
   with jaxmem.ops.int8_dot_route("auto"):  # whatever $JAXMEM_INT8_DOT says
     info = jaxmem.ops.kernel_info()
   assert info.backend == jax.default_backend() == "cpu"
-  assert info.int8_route == ("bf16" if qdot._cpu_has_native_bf16() else "int32")
+  assert info.int8_route == ("bf16" if qdot._auto_w8a8_bf16() else "int32")
   assert set(info.cpu_features) <= set(qdot.cpu_info()[1])
   for mode in ("auto", "int32", "bf16"):
     with jaxmem.ops.int8_dot_route(mode):
@@ -300,6 +303,7 @@ def test_int8_route_is_validated():
     jaxmem.apply(model, {"params": params}, jnp.ones((2, 4)), int8_route="s32")
 
 
+@pytest.mark.usefixtures("xla_dots")
 def test_explicit_int8_route_overrides_the_block():
   """``int8_route=`` on a kernel or on apply wins over the enclosing int8_dot_route."""
   q = jaxmem.ops.quantize(jnp.ones((64, 16)), channel_axes=(1,), act_bits=8)
@@ -570,6 +574,7 @@ class ScanRemat(nn.Module):
     return nn.remat(nn.Dense)(8)(x)
 
 
+@pytest.mark.usefixtures("xla_dots")
 @pytest.mark.parametrize("stacked", [True, False], ids=["stack_axes", "shared_scales"])
 def test_lifted_transforms(stacked):
   """nn.remat keeps the integer path. nn.scan slices params per layer: kernels quantized with
@@ -596,3 +601,41 @@ def test_lifted_transforms(stacked):
   text = call.lower({"params": q}, x).as_text()
   assert S8_DOT.search(text) or BF16_DOT.search(text)
 
+
+
+@pytest.mark.usefixtures("xla_dots")
+@pytest.mark.parametrize("bits,symmetric", [(8, True), (8, False), (4, True)])
+def test_weight_only_prefill_takes_split_bf16_dots_where_they_are_native(bits, symmetric):
+  """Weight-only per-channel products with more rows than the native decode kernels take on
+  the auto route, on CPUs with native bf16 dots, two bf16 dots of the activation split
+  into bf16 hi + lo parts (the integer weight is exact in bf16): within 2**-17 |x|.|w| plus
+  float32 accumulation rounding of the float64 product; the gradient is the float32 dot's,
+  bit for bit. Elsewhere, under a forced route or a float32 precision, one float32 dot."""
+  k, n = 1536, 96
+  x = jax.random.normal(_key(1), (2, 24, k)) * jnp.linspace(0.01, 100.0, k)[None, None]
+  w = jax.random.normal(_key(0), (k, n))
+  q = jaxmem.ops.quantize(w, bits, channel_axes=(1,), symmetric=symmetric)
+  f = jax.jit(lambda x, q: jaxmem.ops.quantized_dot_general(x, q, (((2,), (0,)), ((), ()))))
+  text = f.lower(x, q).as_text()
+  assert (BF16_DOT.search(text) is not None) == qdot._cpu_has_native_bf16(), text
+  with jaxmem.ops.int8_dot_route("int32"):
+    assert not BF16_DOT.search(f.lower(x, q).as_text())
+    forced = np.asarray(f(x, q))
+  # A float32 precision asked for (JAX's own switches) keeps the one float32 dot.
+  with jax.default_matmul_precision("highest"):
+    assert not BF16_DOT.search(jax.jit(f.__wrapped__).lower(x, q).as_text())
+  highest = jax.jit(lambda x, q: jaxmem.ops.quantized_dot_general(
+      x, q, (((2,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST))
+  assert not BF16_DOT.search(highest.lower(x, q).as_text())
+  np.testing.assert_array_equal(np.asarray(highest(x, q)), forced)
+  wd = np.asarray(jaxmem.ops.dequantize(q), np.float64)
+  xd = np.asarray(x, np.float64)
+  ref, scale = xd @ wd, np.abs(xd) @ np.abs(wd)
+  y = np.asarray(f(x, q))
+  assert np.all(np.abs(y - ref) <= (2.0**-17 + k * 2.0**-23) * scale)
+  assert np.all(np.abs(forced - ref) <= k * 2.0**-23 * scale)
+  c = jax.random.normal(_key(2), (2, 24, n))
+  g = jax.grad(lambda x: jnp.sum(f(x, q) * c))(x)
+  with jaxmem.ops.int8_dot_route("int32"):
+    rg = jax.grad(lambda x: jnp.sum(f(x, q) * c))(x)
+  np.testing.assert_array_equal(np.asarray(g), np.asarray(rg))

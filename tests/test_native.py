@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxmem
-from jaxmem._src import native
+from jaxmem._src import native, qdot
 
 DN_KN = (((1,), (0,)), ((), ()))  # x @ W (a Dense kernel)
 DN_NK = (((1,), (1,)), ((), ()))  # x @ E.T (a tied LM head)
@@ -101,8 +101,8 @@ def test_route_is_taken_only_where_it_applies():
   q8 = jaxmem.ops.quantize(w, channel_axes=(1,))
   assert native.TARGET in lowered(jnp.ones((2, 4, 64)), q8, (((2,), (0,)), ((), ())))  # rows
   assert native.TARGET not in lowered(jnp.ones((native.MAX_ROWS + 1, 64)), q8)  # prefill: XLA
-  w8a8 = jaxmem.ops.quantize(w, channel_axes=(1,), act_bits=8)
-  assert native.TARGET not in lowered(jnp.ones((1, 64)), w8a8)
+  w8a8 = jaxmem.ops.quantize(w, channel_axes=(1,), act_bits=8)  # exact mode (AVX2 and up)
+  assert (native.TARGET in lowered(jnp.ones((1, 64)), w8a8)) == native.gemm_vectorized()
   q2 = jaxmem.ops.quantize(w, bits=2, channel_axes=(1,))  # packed 2-bit: XLA
   assert native.TARGET not in lowered(jnp.ones((1, 64)), q2)
   assert native.TARGET not in lowered(jnp.ones((1, 64)), w)  # a float weight
@@ -271,7 +271,15 @@ def _w8a8(shape, features=96, seed=0):
   return jax.jit(lambda p, x: jaxmem.apply(model, {"params": p}, x)), q, x
 
 
+@pytest.fixture
+def gemm_on_any_cpu(monkeypatch):
+  """The int8 GEMM's routing as on a CPU without VNNI/AMX-INT8 (where it is taken), so its
+  wiring is tested on every x86 CPU."""
+  monkeypatch.setattr(qdot, "_cpu_has_int8_dot_units", lambda: False)
+
+
 @needs_gemm
+@pytest.mark.usefixtures("gemm_on_any_cpu")
 @pytest.mark.parametrize("shape", [(63, 160), (64, 160), (4, 50, 160)])
 def test_w8a8_runs_the_int8_gemm_bit_identically(shape):
   """W8A8 Dense products with >= GEMM_MIN_ROWS rows on the int32 route take the GEMM, with
@@ -297,6 +305,7 @@ def test_w8a8_runs_the_int8_gemm_bit_identically(shape):
 
 
 @needs_gemm
+@pytest.mark.usefixtures("gemm_on_any_cpu")
 def test_int8_gemm_in_shard_map_and_concurrent_calls():
   """The GEMM inside shard_map (rows split over the mesh) equals XLA's; two independent
   GEMMs in one program (XLA may run them at once, each on a pool thread) finish (a
@@ -327,3 +336,80 @@ def test_int8_gemm_in_shard_map_and_concurrent_calls():
           "print('exact', ok)\n")
   done = _run(code, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   assert done.stdout.split() == ["exact", "True"], done.stderr
+
+
+@needs_native
+@pytest.mark.parametrize("m,k,n,group,nk", [
+    (1, 576, 1536, 576, False), (3, 1536, 600, 768, False), (16, 64, 37, 32, False),
+    (5, 2000, 200, 1000, True), (2, 96, 33, 48, True), (1, 40, 17, 40, True)])
+def test_exact_mode_sums_equal_int64_on_every_isa(m, k, n, group, nk):
+  """qmatmul(exact=True): full-range integer activations and int8 weights give the int64
+  sums (float32 of the int32 sum) on every ISA, column/row tails and groups that are no
+  multiple of a vector (portable C) included; a scale or offset with exact=True is refused."""
+  rng = np.random.default_rng(1)
+  x = rng.integers(-127, 128, (m, k)).astype(np.float32)
+  q = rng.integers(-128, 128, (n, k) if nk else (k, n), dtype=np.int8)
+  ref = (x.astype(np.int64) @ (q.T if nk else q).astype(np.int64)).astype(np.float32)
+  f = jax.jit(lambda x, q: native.qmatmul(x, q, None, None, bits=8, group=group, nk=nk, n=n,
+                                          exact=True))
+  # The largest sums: -127 * -128 * K (> 2**24 at K = 2000: exact only group by group).
+  worst_x, worst_q = np.full_like(x, -127), np.full_like(q, -128)
+  old = native.library().jaxmem_native_isa()
+  try:
+    for isa in native.ISAS[: native.library().jaxmem_detected_isa() + 1]:
+      native.set_max_isa(isa)
+      np.testing.assert_array_equal(np.asarray(f(x, q)), ref, err_msg=isa)
+      np.testing.assert_array_equal(np.asarray(f(worst_x, worst_q)),
+                                    np.full((m, n), np.float32(127 * 128 * k)), err_msg=isa)
+  finally:
+    native.library().jaxmem_set_max_isa(old)
+  with pytest.raises(ValueError, match="exact=True"):
+    native.qmatmul(x, q, np.ones((1, n), np.float32), None, bits=8, group=group, nk=nk, n=n,
+                   exact=True)
+
+
+@needs_gemm
+@pytest.mark.parametrize("shape", [(1, 160), (2, 4, 1536), (16, 160)])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_w8a8_decode_runs_the_native_kernel_with_xlas_int32_sums(monkeypatch, shape, symmetric):
+  """W8A8 products of <= MAX_ROWS rows take the native kernel's exact mode on the auto
+  and int32 routes (K = 1536 splits into exact groups of 768): the int32 route's result on
+  XLA's ops bit for bit for symmetric weights (asymmetric: XLA fuses the offset term's float
+  epilogue differently at one row, within float32 rounding), and its gradient; the forced
+  bf16 route and 17 rows keep XLA's dots (on CPUs with AMX-INT8, 3 rows: XLA's int8 dot is
+  faster there)."""
+  if qdot._cpu_has_amx_int8():
+    f3 = jax.jit(lambda q, x: jaxmem.ops.quantized_dot_general(x, q, (((1,), (0,)), ((), ()))))
+    w3 = jaxmem.ops.quantize(jnp.ones((160, 8)), 8, channel_axes=(1,), act_bits=8)
+    assert native.TARGET in f3.lower(w3, jnp.ones((2, 160))).as_text()
+    assert native.TARGET not in f3.lower(w3, jnp.ones((3, 160))).as_text()
+  monkeypatch.setattr(qdot, "_cpu_has_amx_int8", lambda: False)  # the kernel up to MAX_ROWS
+  x = jax.random.normal(jax.random.key(1), shape)
+  w = jax.random.normal(jax.random.key(0), (shape[-1], 96))
+  q = jaxmem.ops.quantize(w, 8, channel_axes=(1,), act_bits=8, symmetric=symmetric)
+  f = jax.jit(
+      lambda q, x: jaxmem.ops.quantized_dot_general(x, q, (((x.ndim - 1,), (0,)), ((), ()))))
+  with jaxmem.ops.native_kernels(False), jaxmem.ops.int8_dot_route("int32"):
+    ref = np.asarray(f(q, x))
+    rg = jax.grad(lambda x: jnp.sum(jnp.sin(f(q, x))))(x)
+  for route in ("auto", "int32"):
+    with jaxmem.ops.int8_dot_route(route):
+      assert native.TARGET in f.lower(q, x).as_text(), route
+      y = np.asarray(f(q, x))
+      g = jax.grad(lambda x: jnp.sum(jnp.sin(f(q, x))))(x)
+    if symmetric:
+      np.testing.assert_array_equal(y, ref, err_msg=route)
+    else:
+      np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max(), err_msg=route)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(rg), rtol=1e-6, atol=1e-7)
+  with jaxmem.ops.int8_dot_route("bf16"):
+    assert native.TARGET not in f.lower(q, x).as_text()
+  x17 = jnp.ones((17, shape[-1]))
+  assert native.TARGET not in f.lower(q, x17).as_text()
+  # Under vmap and scan too (one product per element / step).
+  xs = jnp.stack([x, -x])
+  ys = jax.vmap(lambda x: f(q, x))(xs)
+  scanned = jax.lax.scan(lambda c, x: (c, f(q, x)), 0, xs)[1]
+  np.testing.assert_array_equal(np.asarray(ys), np.asarray(scanned))
+  if symmetric:
+    np.testing.assert_array_equal(np.asarray(ys[0]), ref)

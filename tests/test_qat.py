@@ -93,7 +93,10 @@ def test_linen_qat_trains_and_converts_exactly(bits, group_size):
   assert k.packed == (bits <= 4)
   assert not isinstance(converted["Dense_0"]["bias"], jaxmem.QArray)
   want = model.apply({"params": qat.fake_quant(params)}, x)
-  got = jax.jit(lambda p: jaxmem.apply(model, {"params": p}, x))(converted)
+  # Full float32 products: on CPUs with bf16 dots, DEFAULT precision may split them in two
+  # bf16 dots (jaxmem._src.qdot), within 2**-18 |x|.|w| but above this tolerance.
+  with jax.default_matmul_precision("highest"):
+    got = jax.jit(lambda p: jaxmem.apply(model, {"params": p}, x))(converted)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   # The stored bytes shrink accordingly.
   assert jaxmem.tree_bytes(converted) < jaxmem.tree_bytes(params) * (bits / 32 + 0.2)
@@ -115,7 +118,8 @@ def test_nnx_qat_converts_exactly():
   kernels = [x for p, x in jaxmem.leaves_with_paths(converted) if p.endswith("kernel")]
   assert len(kernels) == 2 and all(isinstance(k, jaxmem.QArray) and k.packed for k in kernels)
   want = nnx.merge(graphdef, qat.fake_quant(state))(x)
-  got = jaxmem.apply(graphdef, converted, x)
+  with jax.default_matmul_precision("highest"):  # full float32, as in the Linen test above
+    got = jaxmem.apply(graphdef, converted, x)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 import jaxmem
+from jaxmem._src import native, qdot
 from jaxmem.models import transformer
 
 CFG = transformer.Config(vocab=64, d_model=64, heads=2, d_ff=256, layers=4, seq=8)
@@ -71,13 +72,17 @@ def _unrolled_apply(params, tokens):
 
 
 def _assert_integer_dots_in_loop(f, *args):
-  """The W8A8 dots of ``f``'s scanned body run inside the loop on both integer routes:
-  ``s8 x s8 -> s32`` (int32) and ``bf16 x bf16 -> f32`` on the integer values (bf16)."""
+  """The W8A8 dots of ``f``'s scanned body run inside the loop on both integer routes of
+  XLA's ops: ``s8 x s8 -> s32`` (int32) and ``bf16 x bf16 -> f32`` on the integer values
+  (bf16); with jaxmem's native kernels on, these decode-sized products run them in the loop."""
   for route, dot, operand in (("int32", "s32", "s8"), ("bf16", "f32", "bf16")):
-    with jaxmem.ops.int8_dot_route(route):
+    with jaxmem.ops.int8_dot_route(route), jaxmem.ops.native_kernels(False):
       body = _loop_body_text(f.lower(*args).compile().as_text())
     assert re.search(rf"= {dot}\[[\d,]*\]\{{[\d,]*\}} dot\(", body), route
     assert re.search(rf"= {operand}\[[\d,]*\]\{{[\d,]*\}} (parameter|convert)\(", body), route
+  if native.library() is not None and native.gemm_vectorized() and not qdot._cpu_has_amx_int8():
+    with jaxmem.ops.int8_dot_route("int32"):
+      assert native.TARGET in _loop_body_text(f.lower(*args).compile().as_text())
 
 
 @pytest.mark.parametrize("method", ["int8_weight", "int8_dynamic", "int4_g32"])

@@ -10,7 +10,12 @@
 //   "nk" (a tied LM head x @ E.T, contracted on axis 1): q (N, K) or (N, K/2), s/o (N, G).
 // Accumulation is float32 in k order within a group (vector lanes reorder the sum for "nk"):
 // the result is within float32 rounding of the dequantize-then-dot reference, which the tests
-// pin. Decode-shaped products (M small) are memory-bound: reading 1 (int8) or 0.5 (int4) bytes
+// pin.
+//
+// exact: x holds integers and each group's products sum exactly in float32 (W8A8 at decode:
+// rounded activations |x| <= 127, int8 weights, groups of <= 1040 k, so every partial sum is an
+// integer below 2**24); the group sums are then added in int32 and s / o are not read:
+// y = float(sum_k x[m, k] q[k, n]), the int32 sum of XLA's s8 dot, converted as it converts. Decode-shaped products (M small) are memory-bound: reading 1 (int8) or 0.5 (int4) bytes
 // per weight instead of XLA's 4 (float32) is the speedup.
 //
 // The ISA is chosen at run time (AVX-512 > AVX2+FMA > portable C), capped by
@@ -46,6 +51,7 @@ struct Problem {
   float* y;
   int64_t M, K, N, group;
   int bits;  // 8 or 4
+  bool exact;  // integer x: group sums added in int32, no scales (see the top of the file)
 };
 
 inline int NibbleLo(uint8_t b) { return static_cast<int8_t>(static_cast<uint8_t>(b << 4)) >> 4; }
@@ -67,17 +73,23 @@ void PortableRange(const Problem& p, bool nk, int64_t m0, int64_t m1, int64_t n0
     const float* x = p.x + m * p.K;
     for (int64_t n = n0; n < n1; ++n) {
       float out = 0.f;
+      int32_t exact = 0;
       for (int64_t g = 0; g < G; ++g) {
         float acc = 0.f, xs = 0.f;
         for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) {
           acc += x[k] * Weight(p, k, n, nk);
           xs += x[k];
         }
+        if (p.exact) {
+          exact = static_cast<int32_t>(static_cast<uint32_t>(exact) +  // wraps as XLA's s32 dot
+                                       static_cast<uint32_t>(static_cast<int32_t>(acc)));
+          continue;
+        }
         const int64_t si = nk ? n * G + g : g * p.N + n;
         out += acc * p.s[si];
         if (p.o) out += xs * p.o[si];
       }
-      p.y[m * p.N + n] = out;
+      p.y[m * p.N + n] = p.exact ? static_cast<float>(exact) : out;
     }
   }
 }
@@ -148,6 +160,11 @@ std::vector<float> GroupSums(const Problem& p) {
           for (int i = 0; i < MB; ++i)                                                           \
             for (int j = 0; j < NV; ++j) acc[i][j] = V::Add(acc[i][j], acc1[i][j]);              \
       }                                                                                          \
+      if (p.exact) { /* the int32 running sums live in out's bits */                             \
+        for (int i = 0; i < MB; ++i)                                                             \
+          for (int j = 0; j < NV; ++j) out[i][j] = V::AddExact(out[i][j], acc[i][j]);            \
+        continue;                                                                                \
+      }                                                                                          \
       for (int j = 0; j < NV; ++j) {                                                             \
         typename V::F s = V::Load(p.s + g * p.N + n0 + j * W);                                   \
         typename V::F o = p.o ? V::Load(p.o + g * p.N + n0 + j * W) : V::Zero();                 \
@@ -158,7 +175,8 @@ std::vector<float> GroupSums(const Problem& p) {
       }                                                                                          \
     }                                                                                            \
     for (int i = 0; i < MB; ++i)                                                                 \
-      for (int j = 0; j < NV; ++j) V::Store(p.y + (m0 + i) * p.N + n0 + j * W, out[i][j]);       \
+      for (int j = 0; j < NV; ++j)                                                               \
+        V::Store(p.y + (m0 + i) * p.N + n0 + j * W, p.exact ? V::FromExact(out[i][j]) : out[i][j]); \
   }                                                                                              \
                                                                                                  \
   template <int NV>                                                                              \
@@ -225,6 +243,11 @@ std::vector<float> GroupSums(const Problem& p) {
           }                                                                                      \
         }                                                                                        \
       }                                                                                          \
+      if (p.exact) {                                                                             \
+        for (int i = 0; i < MB; ++i)                                                             \
+          for (int r = 0; r < NR; ++r) out[i][r] = V::AddExact(out[i][r], acc[i][r]);            \
+        continue;                                                                                \
+      }                                                                                          \
       for (int r = 0; r < NR; ++r) {                                                             \
         typename V::F s = V::Set1(p.s[(n0 + r) * G + g]);                                        \
         for (int i = 0; i < MB; ++i) {                                                           \
@@ -234,7 +257,9 @@ std::vector<float> GroupSums(const Problem& p) {
       }                                                                                          \
     }                                                                                            \
     for (int i = 0; i < MB; ++i)                                                                 \
-      for (int r = 0; r < NR; ++r) p.y[(m0 + i) * p.N + n0 + r] = V::Sum(out[i][r]) + extra[i][r];\
+      for (int r = 0; r < NR; ++r)                                                               \
+        p.y[(m0 + i) * p.N + n0 + r] = p.exact ? static_cast<float>(V::SumExact(out[i][r]))       \
+                                               : V::Sum(out[i][r]) + extra[i][r];                \
   }                                                                                              \
                                                                                                  \
   /* Rows [n0, n1) of the weight for every row of x; the group is a multiple of the step. */     \
@@ -281,6 +306,17 @@ struct V {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // exact mode: int32 lanes carried in a float vector's bits; acc holds exact integers.
+  static inline F AddExact(F sum, F acc) {
+    return _mm256_castsi256_ps(
+        _mm256_add_epi32(_mm256_castps_si256(sum), _mm256_cvtps_epi32(acc)));
+  }
+  static inline F FromExact(F sum) { return _mm256_cvtepi32_ps(_mm256_castps_si256(sum)); }
+  static inline int32_t SumExact(F sum) {
+    alignas(32) int32_t t[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t), _mm256_castps_si256(sum));
+    return t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7];
+  }
 };
 JAXMEM_KERNEL_BODY
 }  // namespace avx2
@@ -312,6 +348,12 @@ struct V {
     *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
   }
   static inline float Sum(F v) { return _mm512_reduce_add_ps(v); }
+  static inline F AddExact(F sum, F acc) {
+    return _mm512_castsi512_ps(
+        _mm512_add_epi32(_mm512_castps_si512(sum), _mm512_cvtps_epi32(acc)));
+  }
+  static inline F FromExact(F sum) { return _mm512_cvtepi32_ps(_mm512_castps_si512(sum)); }
+  static inline int32_t SumExact(F sum) { return _mm512_reduce_add_epi32(_mm512_castps_si512(sum)); }
 };
 JAXMEM_KERNEL_BODY
 }  // namespace avx512
@@ -474,6 +516,7 @@ ffi::Error Run(ffi::ThreadPool* pool, Problem p, bool nk) {
   if (p.bits != 8 && p.bits != 4) return ffi::Error::InvalidArgument("bits must be 8 or 4");
   if (p.group <= 0 || p.K % p.group != 0 || (p.bits == 4 && p.group % 2 != 0))
     return ffi::Error::InvalidArgument("group must divide K (and be even for int4)");
+  if (p.exact) p.o = nullptr;  // no offset term: the caller adds it
   std::vector<float> xs = GroupSums(p);
   const int isa = ActiveIsa();
   if (!nk) {
@@ -515,7 +558,7 @@ ffi::Error Run(ffi::ThreadPool* pool, Problem p, bool nk) {
 ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
                    ffi::Buffer<ffi::F32> s, ffi::Buffer<ffi::F32> o,
                    ffi::ResultBuffer<ffi::F32> y, int64_t bits, int64_t group, bool nk,
-                   bool has_offset) {
+                   bool has_offset, bool exact) {
   auto xd = x.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || yd.size() != 2 || q.dimensions().size() != 2)
     return ffi::Error::InvalidArgument("jaxmem_qmatmul: x, q and y must be 2-D");
@@ -530,6 +573,7 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   p.N = yd[1];
   p.group = group;
   p.bits = static_cast<int>(bits);
+  p.exact = exact;
   if (yd[0] != p.M) return ffi::Error::InvalidArgument("jaxmem_qmatmul: rows of x and y differ");
   return Run(&pool, p, nk);
 }
@@ -589,7 +633,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxmemQMatmul, QMatmul,
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group")
                                   .Attr<bool>("nk")
-                                  .Attr<bool>("has_offset"));
+                                  .Attr<bool>("has_offset")
+                                  .Attr<bool>("exact"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxmemI8Gemm, I8Gemm,
                               ffi::Ffi::Bind()

@@ -176,21 +176,28 @@ def status() -> str:
   return ISAS[lib.jaxmem_native_isa()]
 
 
-def qmatmul(x: jax.Array, q: jax.Array, scale: jax.Array, offset: jax.Array | None, *,
-            bits: int, group: int, nk: bool, n: int) -> jax.Array:
+def qmatmul(x: jax.Array, q: jax.Array, scale: jax.Array | None, offset: jax.Array | None, *,
+            bits: int, group: int, nk: bool, n: int, exact: bool = False) -> jax.Array:
   """``(M, K) float32 x`` times an integer weight, on the native kernel (CPU lowering only).
 
   ``q`` is ``(K, N)`` (``nk=False``) or ``(N, K)`` (``nk=True``) int8, or the same with ``K``
   halved as uint8 for packed int4; ``scale``/``offset`` are float32 ``(K // group, N)``
   (``(N, K // group)`` for ``nk``). Batched (``vmap``) calls run one product per element.
+  ``exact=True`` (``scale`` and ``offset`` None): ``x`` holds integers whose products sum
+  exactly in float32 within each group of ``group`` k; the group sums are added in int32 and
+  the result is ``float(int32 sum)``, as XLA's ``s8 x s8 -> s32`` dot then a convert.
   """
+  if exact and (scale is not None or offset is not None):
+    raise ValueError("qmatmul(exact=True) takes no scale or offset")
   has_offset = offset is not None
   if offset is None:
     offset = jnp.zeros((1, 1), jnp.float32)
+  if scale is None:
+    scale = jnp.zeros((1, 1), jnp.float32)
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
                           vmap_method="sequential")
   return call(x, q, scale, offset, bits=np.int64(bits), group=np.int64(group), nk=nk,
-              has_offset=has_offset)
+              has_offset=has_offset, exact=exact)
 
 
 def i8gemm(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -61,12 +61,29 @@ packed int4 weight-only QArray with at most 16 activation rows) run on jaxmem's 
 kernel (:mod:`jaxmem._src.native`, :func:`jaxmem.ops.native_kernels`): XLA:CPU's
 convert-then-dot is 2-15x slower than its float32 dot at those shapes.
 
+**Weight-only products with more rows (prefill, encoder batches) on CPUs with native bf16
+dots**, per-channel int8/int4 weights on the ``auto`` route: the float32 activation is split
+into ``bf16`` hi + lo parts and multiplied by the integer weight (exact in bf16) as two
+``bf16 x bf16 -> f32`` dots, within ``2**-18 |x| . |w|`` plus float32 accumulation rounding
+(the float32 dot's error is the rounding alone); the gradient is the float32 dot's.
+XLA:CPU's bf16 dots there run 2.3-3x its float32 ones, the pair 1.3-1.7x (640-row encoder
+shapes). Group-wise weights dequantize (XLA:CPU's per-group batched dots were 0.1-0.5x);
+other CPUs, GPU and TPU, and forced routes run one float32 dot.
+
 **W8A8 on the int32 route on x86 CPUs** (``(..., K) x (K, N)`` products with at least
 ``GEMM_MIN_ROWS`` (64) rows: prefill, encoder batches) runs on jaxmem's native int8 GEMM
 (AVX2 ``vpmaddwd`` on int16-widened operands, the same int32 sums as XLA's int8 dot, bit for
 bit; :func:`jaxmem.ops.native_kernels` and ``JAXMEM_NATIVE_KERNELS`` turn it off too). On
 an AVX2-only EPYC, W8A8 at 512-row encoder shapes is 1.01-1.24x the f32 dot on it and
 0.92-1.06x on XLA's int8 dot (``benchmarks/RESULTS.md``).
+
+**W8A8 at decode on CPU** (at most 16 activation rows, a 2-D weight, on the ``auto`` and
+``int32`` routes): the integer product runs on the weight-only kernel's exact mode. The
+rounded activations are integers in float32; each group of at most 1040 k (1032 for
+asymmetric codes) sums exactly in float32, the groups are added in int32, so the sums are
+XLA's int8 dot's bit for bit. XLA's own int8 and bf16 dots at these shapes are slower than
+its float32 dot (0.3-0.9x in ``benchmarks/quantization.py --only gemv``); the kernel reads one
+byte per weight.
 
 All kernels are jit-, vmap- and eval_shape-compatible; nothing here stores a float
 copy of a weight.
@@ -254,6 +271,36 @@ def _cpu_has_native_bf16() -> bool:
   return bool(cpu_info()[1] & {"avx512_bf16", "amx_bf16"})
 
 
+def _cpu_has_amx_int8() -> bool:
+  """Whether XLA's ``s8 x s8 -> s32`` dot can use AMX-INT8 here (the CPU advertises it and
+  no ``--xla_cpu_max_isa`` below AMX caps XLA). On such a CPU (a 2-core Xeon with AMX,
+  ``benchmarks/RESULTS.md``) XLA's int8 dot is 5.3x its f32 dot on a 256-row MLP, faster
+  than the bf16 route (2.7x) and than jaxmem's AVX2 int8 GEMM (0.74x)."""
+  cap = native.xla_max_isa()
+  return "amx_int8" in cpu_info()[1] and (cap is None or "AMX" in cap)
+
+
+def _cpu_has_int8_dot_units() -> bool:
+  """Whether XLA's int8 dot has VNNI or AMX-INT8 to run on here; jaxmem's AVX2 int8 GEMM,
+  measured faster than XLA's int8 dot only on a CPU with neither, then stays off."""
+  cap = native.xla_max_isa()
+  if cap is not None and not (cap.startswith("AVX512") or cap.startswith("AMX")):
+    return False
+  return bool(cpu_info()[1] & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def _auto_w8a8_bf16() -> bool:
+  """The ``auto`` W8A8 route on CPU: bf16 dots on CPUs with native bf16 dots, unless XLA's
+  int8 dot has AMX-INT8 (then the int32 route: XLA's int8 dot)."""
+  return _cpu_has_native_bf16() and not _cpu_has_amx_int8()
+
+
+# W8A8 decode rows the native kernel's exact mode takes: up to native.MAX_ROWS, but on CPUs
+# with AMX-INT8 XLA's int8 dot is faster from 4 rows (measured 1.9-2.7x f32 at 4-16 rows of
+# 576 x 1536 and 1536 x 576, against 1.2-2.0x for the kernel, which wins at 1-2 rows).
+_AMX_DECODE_ROWS = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelInfo:
   """What jaxmem's integer kernels run on here (see :func:`jaxmem.ops.kernel_info`).
@@ -290,14 +337,26 @@ class KernelInfo:
     return (f"CPU: {self.cpu or 'unknown'} ({self.machine}); flags: {feats}; backend "
             f"{self.backend}; W8A8 route: {self.int8_route} ({self.route_setting})"
             f"{' on the native-avx2 int8 GEMM' if self.native_gemm else ''}; "
-            f"weight-only decode route: {self.weight_only_route}")
+            f"weight-only decode route: {self.weight_only_route}; W8A8 decode route: "
+            f"{self.w8a8_decode_route}")
 
   @property
   def native_gemm(self) -> bool:
     """Whether W8A8 products on the int32 route with at least ``GEMM_MIN_ROWS`` rows run on
-    jaxmem's native AVX2 int8 GEMM here (the same int32 sums as XLA's int8 dot)."""
+    jaxmem's native AVX2 int8 GEMM here (the same int32 sums as XLA's int8 dot; only on
+    CPUs without VNNI or AMX-INT8, where it was measured faster than XLA's)."""
     return (self.backend == "cpu" and self.int8_route == "int32" and self.native in native.ISAS
-            and native.gemm_vectorized())
+            and native.gemm_vectorized() and not _cpu_has_int8_dot_units())
+
+  @property
+  def w8a8_decode_route(self) -> str:
+    """``native-<isa> (<= R rows)`` where W8A8 products of at most R rows run on the native
+    kernel's exact integer mode here (``auto`` and ``int32`` routes, a vectorized ISA; R is
+    ``native.MAX_ROWS``, 2 on CPUs with AMX-INT8), else the W8A8 route's XLA dots."""
+    on = (self.backend == "cpu" and self.route_setting != "bf16" and self.native in native.ISAS
+          and native.gemm_vectorized())
+    rows = _AMX_DECODE_ROWS if _cpu_has_amx_int8() else native.MAX_ROWS
+    return f"native-{self.native} (<= {rows} rows)" if on else self.int8_route
 
   @property
   def weight_only_route(self) -> str:
@@ -329,7 +388,7 @@ def kernel_info() -> KernelInfo:
   elif backend != "cpu":
     route = "native"
   else:
-    route = "bf16" if _cpu_has_native_bf16() else "int32"
+    route = "bf16" if _auto_w8a8_bf16() else "int32"
   return KernelInfo(
       backend=backend, machine=platform.machine(), cpu=model,
       cpu_features=tuple(f for f in _ROUTE_CPU_FLAGS if f in flags), int8_route=route,
@@ -377,8 +436,12 @@ def _integer_op(op, xq, wq, labels, splittable=True, route=None, wmax=127):
     return acc.astype(jnp.float32)
 
   mode = route if route is not None else _ROUTE.value
+  small = _native_small_layout(xq, wq, labels, exact_k) if mode != "bf16" else None
+  if small is not None:  # decode rows: the same int32 sums on the weight-only kernel, on CPU
+    return lax.platform_dependent(
+        xq, wq, cpu=lambda a, b: _native_small_int_product(a, b, *small), default=int32_route)
   exact_bf16 = k <= exact_k or step is not None
-  if mode == "int32" or not exact_bf16 or (mode == "auto" and not _cpu_has_native_bf16()):
+  if mode == "int32" or not exact_bf16 or (mode == "auto" and not _auto_w8a8_bf16()):
     if _native_gemm_applies(xq, wq, labels):  # on CPU, the same int32 sums, faster
       return lax.platform_dependent(xq, wq, cpu=_native_int32_product, default=int32_route)
     return int32_route(xq, wq)
@@ -403,6 +466,40 @@ def _w8a16_op(op, xb, wq):
   if _cpu_has_native_bf16():
     return bf16(xb, wq)
   return lax.platform_dependent(xb, wq, cpu=f32, default=bf16)
+
+
+def _default_precision(precision) -> bool:
+  """Whether a dot's ``precision`` (None: ``jax.default_matmul_precision``) is DEFAULT, the
+  fastest one (on TPU a single bf16 pass for float32 operands)."""
+  if precision is None:
+    return jax.config.jax_default_matmul_precision in (None, "default", "fastest", "bfloat16")
+  ps = precision if isinstance(precision, tuple) else (precision,)
+  return all(p is None or lax.Precision(p) == lax.Precision.DEFAULT for p in ps)
+
+
+def _split_bf16_op(op, x, wq):
+  """``x . wq`` for float32 ``x`` and integer weight values ``wq`` (``|wq| <= 256``, exact
+  in bf16), on CPUs with native bf16 dots: ``x = hi + lo + r`` with ``hi = bf16(x)``,
+  ``lo = bf16(x - hi)`` and ``|r| <= 2**-18 |x|``; ``hi . wq + lo . wq`` as two
+  ``bf16 x bf16 -> f32`` dots (each product exact in f32). The result is within
+  ``2**-18 (|x| . |wq|)`` plus float32 accumulation rounding of the exact product. Its
+  gradient is the f32 dot's; GPU/TPU lowerings run the f32 dot."""
+
+  def f32(x, wq):
+    return op(x, wq.astype(jnp.float32), None)
+
+  def split(x, wq):
+    hi = x.astype(jnp.bfloat16)
+    lo = (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    wb = wq.astype(jnp.bfloat16)
+    return op(hi, wb, jnp.float32) + op(lo, wb, jnp.float32)
+
+  @jax.custom_vjp
+  def on_cpu(x, wq):
+    return split(x, wq)
+
+  on_cpu.defvjp(lambda x, wq: (split(x, wq), (x, wq)), lambda res, g: jax.vjp(f32, *res)[1](g))
+  return lax.platform_dependent(x, wq, cpu=on_cpu, default=f32)
 
 
 def _factored_scale(w: QArray, contracted: Sequence[int]):
@@ -438,7 +535,7 @@ def _to_layout(s: jax.Array, src: Sequence[str], dst: Sequence[str]) -> jax.Arra
 
 def _quantized_op(
     op, lhs, rhs, labels, act_axes, *, dtype, out_dtype, kind, path, splittable=True,
-    int8_route=None,
+    int8_route=None, precision=None,
 ):
   """Runs a bilinear ``op(a, b, acc)`` with a float ``lhs`` and a (compressed) ``rhs``.
 
@@ -446,7 +543,9 @@ def _quantized_op(
   contracted axis, and the scales travel to the output layout by label. ``act_axes`` are
   the lhs axes sharing one activation scale under W8A8. ``op(a, b, acc)`` runs with
   ``preferred_element_type=acc`` (None for the float op). ``int8_route`` picks the
-  W8A8 integer-dot route (None: the thread's :func:`int8_dot_route` value).
+  W8A8 integer-dot route (None: the thread's :func:`int8_dot_route` value). ``precision``
+  is ``op``'s: a float32 one (``HIGH``/``HIGHEST``, also through
+  ``jax.default_matmul_precision``) keeps weight-only products off the split bf16 dots.
   """
   _check_route(int8_route, f"{kind} '{path}': int8_route")
   if not isinstance(rhs, QArray):
@@ -496,7 +595,12 @@ def _quantized_op(
     xs_out = _to_layout(xs, lhs_labels, out_labels)
     y = acc * xs_out * _to_layout(ws, rhs_labels, out_labels)
     return (y if wo is None else y + offset_term(xq) * xs_out).astype(out_dtype)
-  y = op(lhs.astype(cdt), int_values(rhs).astype(cdt), None)
+  mode = int8_route if int8_route is not None else _ROUTE.value
+  if (mode == "auto" and cdt == jnp.float32 and lhs.dtype == jnp.float32 and rhs.bits <= 8
+      and _default_precision(precision) and _cpu_has_native_bf16()):
+    y = _split_bf16_op(op, lhs, int_values(rhs))
+  else:
+    y = op(lhs.astype(cdt), int_values(rhs).astype(cdt), None)
   y = y * _to_layout(ws, rhs_labels, out_labels).astype(cdt)
   return (y if wo is None else y + offset_term(lhs).astype(cdt)).astype(out_dtype)
 
@@ -506,7 +610,7 @@ def _lora_op(op, lhs, rhs: LoRAWeight, labels, act_axes, *, precision, dtype, ou
   """``base_op(lhs) + (alpha / r) lhs . (a @ b)``: the frozen base through its own kernel."""
   frozen = jax.tree.map(lax.stop_gradient, rhs.base)
   y = _quantized_op(op, lhs, frozen, labels, act_axes, dtype=dtype, out_dtype=out_dtype,
-                    kind=kind, path=path, int8_route=int8_route)
+                    kind=kind, path=path, int8_route=int8_route, precision=precision)
   cdt = dtype if dtype is not None else jnp.result_type(lhs.dtype, rhs.dtype)
   return y + adapter_product(lhs, rhs, labels, precision=precision, dtype=cdt).astype(y.dtype)
 
@@ -602,6 +706,7 @@ def quantized_dot_general(
     return _quantized_op(
         op, lhs, rhs, (lhs_labels, rhs_labels, out_labels), lc, dtype=dtype,
         out_dtype=preferred_element_type, kind="dot_general", path=path, int8_route=int8_route,
+        precision=precision,
     )
 
   # Validated here too: on CPU, platform_dependent may never trace xla_op.
@@ -706,7 +811,41 @@ def _native_gemm_applies(xq, wq, labels) -> bool:
   if (kl in out_labels or lhs_labels[-1] != kl or list(lhs_labels).count(kl) != 1
       or tuple(out_labels) != tuple(lhs_labels[:-1]) + (nl,)):
     return False
-  return native.enabled() and native.gemm_vectorized()
+  return native.enabled() and native.gemm_vectorized() and not _cpu_has_int8_dot_units()
+
+
+def _native_small_layout(xq, wq, labels, exact_k):
+  """``(nk, group)`` when W8A8's integer product ``xq . wq`` can run on the native
+  weight-only kernel in exact mode: at most ``native.MAX_ROWS`` rows (decode), a 2-D weight
+  contracted on one axis with the activations' last, ``group`` the largest divisor of K of
+  at most ``exact_k`` (each group's products then sum exactly in float32), else None."""
+  lhs_labels, rhs_labels, out_labels = labels
+  rows = math.prod(xq.shape[:-1])
+  max_rows = _AMX_DECODE_ROWS if _cpu_has_amx_int8() else native.MAX_ROWS
+  if wq.ndim != 2 or not lhs_labels or not 1 <= rows <= max_rows:
+    return None
+  kl = lhs_labels[-1]
+  if list(lhs_labels).count(kl) != 1 or kl in out_labels or list(rhs_labels).count(kl) != 1:
+    return None
+  nk = rhs_labels[1] == kl
+  nl = rhs_labels[0 if nk else 1]
+  if tuple(out_labels) != tuple(lhs_labels[:-1]) + (nl,):
+    return None
+  k = xq.shape[-1]
+  group = max(d for d in range(1, min(k, exact_k) + 1) if k % d == 0)
+  if group < 16 or not (native.enabled() and native.gemm_vectorized()):
+    return None  # tiny groups (K with no divisor near 1040) would be slower than XLA's dot
+  return nk, group
+
+
+def _native_small_int_product(xq, wq, nk, group):
+  """W8A8's ``(..., K)`` x ``(K, N)`` (or ``(N, K)`` for nk) integer product on the native
+  kernel's exact mode, as float32: the int32 route's values, bit for bit."""
+  x = xq.reshape(-1, xq.shape[-1]).astype(jnp.float32)
+  n = wq.shape[0 if nk else 1]
+  y = native.qmatmul(x, wq.astype(jnp.int8), None, None, bits=8, group=group, nk=nk, n=n,
+                     exact=True)
+  return _varying_like(y, xq, wq).reshape(xq.shape[:-1] + (n,))
 
 
 def _native_int32_product(xq, wq):
@@ -792,6 +931,7 @@ def quantized_einsum(
   return _quantized_op(
       op, lhs, rhs, (a, b, out), lhs_contracted, dtype=dtype,
       out_dtype=preferred_element_type, kind="einsum", path=path, int8_route=int8_route,
+      precision=precision,
   )
 
 
@@ -859,7 +999,7 @@ def quantized_conv(
   return _quantized_op(
       op, lhs, rhs, (lhs_labels, rhs_labels, out_labels), per_example, dtype=dtype,
       out_dtype=preferred_element_type, kind="conv", path=path,
-      splittable=feature_group_count == 1, int8_route=int8_route,
+      splittable=feature_group_count == 1, int8_route=int8_route, precision=precision,
   )
 
 

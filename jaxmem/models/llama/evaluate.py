@@ -509,13 +509,17 @@ def kernel_route(params) -> str:
     >>> p = {'layers': {'mlp': {'up': {'kernel': jnp.ones((2, 8, 4))}}}}
     >>> kernel_route(p)
     'f32 dot'
-    >>> with jaxmem.ops.native_kernels(False):
+    >>> with jaxmem.ops.native_kernels(False), jaxmem.ops.int8_dot_route('int32'):
     ...   kernel_route(jaxmem.transform(jaxmem.quantize_int8(stack_axes=1), p))
     'int8 weights converted to f32 in the dot, per-channel scale on the output'
   """
-  from jaxmem._src import qdot
+  from jaxmem._src import native, qdot
 
-  phrases = []
+  info = jaxmem.ops.kernel_info()
+  on_cpu = jax.default_backend() == "cpu"
+  split_bf16 = on_cpu and info.route_setting == "auto" and qdot._cpu_has_native_bf16()
+  phrases: list[str] = []
+  groups: dict[str, list[int]] = {}  # a group-wise phrase -> its group sizes, in order
   for path, w in jaxmem.leaves_with_paths(params):
     if not (path.startswith("layers/") and path.endswith("kernel")):
       continue
@@ -524,23 +528,38 @@ def kernel_route(params) -> str:
     elif not isinstance(w, jaxmem.QArray):
       phrase = "f32 dot"
     elif w.act_bits == 8:
-      phrase = ("int8 x int8 as exact bf16 dots (AVX512_BF16/AMX)" if qdot._cpu_has_native_bf16()
-                else "int8 x int8 -> int32 dot") + ", activations quantized per token"
+      if info.int8_route == "bf16":
+        phrase = "int8 x int8 as exact bf16 dots (AVX512_BF16/AMX)"
+      elif info.native_gemm:
+        phrase = f"int8 x int8 -> int32 on jaxmem's int8 GEMM (>= {native.GEMM_MIN_ROWS} rows)"
+      else:
+        phrase = "int8 x int8 -> int32 dot"
+      phrase += ", activations quantized per token"
+      if on_cpu and info.w8a8_decode_route.startswith("native-"):
+        phrase = (f"decode: {info.w8a8_decode_route} kernel, exact int32 sums; "
+                  f"otherwise: {phrase}")
     else:
       if w.scale.shape[-2] == 1:  # one scale along the contracted (input) axis
-        phrase = f"int{w.bits} weights converted to f32 in the dot, per-channel scale on the output"
+        phrase = (f"int{w.bits} weights as two bf16 dots (activations split hi + lo)"
+                  if split_bf16 and w.bits <= 8 else
+                  f"int{w.bits} weights converted to f32 in the dot") + (
+                      ", per-channel scale on the output")
+        size = None
       else:
+        size = w.shape[-2] // w.scale.shape[-2]
         phrase = (f"int{w.bits} {'packed ' if w.packed else ''}weights dequantized "
-                  f"(groups of {w.shape[-2] // w.scale.shape[-2]}) in jit, f32 dot")
+                  "(groups of {sizes}) in jit, f32 dot")
       # Decode steps (<= native.MAX_ROWS rows) of one layer's kernel: the native CPU kernel?
       layer = jax.eval_shape(lambda w: w[(0,) * (len(w.shape) - 2)], w)
       row = jax.ShapeDtypeStruct((1, w.shape[-2]), jnp.float32)
-      if jax.default_backend() == "cpu" and qdot._native_layout(
-          row, layer, (((1,), (0,)), ((), ())), None) is not None:
-        phrase = (f"decode: native {jaxmem.ops.kernel_info().native} int{w.bits} kernel; "
-                  f"prefill: {phrase}")
+      if on_cpu and qdot._native_layout(row, layer, (((1,), (0,)), ((), ())), None) is not None:
+        phrase = f"decode: native {info.native} int{w.bits} kernel; prefill: {phrase}"
+      if size is not None and size not in groups.setdefault(phrase, []):
+        groups[phrase].append(size)
     if phrase not in phrases:
       phrases.append(phrase)
+  phrases = [p.replace("{sizes}", "/".join(map(str, groups[p]))) if p in groups else p
+             for p in phrases]
   return "; ".join(phrases) or "no block kernels"
 
 
