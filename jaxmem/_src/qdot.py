@@ -24,15 +24,14 @@ low-rank adapters in dot_general and einsum, see :mod:`jaxmem._src.lora`):
   the contracted axes (quantize with ``channel_axes`` on the output axes). Convolutions
   use one activation scale per example.
 
-**Integer accumulation on CPUs with native bf16 dots.** On CPUs with AVX512_BF16/AMX,
-XLA:CPU's ``bf16 x bf16 -> f32`` dot is faster than its ``s8 x s8 -> s32`` dot (measured
-per CPU in ``benchmarks/RESULTS.md``). Integers in [-127, 127] are exact in
-bf16, their products are exact in f32, and a sum of K such products stays an exact f32
-integer while ``127**2 * K < 2**24`` (K <= 1040; 1032 for asymmetric int8 weights, whose
-codes reach -128). So on a CPU with AVX512_BF16 or AMX
-the integer op runs in bf16 with f32 accumulation, split into chunks of at most 1040
-contracted elements whose results are added in int32: the result is **bit-identical**
-to the int32 op.
+**Integer accumulation on CPUs with native bf16 dots.** On CPUs with AVX512_BF16 and no
+AMX-INT8, XLA:CPU's ``bf16 x bf16 -> f32`` dot is faster than its ``s8 x s8 -> s32`` dot
+(measured per CPU in ``benchmarks/RESULTS.md``; with AMX-INT8 the int8 dot is faster still).
+Integers in [-127, 127] are exact in bf16, their products are exact in f32, and a sum of K
+such products stays an exact f32 integer while ``127**2 * K < 2**24`` (K <= 1040; 1032 for
+asymmetric int8 weights, whose codes reach -128). So on such a CPU the integer op runs in
+bf16 with f32 accumulation, split into chunks of at most 1040 contracted elements whose
+results are added in int32: the result is **bit-identical** to the int32 op.
 
 **Choosing the route** (a static choice made when a function is traced; nothing global
 is mutated and no cache is cleared):
@@ -49,12 +48,14 @@ is mutated and no cache is cleared):
   (``int32``, ``bf16`` or ``auto``), read once when :mod:`jaxmem` is imported (an
   invalid value makes the import fail with a ``ValueError``); unset, it is ``auto``.
 
-``auto`` picks bf16 accumulation on CPUs advertising AVX512_BF16/AMX (host
-``/proc/cpuinfo``, unless ``$XLA_FLAGS`` caps XLA below AVX-512 with
+``auto`` picks bf16 accumulation on CPUs advertising AVX512_BF16/AMX-BF16 but not AMX-INT8
+(host ``/proc/cpuinfo``, unless ``$XLA_FLAGS`` caps XLA below AVX-512 with
 ``--xla_cpu_max_isa``) through ``lax.platform_dependent``, so GPU and TPU lowerings keep
-their native int8 ops; everywhere else it is ``int32``. ``bf16`` forces the bf16 route
-on every platform; contractions that cannot be split exactly (grouped convolutions over
-1040 elements) stay on int32.
+their native int8 ops; everywhere else it is ``int32`` (on AMX-INT8 CPUs XLA's int8 dot is
+the fastest: 5.3x f32 on a 256-row MLP against 2.7x for the bf16 route). ``auto`` also lets
+weight-only products take the split bf16 dots below; a forced route does not. ``bf16``
+forces the bf16 route on every platform; contractions that cannot be split exactly
+(grouped convolutions over 1040 elements) stay on int32.
 
 **Weight-only decode products on CPU** (:func:`quantized_dot_general` of a 2-D int8 or
 packed int4 weight-only QArray with at most 16 activation rows) run on jaxmem's native
