@@ -490,10 +490,12 @@ def _split_bf16_op(op, x, wq):
     return op(x, wq.astype(jnp.float32), None)
 
   def split(x, wq):
-    hi = x.astype(jnp.bfloat16)
-    lo = (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    # reduce_precision, not a bf16 round trip: XLA may drop a round trip as excess precision
+    # (jax 0.12 did, here, beside an asymmetric weight's offset term, losing the lo part).
+    hi = lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
+    lo = (x - hi).astype(jnp.bfloat16)
     wb = wq.astype(jnp.bfloat16)
-    return op(hi, wb, jnp.float32) + op(lo, wb, jnp.float32)
+    return op(hi.astype(jnp.bfloat16), wb, jnp.float32) + op(lo, wb, jnp.float32)
 
   @jax.custom_vjp
   def on_cpu(x, wq):
