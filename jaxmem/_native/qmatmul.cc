@@ -15,7 +15,9 @@
 // exact: x holds integers and each group's products sum exactly in float32 (W8A8 at decode:
 // rounded activations |x| <= 127, int8 weights, groups of <= 1040 k, so every partial sum is an
 // integer below 2**24); the group sums are then added in int32 and s / o are not read:
-// y = float(sum_k x[m, k] q[k, n]), the int32 sum of XLA's s8 dot, converted as it converts. Decode-shaped products (M small) are memory-bound: reading 1 (int8) or 0.5 (int4) bytes
+// y = float(sum_k x[m, k] q[k, n]), the int32 sum of XLA's s8 dot, converted as it converts.
+//
+// Decode-shaped products (M small) are memory-bound: reading 1 (int8) or 0.5 (int4) bytes
 // per weight instead of XLA's 4 (float32) is the speedup.
 //
 // The ISA is chosen at run time (AVX-512 > AVX2+FMA > portable C), capped by

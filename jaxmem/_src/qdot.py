@@ -346,8 +346,7 @@ class KernelInfo:
     """Whether W8A8 products on the int32 route with at least ``GEMM_MIN_ROWS`` rows run on
     jaxmem's native AVX2 int8 GEMM here (the same int32 sums as XLA's int8 dot; only on
     CPUs without VNNI or AMX-INT8, where it was measured faster than XLA's)."""
-    return (self.backend == "cpu" and self.int8_route == "int32" and self.native in native.ISAS
-            and native.gemm_vectorized() and not _cpu_has_int8_dot_units())
+    return self.backend == "cpu" and self.int8_route == "int32" and _native_gemm_wanted()
 
   @property
   def w8a8_decode_route(self) -> str:
@@ -356,8 +355,7 @@ class KernelInfo:
     ``native.MAX_ROWS``, 2 on CPUs with AMX-INT8), else the W8A8 route's XLA dots."""
     on = (self.backend == "cpu" and self.route_setting != "bf16" and self.native in native.ISAS
           and native.gemm_vectorized())
-    rows = _AMX_DECODE_ROWS if _cpu_has_amx_int8() else native.MAX_ROWS
-    return f"native-{self.native} (<= {rows} rows)" if on else self.int8_route
+    return f"native-{self.native} (<= {_w8a8_decode_rows()} rows)" if on else self.int8_route
 
   @property
   def weight_only_route(self) -> str:
@@ -476,6 +474,12 @@ def _default_precision(precision) -> bool:
     return jax.config.jax_default_matmul_precision in (None, "default", "fastest", "bfloat16")
   ps = precision if isinstance(precision, tuple) else (precision,)
   return all(p is None or lax.Precision(p) == lax.Precision.DEFAULT for p in ps)
+
+
+def _split_bf16_wanted(mode: str, precision=None) -> bool:
+  """Whether float32 weight-only products on route ``mode`` at ``precision`` take the split
+  bf16 dots (:func:`_split_bf16_op`) here: ``auto``, DEFAULT precision, native bf16 dots."""
+  return mode == "auto" and _default_precision(precision) and _cpu_has_native_bf16()
 
 
 def _split_bf16_op(op, x, wq):
@@ -599,8 +603,8 @@ def _quantized_op(
     y = acc * xs_out * _to_layout(ws, rhs_labels, out_labels)
     return (y if wo is None else y + offset_term(xq) * xs_out).astype(out_dtype)
   mode = int8_route if int8_route is not None else _ROUTE.value
-  if (mode == "auto" and cdt == jnp.float32 and lhs.dtype == jnp.float32 and rhs.bits <= 8
-      and _default_precision(precision) and _cpu_has_native_bf16()):
+  if (cdt == jnp.float32 and lhs.dtype == jnp.float32 and rhs.bits <= 8
+      and _split_bf16_wanted(mode, precision)):
     y = _split_bf16_op(op, lhs, int_values(rhs))
   else:
     y = op(lhs.astype(cdt), int_values(rhs).astype(cdt), None)
@@ -803,36 +807,49 @@ def _varying_like(y, *operands):
   return lax.pcast(y, tuple(sorted(vma)), to="varying") if vma else y
 
 
-def _native_gemm_applies(xq, wq, labels) -> bool:
-  """Whether W8A8's ``int8 x int8 -> int32`` product can run on jaxmem's native GEMM:
-  ``(..., K) x (K, N) -> (..., N)`` with at least ``native.GEMM_MIN_ROWS`` rows, where the
-  vector kernel is built and enabled (:mod:`jaxmem._src.native`)."""
+def _matrix_layout(xq, wq, labels) -> bool | None:
+  """``nk`` when ``xq . wq`` is ``(..., K) x (K, N) -> (..., N)`` (False) or
+  ``(..., K) x (N, K) -> (..., N)`` (True), the native kernels' 2-D layouts; else None."""
   lhs_labels, rhs_labels, out_labels = labels
-  if wq.ndim != 2 or not lhs_labels or math.prod(xq.shape[:-1]) < native.GEMM_MIN_ROWS:
-    return False
-  kl, nl = rhs_labels
-  if (kl in out_labels or lhs_labels[-1] != kl or list(lhs_labels).count(kl) != 1
-      or tuple(out_labels) != tuple(lhs_labels[:-1]) + (nl,)):
-    return False
-  return native.enabled() and native.gemm_vectorized() and not _cpu_has_int8_dot_units()
-
-
-def _native_small_layout(xq, wq, labels, exact_k):
-  """``(nk, group)`` when W8A8's integer product ``xq . wq`` can run on the native
-  weight-only kernel in exact mode: at most ``native.MAX_ROWS`` rows (decode), a 2-D weight
-  contracted on one axis with the activations' last, ``group`` the largest divisor of K of
-  at most ``exact_k`` (each group's products then sum exactly in float32), else None."""
-  lhs_labels, rhs_labels, out_labels = labels
-  rows = math.prod(xq.shape[:-1])
-  max_rows = _AMX_DECODE_ROWS if _cpu_has_amx_int8() else native.MAX_ROWS
-  if wq.ndim != 2 or not lhs_labels or not 1 <= rows <= max_rows:
+  if wq.ndim != 2 or not lhs_labels:
     return None
   kl = lhs_labels[-1]
   if list(lhs_labels).count(kl) != 1 or kl in out_labels or list(rhs_labels).count(kl) != 1:
     return None
   nk = rhs_labels[1] == kl
-  nl = rhs_labels[0 if nk else 1]
-  if tuple(out_labels) != tuple(lhs_labels[:-1]) + (nl,):
+  if tuple(out_labels) != tuple(lhs_labels[:-1]) + (rhs_labels[0 if nk else 1],):
+    return None
+  return nk
+
+
+def _native_gemm_wanted() -> bool:
+  """Whether the int32 route's large products take jaxmem's int8 GEMM here: built, enabled,
+  vectorized, and on a CPU without VNNI/AMX-INT8 (elsewhere XLA's int8 dot is faster)."""
+  return native.enabled() and native.gemm_vectorized() and not _cpu_has_int8_dot_units()
+
+
+def _w8a8_decode_rows() -> int:
+  """Most rows a W8A8 product takes the native kernel's exact mode with, on this CPU."""
+  return _AMX_DECODE_ROWS if _cpu_has_amx_int8() else native.MAX_ROWS
+
+
+def _native_gemm_applies(xq, wq, labels) -> bool:
+  """Whether W8A8's ``int8 x int8 -> int32`` product can run on jaxmem's native GEMM:
+  ``(..., K) x (K, N) -> (..., N)`` with at least ``native.GEMM_MIN_ROWS`` rows, where
+  :func:`_native_gemm_wanted`."""
+  return (math.prod(xq.shape[:-1]) >= native.GEMM_MIN_ROWS
+          and _matrix_layout(xq, wq, labels) is False and _native_gemm_wanted())
+
+
+def _native_small_layout(xq, wq, labels, exact_k):
+  """``(nk, group)`` when W8A8's integer product ``xq . wq`` can run on the native
+  weight-only kernel in exact mode: at most :func:`_w8a8_decode_rows` rows (decode), a
+  :func:`_matrix_layout`, ``group`` the largest divisor of K of at most ``exact_k`` (each
+  group's products then sum exactly in float32), else None."""
+  if not 1 <= math.prod(xq.shape[:-1]) <= _w8a8_decode_rows():
+    return None
+  nk = _matrix_layout(xq, wq, labels)
+  if nk is None:
     return None
   k = xq.shape[-1]
   group = max(d for d in range(1, min(k, exact_k) + 1) if k % d == 0)

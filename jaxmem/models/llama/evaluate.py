@@ -517,7 +517,7 @@ def kernel_route(params) -> str:
 
   info = jaxmem.ops.kernel_info()
   on_cpu = jax.default_backend() == "cpu"
-  split_bf16 = on_cpu and info.route_setting == "auto" and qdot._cpu_has_native_bf16()
+  split_bf16 = on_cpu and qdot._split_bf16_wanted(info.route_setting)
   phrases: list[str] = []
   groups: dict[str, list[int]] = {}  # a group-wise phrase -> its group sizes, in order
   for path, w in jaxmem.leaves_with_paths(params):
