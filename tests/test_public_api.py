@@ -36,8 +36,8 @@ TOP = {
 NAMESPACES = {
     "ops": {
         "awq_scales", "dequantize", "fake_quantize", "fake_quantize_activations", "gptq_kernel",
-        "hqq_quantize", "int8_dot_route", "kernel_info", "KernelInfo", "magnitude_mask",
-        "native_kernels", "nm_mask", "pack_ints", "quantize",
+        "hadamard", "hadamard_matrix", "hqq_quantize", "int8_dot_route", "kernel_info",
+        "KernelInfo", "magnitude_mask", "native_kernels", "nm_mask", "pack_ints", "quantize",
         "quantize_activations", "quantized_conv", "quantized_dot_general", "quantized_einsum",
         "quantized_take", "row_stats", "smoothquant_scales", "sparse_pack", "sparse_unpack",
         "sparsegpt_kernel", "unpack_ints", "wanda_mask",

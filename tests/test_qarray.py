@@ -124,7 +124,7 @@ def test_slicing_and_stacking_per_layer(layers, bits, group, symmetric, seed):
 
 def test_indexing_that_cannot_slice_is_a_clear_error():
   q = jaxmem.ops.quantize(jnp.ones((4, 8)), 4, group_size=4, channel_axes=(1,))  # groups on 0
-  with pytest.raises(TypeError, match="neither packed nor grouped"):
+  with pytest.raises(TypeError, match="neither packed, grouped nor rotated"):
     q[0]
   with pytest.raises(TypeError, match="keeping at least one axis"):
     jaxmem.ops.quantize(jnp.ones((4, 8)))[0, 1]

@@ -28,8 +28,16 @@ Invariants of a :class:`QArray` ``q`` of logical shape ``S`` (``q.shape``):
   ``qvalue = code - 8``, ``scale = d``, ``offset = m + 8 d``.
 * ``|x - dequantize(quantize(x))| <= scale / 2`` elementwise (round to nearest), up to
   float32 rounding.
+* ``q.rotation`` is None, or ``(axis, block)`` (the axis counted from the end): the values
+  quantize ``hadamard(x, axis, block)``, ``x`` rotated by an orthonormal Walsh-Hadamard
+  matrix in consecutive blocks of ``block`` (a power of two) along that axis, and
+  ``dequantize`` rotates back, so it still approximates ``x``. Products contract the
+  rotated axis with an activation rotated the same way (``(a R)(R w) = a w``: ``R`` is
+  symmetric and its own inverse), which spreads activation outliers over each block
+  before W8A8 rounds them (QuaRot, Ashkboos et al. 2024, with block-diagonal rotations
+  applied at run time). Scales and the bound above hold in the rotated basis.
 
-Static pytree metadata: ``bits``, ``dtype``, ``pack_axis`` and ``act_bits``.
+Static pytree metadata: ``bits``, ``dtype``, ``pack_axis``, ``act_bits`` and ``rotation``.
 
 **Why the activation policy (``act_bits``) stays on the weight.** It is the recipe's
 decision, made with the weights (W8A8 needs scales that are 1 on the contracted axes,
@@ -99,6 +107,8 @@ class QArray(Compressed):
     act_bits: how layers running this weight treat their input: 8 = dynamic int8 per
       token and an integer matmul (W8A8), 16 = bfloat16 activations (W8A16), None =
       weight-only (see the module docstring for why this lives on the weight).
+    rotation: None, or ``(axis, block)``: the values are of the weight rotated by
+      block Walsh-Hadamard matrices along ``axis`` (negative; see the module docstring).
 
   Derived (from the leaves, so true for every slice): ``shape``, ``packed``,
   ``symmetric``, ``block_shape``, ``channel_axes``, ``group_axis``, ``group_size``.
@@ -111,6 +121,7 @@ class QArray(Compressed):
   dtype: np.dtype = dataclasses.field(default=np.dtype(np.float32), metadata=dict(static=True))
   pack_axis: int | None = dataclasses.field(default=None, metadata=dict(static=True))
   act_bits: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+  rotation: tuple[int, int] | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   _dense_hint = "jaxmem.ops.dequantize(w)"  # for Compressed's "not an array" TypeError
 
@@ -164,13 +175,14 @@ class QArray(Compressed):
     if not bad:
       blocks = self.block_shape
       pack = None if self.pack_axis is None else self.pack_axis % ndim
-      bad = any(a == pack or 1 < blocks[a] < self.shape[a] for a in range(len(idx)))
+      rot = None if self.rotation is None else self.rotation[0] % ndim
+      bad = any(a in (pack, rot) or 1 < blocks[a] < self.shape[a] for a in range(len(idx)))
     if bad:  # the generic "not an array" hint, then what slicing a QArray does support
       raise TypeError(
           f"{self._not_an_array(f'indexing (w[{index!r}])')} A QArray of shape {self.shape} "
-          "slices only by ints and slices over its leading axes that are neither packed nor "
-          "grouped, keeping at least one axis (e.g. q[i] for layer i of a stacked [L, ...] "
-          "QArray); for other indexing dequantize inside the jitted function."
+          "slices only by ints and slices over its leading axes that are neither packed, "
+          "grouped nor rotated, keeping at least one axis (e.g. q[i] for layer i of a stacked "
+          "[L, ...] QArray); for other indexing dequantize inside the jitted function."
       )
 
     def take(x):
@@ -197,12 +209,14 @@ class QArray(Compressed):
     if not all(hasattr(x, "shape") for x in (self.qvalue, self.scale)):
       # A QArray-shaped tree of other things (PartitionSpecs, shardings, shapes).
       return (f"QArray(qvalue={self.qvalue!r}, scale={self.scale!r}, offset={self.offset!r}, "
-              f"bits={self.bits}, pack_axis={self.pack_axis}, act_bits={self.act_bits})")
+              f"bits={self.bits}, pack_axis={self.pack_axis}, act_bits={self.act_bits}, "
+              f"rotation={self.rotation})")
     g = f", group_size={self.group_size}" if self.group_size else ""
     sym = "" if self.symmetric else ", asymmetric"
+    rot = "" if self.rotation is None else f", rotation={self.rotation}"
     return (
         f"QArray(shape={self.shape}, bits={self.bits}, channel_axes={self.channel_axes}{g}"
-        f"{sym}, pack_axis={self.pack_axis}, act_bits={self.act_bits}, "
+        f"{sym}, pack_axis={self.pack_axis}, act_bits={self.act_bits}{rot}, "
         f"dtype={np.dtype(self.dtype).name})"
     )
 
@@ -309,6 +323,86 @@ def default_pack_axis(
   return next((a for a in cands if shape[a] % per == 0), None)
 
 
+def hadamard_matrix(block: int) -> np.ndarray:
+  """The orthonormal Sylvester Walsh-Hadamard matrix of size ``block`` (a power of two),
+  float32: symmetric, and its own inverse.
+
+  Example:
+    >>> (hadamard_matrix(2) * 2**0.5).round().tolist()
+    [[1.0, 1.0], [1.0, -1.0]]
+  """
+  check_rotate(block, "hadamard_matrix")
+  h = np.ones((1, 1))
+  while h.shape[0] < block:
+    h = np.block([[h, h], [h, -h]])
+  return (h / np.sqrt(block)).astype(np.float32)
+
+
+def hadamard(x: jax.Array, axis: int, block: int) -> jax.Array:
+  """``x`` rotated by :func:`hadamard_matrix` ``(block)`` in consecutive blocks along
+  ``axis`` (float32, at full precision on every backend). Applying it twice gives ``x``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.arange(8.0).reshape(2, 4)
+    >>> bool(jnp.allclose(hadamard(hadamard(x, -1, 4), -1, 4), x, atol=1e-5))
+    True
+  """
+  h = jnp.asarray(hadamard_matrix(block))
+  axis = axis % x.ndim
+  n = x.shape[axis]
+  if n % block:
+    raise ValueError(f"hadamard: axis {axis} of length {n} is not divisible by block={block}.")
+  xb = jnp.moveaxis(x.astype(jnp.float32), axis, -1)
+  xb = xb.reshape(xb.shape[:-1] + (n // block, block))
+  y = jnp.einsum("...j,jk->...k", xb, h, precision=jax.lax.Precision.HIGHEST)
+  return jnp.moveaxis(y.reshape(y.shape[:-2] + (n,)), -1, axis)
+
+
+def check_rotate(block, what: str) -> None:
+  """Raises a ValueError unless ``block`` (a ``rotate=`` argument) is None or a power of two."""
+  if block is not None and (isinstance(block, bool) or not isinstance(block, int | np.integer)
+                            or block < 2 or block & (block - 1)):
+    raise ValueError(f"{what}: rotate={block!r}; use a power of two >= 2 (e.g. 64), or None.")
+
+
+def rotation_for(
+    shape: Sequence[int], block, axis: int | None, channel_axes: Sequence[int], path: str
+) -> tuple[int, int]:
+  """The ``(axis from the end, block)`` of a rotation of a leaf of ``shape`` (validated).
+
+  ``axis`` None picks the first axis that is not a channel axis and that ``block``
+  divides (a kernel's input axis: ``in`` of ``[in, out]`` and ``[in, heads, head_dim]``,
+  ``head_dim`` of ``[heads, head_dim, out]`` when ``block`` does not divide ``heads``), else
+  the first that is not a channel axis. Raises a ValueError naming ``path`` when the block
+  is not a power of two, no axis is left, or the block does not divide the axis (the
+  message names a block that does).
+  """
+  what = f"quantize '{path}'"
+  ndim = len(shape)
+  check_rotate(block, what)
+  if axis is None:
+    free = [a for a in range(ndim) if a not in {c % ndim for c in channel_axes}]
+    if not free:
+      raise ValueError(
+          f"{what}: rotate={block} needs an axis that is not a channel axis (the contracted "
+          f"input axis), but shape {tuple(shape)} has channel axes {tuple(channel_axes)}.")
+    axis = next((a for a in free if shape[a] % block == 0), free[0])
+  axis = _norm_axes((axis,), ndim, what)[0]
+  n = shape[axis]
+  if n % block:
+    fits = 1 << ((n & -n).bit_length() - 1)  # the largest power of two dividing n
+    fix = f"rotate={min(fits, block)}" if fits >= 2 else "rotate=None (odd length)"
+    raise ValueError(
+        f"{what}: rotate={block} does not divide axis {axis} of length {n}; use {fix}.")
+  return axis - ndim, int(block)
+
+
+def rotate_for_quantize(x: jax.Array, rotation: tuple[int, int] | None) -> jax.Array:
+  """``x`` in the basis a QArray with ``rotation`` quantizes (``x`` itself for None)."""
+  return x if rotation is None else hadamard(x, *rotation).astype(x.dtype)
+
+
 def quantize(
     x: jax.Array,
     bits: int = 8,
@@ -320,6 +414,8 @@ def quantize(
     pack_bits: bool | None = None,
     pack_axis: int | None = None,
     act_bits: int | None = None,
+    rotate: int | None = None,
+    rotate_axis: int | None = None,
     path: str = "array",
     check_finite: bool = True,
 ) -> QArray:
@@ -344,6 +440,12 @@ def quantize(
     act_bits: how layers running this weight treat their input at run time: 8 = dynamic
       int8 per token (W8A8), 16 = rounded to bfloat16 (W8A16: integer weights are exact
       in bf16, products accumulate in f32); None: weight-only, float activations.
+    rotate: quantize ``x`` rotated by Walsh-Hadamard blocks of this size (a power of two)
+      along ``rotate_axis``; products then rotate their activations the same way (see
+      the module docstring). None: no rotation.
+    rotate_axis: the rotated axis; default: the first axis that is not a channel axis and
+      that ``rotate`` divides (a kernel's input axis), else the first that is not a channel
+      axis.
     path: the leaf's path, for error messages.
     check_finite: raise a ValueError naming ``path`` when a concrete ``x`` holds NaN/Inf.
       This array function does not check traced values (it runs inside QAT training
@@ -400,6 +502,8 @@ def quantize(
           f"{what}: axis {group_axis} has {n} elements, not divisible by "
           f"group_size={group_size}; pick a divisor of {n} or group_size=None (per-channel)."
       )
+  rotation = None if rotate is None else rotation_for(shape, rotate, rotate_axis, caxes, path)
+  x = rotate_for_quantize(x, rotation)
   # Scale length per axis: full on channel axes, n/g on the group axis, 1 elsewhere.
   sshape = tuple(
       n if a in caxes else n // group_size if (group_size and a == group_axis) else 1
@@ -452,6 +556,7 @@ def quantize(
       dtype=np.dtype(x.dtype),
       pack_axis=None if axis is None else axis - ndim,
       act_bits=act_bits,
+      rotation=rotation,
   )
 
 
@@ -471,7 +576,10 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
   out = int_values(q).reshape(vshape).astype(jnp.float32) * q.scale.reshape(bshape)
   if q.offset is not None:
     out = out + q.offset.reshape(bshape)
-  return out.reshape(shape).astype(dtype or q.dtype)
+  out = out.reshape(shape)
+  if q.rotation is not None:
+    out = hadamard(out, *q.rotation)
+  return out.astype(dtype or q.dtype)
 
 
 def set_act_bits(q: QArray, act_bits: int | None) -> QArray:

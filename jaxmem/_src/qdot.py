@@ -107,7 +107,7 @@ from jax import lax
 
 from jaxmem._src import native
 from jaxmem._src.lora import LoRAWeight, adapter_product
-from jaxmem._src.qarray import QArray, expand_blocks, int_values, unpack_ints
+from jaxmem._src.qarray import QArray, expand_blocks, hadamard, int_values, unpack_ints
 from jaxmem._src.tree import Compressed
 
 # ----------------------------------------------------------------------------- helpers
@@ -540,6 +540,31 @@ def _to_layout(s: jax.Array, src: Sequence[str], dst: Sequence[str]) -> jax.Arra
   return s.reshape(shape)
 
 
+def _unrotate(lhs, rhs, labels, kind: str, path: str, splittable: bool = True):
+  """``(lhs, rhs)`` with a rotated QArray's rotation moved onto the activation.
+
+  A QArray with ``rotation = (axis, block)`` holds ``R w`` (``R`` block Walsh-Hadamard
+  along ``axis``); the product contracts that axis, so ``(lhs R) . (R w) = lhs . w``: the
+  activation is rotated along its partner axis and the weight is used as stored, with
+  ``rotation=None``. Other operands pass through.
+  """
+  if not isinstance(rhs, QArray) or rhs.rotation is None:
+    return lhs, rhs
+  lhs_labels, rhs_labels, out_labels = labels
+  axis, block = rhs.rotation
+  lab = rhs_labels[axis % len(rhs.shape)]
+  if lab in out_labels or list(lhs_labels).count(lab) != 1 or not splittable:
+    why = ("a grouped convolution mixes its channels by group" if not splittable
+           else "the rotated axis must be contracted with one activation axis")
+    raise ValueError(
+        f"{kind} '{path}': the QArray is rotated along axis {axis} (rotation={rhs.rotation}), "
+        f"but {why}. Quantize this leaf with rotate_axis on its contracted input axis, or "
+        "without rotate."
+    )
+  lhs = hadamard(lhs, list(lhs_labels).index(lab), block).astype(lhs.dtype)
+  return lhs, dataclasses.replace(rhs, rotation=None)
+
+
 def _quantized_op(
     op, lhs, rhs, labels, act_axes, *, dtype, out_dtype, kind, path, splittable=True,
     int8_route=None, precision=None,
@@ -564,6 +589,7 @@ def _quantized_op(
     raise ValueError(
         f"{kind} '{path}': act_bits={rhs.act_bits} is not supported; use 8, 16 or None."
     )
+  lhs, rhs = _unrotate(lhs, rhs, labels, kind, path, splittable)
   lhs_labels, rhs_labels, out_labels = labels
   contracted = tuple(i for i, lab in enumerate(rhs_labels) if lab not in out_labels)
   cdt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(lhs.dtype, rhs.dtype)
@@ -718,6 +744,8 @@ def quantized_dot_general(
 
   # Validated here too: on CPU, platform_dependent may never trace xla_op.
   _check_route(int8_route, f"dot_general '{path}': int8_route")
+  # Rotated weights: the native route runs on the rotated activation too.
+  lhs, rhs = _unrotate(lhs, rhs, (lhs_labels, rhs_labels, out_labels), "dot_general", path)
   layout = _native_layout(lhs, rhs, dn, dtype)
   if layout is None:
     return xla_op(lhs, rhs)
@@ -1053,6 +1081,8 @@ def quantized_take(table, indices: jax.Array, *, dtype=None) -> jax.Array:
     return jnp.take(table, indices, axis=0).astype(dtype or table.dtype)
   dtype = dtype or table.dtype
   shape = table.shape
+  if table.rotation is not None and table.rotation[0] % len(shape) == 0:
+    return jnp.take(table.dequantize(), indices, axis=0).astype(dtype)  # rotated across rows
   n, row = shape[0], tuple(shape[1:])
   idx = jnp.where(indices < 0, indices + n, indices)  # negative indices wrap once, as jnp.take
   lead = tuple(indices.shape)
@@ -1070,6 +1100,8 @@ def quantized_take(table, indices: jax.Array, *, dtype=None) -> jax.Array:
   out = vals.astype(jnp.float32) * rows_of(table.scale)
   if table.offset is not None:
     out = out + rows_of(table.offset)
+  if table.rotation is not None:  # rotated within each row: rotate the gathered rows back
+    out = hadamard(out, *table.rotation)
   # Like jnp.take on a float table: out-of-range rows are NaN.
   valid = (indices >= -n) & (indices < n)
   out = jnp.where(valid.reshape(lead + (1,) * len(row)), out, jnp.nan)

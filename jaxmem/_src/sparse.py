@@ -288,6 +288,12 @@ def _pack_qarray(x: QArray, mask, bits, encoding, path) -> SparseArray:
         f"sparse_pack '{path}': the leaf is a {x.bits}-bit QArray but bits={bits}; leave bits "
         "unset (the QArray's values are stored as they are)."
     )
+  if x.rotation is not None:
+    raise ValueError(
+        f"sparse_pack '{path}': the QArray is rotated (rotation={x.rotation}), so its zeros "
+        "are not the weight's zeros; prune and pack before rotating, or quantize without "
+        "rotate."
+    )
   if not x.symmetric:
     raise ValueError(
         f"sparse_pack '{path}': the QArray is asymmetric (a zero point per group), so its "

@@ -556,6 +556,8 @@ def kernel_route(params) -> str:
         phrase = f"decode: native {info.native} int{w.bits} kernel; prefill: {phrase}"
       if size is not None and size not in groups.setdefault(phrase, []):
         groups[phrase].append(size)
+    if isinstance(w, jaxmem.QArray) and w.rotation is not None:
+      phrase = f"inputs rotated by {w.rotation[1]}-wide Hadamard blocks; {phrase}"
     if phrase not in phrases:
       phrases.append(phrase)
   phrases = [p.replace("{sizes}", "/".join(map(str, groups[p]))) if p in groups else p
