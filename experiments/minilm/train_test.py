@@ -105,7 +105,7 @@ def test_bad_recipe_is_refused_before_loading(tmp_path):
   config = tiny(default_config.get_config())
   config.recipes = ("fp32", "int3_weight")
   with pytest.raises(ValueError, match=r"unknown recipe\(s\) 'int3_weight'; valid recipes are "
-                     r"fp32, int8_weight, int8_weight_channel, int8_dynamic"):
+                     r"fp32, int8_weight, int8_weight_g128, int8_weight_channel, int8_dynamic"):
     train.train_and_evaluate(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 

@@ -48,6 +48,7 @@ from jaxmem.models.minilm.loader import INSTALL_HINT, MiniLM, load, model_dir
 from jaxmem.models.minilm.recipes import (
   DEFAULT_RECIPES,
   RECIPES,
+  ROTATE_BLOCK,
   W8A8_WEIGHT_ONLY_RULE,
   WEIGHT_GROUP_SIZE,
   apply_recipe,
@@ -62,6 +63,7 @@ __all__ = [
   "EVAL_SEED",
   "INSTALL_HINT",
   "RECIPES",
+  "ROTATE_BLOCK",
   "ROW_KEYS",
   "SENSITIVITY_GROUPS",
   "W8A8_WEIGHT_ONLY_RULE",
