@@ -22,6 +22,7 @@ def quantize_int4(
     *,
     stack_axes: StackAxes = 0,
     symmetric: bool = True,
+    scale_dtype=None,
     check_finite: bool = True,
 ) -> base.ParamTransform:
   """Weight-only int4 PTQ with group-wise scales, packed two values per byte.
@@ -37,6 +38,9 @@ def quantize_int4(
     where: leaves to quantize; default: ``kernel``/``embedding`` leaves with ndim >= 2.
     stack_axes: leading layer axes (scan over layers), see :func:`jaxmem.quantize_weights`.
     symmetric: False for asymmetric int4 (a zero point per group, as GGUF ``Q4_1``).
+    scale_dtype: float16 or bfloat16 to store the scales (and zero points) in half
+      precision: 2 bytes each instead of 4 (at groups of 32, 4.5 bits a weight instead of
+      5); None: float32.
     check_finite: raise a ValueError naming the leaf when a selected leaf holds NaN/Inf,
       under ``jit`` too (see :func:`jaxmem.quantize_weights`).
 
@@ -49,5 +53,5 @@ def quantize_int4(
   """
   return weights_transform(
       "quantize_int4", 4, where, group_size=group_size, stack_axes=stack_axes,
-      symmetric=symmetric, check_finite=check_finite,
+      symmetric=symmetric, scale_dtype=scale_dtype, check_finite=check_finite,
   )

@@ -16,18 +16,21 @@ Invariants of a :class:`QArray` ``q`` of logical shape ``S`` (``q.shape``):
   (3-bit values use 4 bits) *along that one axis*: adjacent values ``k*per .. k*per+per-1``
   of the axis share byte ``k``, so its length is ``S[pack_axis] // per`` and the other
   axes are untouched. A shard of the packed axis holds a contiguous range of values.
-* ``q.scale`` is float32 of the same rank as ``S``. Along each axis its length ``s``
+* ``q.scale`` is float32, float16 or bfloat16 (:data:`SCALE_DTYPES`; half precision
+  halves the scales' bytes, see ``quantize(scale_dtype=)``) of the same rank as ``S``.
+  Products and ``dequantize`` compute in float32 from it. Along each axis its length ``s``
   divides ``S[a]``, and the value at index ``i`` uses ``scale[i // (S[a] // s)]``: length
   1 is a scale shared along the axis, ``S[a]`` is one scale per index (a *channel* axis),
   anything between is *groups* of ``S[a] // s`` consecutive indices. Scales, offsets and
   values therefore shard along every axis their float param does (the group size, and
   the packing factor on the packed axis, dividing the shard).
-* ``q.offset`` is None (symmetric) or float32 of the scale's shape (asymmetric, a
+* ``q.offset`` is None (symmetric) or of the scale's dtype and shape (asymmetric, a
   per-group zero point): ``dequantize(q) = qvalue * scale + offset``, broadcast by
   blocks as above, cast to ``q.dtype``. GGUF ``Q4_1``'s ``d * code + m`` is
   ``qvalue = code - 8``, ``scale = d``, ``offset = m + 8 d``.
 * ``|x - dequantize(quantize(x))| <= scale / 2`` elementwise (round to nearest), up to
-  float32 rounding.
+  float32 rounding (with a half-precision asymmetric ``scale_dtype``, up to the rounding
+  of the offset too).
 * ``q.rotation`` is None, or ``(axis, block)`` (the axis counted from the end): the values
   quantize ``hadamard(x, axis, block)``, ``x`` rotated by an orthonormal Walsh-Hadamard
   matrix in consecutive blocks of ``block`` (a power of two) along that axis, and
@@ -61,6 +64,19 @@ from jaxmem._src.base import check_bool, check_group_size, require_finite
 from jaxmem._src.tree import Compressed
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+SCALE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
+
+
+def check_scale_dtype(scale_dtype, name: str) -> np.dtype:
+  """``scale_dtype`` as a numpy dtype; a ValueError unless it is one of :data:`SCALE_DTYPES`."""
+  try:
+    dt = np.dtype(scale_dtype)
+  except TypeError:
+    dt = None
+  if dt not in SCALE_DTYPES or isinstance(scale_dtype, bool):
+    raise ValueError(
+        f"{name}: scale_dtype={scale_dtype!r}; use float32 (default), float16 or bfloat16.")
+  return dt
 
 
 def check_bits(bits: int, name: str) -> None:
@@ -99,8 +115,9 @@ class QArray(Compressed):
 
   Attributes:
     qvalue: int8 values of the logical shape, or uint8 packed along ``pack_axis``.
-    scale: float32 scales of the values' rank (block-broadcast, see the module docstring).
-    offset: None (symmetric) or float32 zero points of the scale's shape (asymmetric).
+    scale: float32/float16/bfloat16 scales of the values' rank (block-broadcast, see the
+      module docstring).
+    offset: None (symmetric) or zero points of the scale's dtype and shape (asymmetric).
     bits: bit width, 2..8.
     dtype: dtype ``dequantize`` returns (the original float dtype).
     pack_axis: the (negative) axis packed ``8 // bits`` values per byte, or None.
@@ -416,6 +433,7 @@ def quantize(
     act_bits: int | None = None,
     rotate: int | None = None,
     rotate_axis: int | None = None,
+    scale_dtype=jnp.float32,
     path: str = "array",
     check_finite: bool = True,
 ) -> QArray:
@@ -446,6 +464,10 @@ def quantize(
     rotate_axis: the rotated axis; default: the first axis that is not a channel axis and
       that ``rotate`` divides (a kernel's input axis), else the first that is not a channel
       axis.
+    scale_dtype: the dtype the scales (and offsets) are stored in: float32, or float16 /
+      bfloat16 for half their bytes (group-wise int4 at groups of 32: 4.5 bits a weight
+      instead of 5). A half-precision scale is rounded up, so no value clips, and the
+      integer values are rounded with the stored scale: the bound below still holds.
     path: the leaf's path, for error messages.
     check_finite: raise a ValueError naming ``path`` when a concrete ``x`` holds NaN/Inf.
       This array function does not check traced values (it runs inside QAT training
@@ -468,6 +490,7 @@ def quantize(
   """
   what = f"quantize '{path}'"
   check_bits(bits, what)
+  sdt = check_scale_dtype(scale_dtype, what)
   check_group_size(what, group_size)
   check_bool(what, check_finite=check_finite, symmetric=symmetric)
   check_act_bits(act_bits, what)
@@ -512,23 +535,28 @@ def quantize(
   vshape, bshape = _blocked_shapes(shape, sshape)
   xb = x.astype(jnp.float32).reshape(vshape)
   red = tuple(i for i, (v, b) in enumerate(zip(vshape, bshape)) if b == 1 and v != 1)
-  tiny = jnp.finfo(jnp.float32).tiny
+  # Floor at the smallest normal of the scale dtype: all-zero blocks get q = 0 (not NaN),
+  # and a scale never flushes to zero on backends without denormals.
+  tiny = jnp.finfo(sdt).tiny.astype(np.float32)
   if symmetric:
     qmax = 2 ** (bits - 1) - 1
     amax = jnp.max(jnp.abs(xb), axis=red, keepdims=True) if red else jnp.abs(xb)
-    # Floor at the smallest normal float32: all-zero blocks get q = 0 (not NaN), and a
-    # scale never flushes to zero on backends without denormals.
-    scale = jnp.maximum(amax / qmax, tiny)
+    scale = _stored_scale(jnp.maximum(amax / qmax, tiny), sdt)
     q = jnp.clip(jnp.round(xb / scale), -qmax, qmax)
     offset = None
   else:
     levels = 2**bits - 1
     lo = jnp.min(xb, axis=red, keepdims=True) if red else xb
     hi = jnp.max(xb, axis=red, keepdims=True) if red else xb
-    scale = jnp.maximum((hi - lo) / levels, tiny)
+    scale = _stored_scale(jnp.maximum((hi - lo) / levels, tiny), sdt)
     half = 2 ** (bits - 1)
-    q = jnp.clip(jnp.round((xb - lo) / scale), 0, levels) - half
-    offset = (lo + half * scale).reshape(sshape)
+    offset = lo + half * scale
+    if sdt == np.float32:
+      q = jnp.clip(jnp.round((xb - lo) / scale), 0, levels) - half
+    else:  # round with the stored (rounded) zero point
+      offset = offset.astype(sdt).astype(jnp.float32)
+      q = jnp.clip(jnp.round((xb - offset) / scale), -half, half - 1)
+    offset = offset.reshape(sshape)
   q = q.astype(jnp.int8).reshape(shape)
   per = values_per_byte(bits)
   if pack_bits and bits > 4:
@@ -550,14 +578,24 @@ def quantize(
   qvalue = pack_ints(q, bits, axis) if axis is not None else q
   return QArray(
       qvalue=qvalue,
-      scale=scale.reshape(sshape).astype(jnp.float32),
-      offset=None if offset is None else offset.astype(jnp.float32),
+      scale=scale.reshape(sshape).astype(sdt),
+      offset=None if offset is None else offset.astype(sdt),
       bits=bits,
       dtype=np.dtype(x.dtype),
       pack_axis=None if axis is None else axis - ndim,
       act_bits=act_bits,
       rotation=rotation,
   )
+
+
+def _stored_scale(scale: jax.Array, dtype: np.dtype) -> jax.Array:
+  """``scale`` (float32) as ``dtype`` stores it, rounded up (back in float32): the values
+  are then rounded with the stored scale, which is never below the one that fits them."""
+  if dtype == np.float32:
+    return scale
+  down = scale.astype(dtype)
+  up = jnp.where(down.astype(jnp.float32) < scale, jnp.nextafter(down, jnp.inf), down)
+  return up.astype(jnp.float32)
 
 
 def int_values(q: QArray) -> jax.Array:
@@ -573,9 +611,10 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
     raise TypeError(f"dequantize expects a QArray, got {type(q).__name__}.")
   shape = q.shape
   vshape, bshape = _blocked_shapes(shape, q.scale.shape)
-  out = int_values(q).reshape(vshape).astype(jnp.float32) * q.scale.reshape(bshape)
+  out = int_values(q).reshape(vshape).astype(jnp.float32) * q.scale.reshape(bshape).astype(
+      jnp.float32)
   if q.offset is not None:
-    out = out + q.offset.reshape(bshape)
+    out = out + q.offset.reshape(bshape).astype(jnp.float32)
   out = out.reshape(shape)
   if q.rotation is not None:
     out = hadamard(out, *q.rotation)

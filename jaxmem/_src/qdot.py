@@ -517,8 +517,8 @@ def _factored_scale(w: QArray, contracted: Sequence[int]):
   """
   if any(w.scale.shape[a] != 1 for a in contracted):
     return None
-  off = None if w.offset is None else expand_blocks(w.offset, w.shape)
-  return expand_blocks(w.scale, w.shape), off
+  off = None if w.offset is None else expand_blocks(w.offset.astype(jnp.float32), w.shape)
+  return expand_blocks(w.scale.astype(jnp.float32), w.shape), off
 
 
 def _to_layout(s: jax.Array, src: Sequence[str], dst: Sequence[str]) -> jax.Array:
@@ -1097,9 +1097,9 @@ def quantized_take(table, indices: jax.Array, *, dtype=None) -> jax.Array:
     s = jnp.take(s, idx // (n // s.shape[0]), axis=0, mode="clip")
     return expand_blocks(s, lead + row)
 
-  out = vals.astype(jnp.float32) * rows_of(table.scale)
+  out = vals.astype(jnp.float32) * rows_of(table.scale.astype(jnp.float32))
   if table.offset is not None:
-    out = out + rows_of(table.offset)
+    out = out + rows_of(table.offset.astype(jnp.float32))
   if table.rotation is not None:  # rotated within each row: rotate the gathered rows back
     out = hadamard(out, *table.rotation)
   # Like jnp.take on a float table: out-of-range rows are NaN.

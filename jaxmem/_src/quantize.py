@@ -16,6 +16,7 @@ from jaxmem._src.qarray import (
     check_act_bits,
     check_bits,
     check_rotate,
+    check_scale_dtype,
     quantize,
     rotate_for_quantize,
     rotation_for,
@@ -193,6 +194,7 @@ def quantize_weights(
     pack_bits: bool | None = None,
     act_bits: int | None = None,
     rotate: int | None = None,
+    scale_dtype=None,
     check_finite: bool = True,
 ) -> base.ParamTransform:
   """Weight quantization of the selected leaves: the one general factory.
@@ -229,6 +231,8 @@ def quantize_weights(
       unchanged in exact arithmetic while outlier features spread over each block before
       W8A8 rounds them (:func:`jaxmem.ops.hadamard`). The block must divide the
       axis. None: no rotation.
+    scale_dtype: store scales (and zero points) as float16 or bfloat16 instead of float32
+      (None: float32), halving their bytes; see :func:`jaxmem.ops.quantize`.
     check_finite: raise a ValueError naming the leaf when a selected leaf holds NaN or Inf
       (a single NaN would make its whole scale group NaN). Concrete params are checked at
       once; under ``jax.jit`` one ``jax.debug.callback`` per call checks them when the
@@ -258,7 +262,7 @@ def quantize_weights(
       "quantize_weights", bits, where, group_size=group_size, group_axis=group_axis,
       channel_axes=channel_axes, per_tensor=per_tensor, stack_axes=stack_axes,
       symmetric=symmetric, pack_bits=pack_bits, act_bits=act_bits, rotate=rotate,
-      check_finite=check_finite,
+      scale_dtype=scale_dtype, check_finite=check_finite,
   )
 
 
@@ -276,6 +280,7 @@ def weights_transform(
     pack_bits: bool | None = None,
     act_bits: int | None = None,
     rotate: int | None = None,
+    scale_dtype=None,
     check_finite: bool = True,
     quantize_fn: Callable[..., QArray] = quantize,
 ) -> base.ParamTransform:
@@ -299,6 +304,11 @@ def weights_transform(
       raise ValueError(f"{factory}: pack_bits=True needs bits <= 4 (got bits={bits}).")
   check_act_bits(act_bits, factory)
   check_rotate(rotate, factory)
+  extra = {}
+  if scale_dtype is not None:
+    if quantize_fn is not quantize:
+      raise ValueError(f"{factory}: scale_dtype is not supported by this quantizer.")
+    extra["scale_dtype"] = check_scale_dtype(scale_dtype, factory)
   rules = check_stack_axes(factory, stack_axes)
   base.check_where(where, factory)
 
@@ -320,7 +330,7 @@ def weights_transform(
         rotate_for_quantize(x, rotation), bits, symmetric=symmetric, pack_bits=pack_bits,
         act_bits=act_bits, path=path,
         check_finite=False,  # quantizing_leafwise checks the scales
-        **layout,
+        **layout, **extra,
     )
     return q if rotation is None else dataclasses.replace(q, rotation=rotation)
 

@@ -13,7 +13,7 @@ imported). Modules:
 * :mod:`~jaxmem.models.llama.gguf`: reading the file (:func:`read_gguf`), its config
   (:func:`read_config`), the dequantized params (:func:`load_params`, the "fp32" model)
   and the params kept at the file's own bits as :class:`jaxmem.QArray` leaves
-  (:func:`load_native`, exact: no re-quantization).
+  (:func:`load_native`: no re-quantization, float16 scales as in the file).
 * :mod:`~jaxmem.models.llama.tokenizer`: the byte-level BPE tokenizer stored in the file
   (:func:`load_tokenizer`, :func:`encode`, :func:`decode`).
 * :mod:`~jaxmem.models.llama.data`: the evaluation text, test prompts and windows.

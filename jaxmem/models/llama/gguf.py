@@ -35,10 +35,12 @@ Two trees come out of one file:
 * :func:`load_native`: the ``Q4_1`` kernels as 4-bit :class:`jaxmem.QArray` (asymmetric,
   group 32 along the input axis, packed two per byte along it) and the ``Q8_0``
   embedding as an 8-bit QArray (symmetric, group 32 along the features), built from the
-  file's blocks without re-quantizing: its dequantization equals :func:`load_params`
-  (``Q8_0`` exactly; ``Q4_1``'s ``d * c + m`` is computed as ``(c - 8) d + (m + 8 d)``,
-  which can differ by a float32 rounding in principle, but with float16 ``d`` and ``m``
-  both sums are exact in float32: on SmolLM2 every value is equal).
+  file's blocks without re-quantizing, scales and offsets in the file's float16. Its
+  dequantization equals :func:`load_params` up to the float16 rounding of ``Q4_1``'s
+  offset ``m + 8 d`` (``d * c + m`` is computed as ``(c - 8) d + (m + 8 d)``); with
+  ``scale_dtype=float32`` exactly (``Q8_0`` always; ``Q4_1``'s two sums can differ by a
+  float32 rounding in principle, but with float16 ``d`` and ``m`` both are exact in
+  float32: on SmolLM2 every value is equal).
 
 Example:
   >>> from jaxmem.models.llama import gguf
@@ -530,8 +532,9 @@ def _pack_pairs(nibbles: np.ndarray, axis: int) -> np.ndarray:
   return np.ascontiguousarray(np.moveaxis(out, -1, axis))
 
 
-def _q4_1_qarray(rows: list[np.ndarray], dtype):
-  """Stacked layers of Q4_1 raw rows ``[out, in/32 * 20]`` -> a QArray kernel ``[L, in, out]``."""
+def _q4_1_qarray(rows: list[np.ndarray], dtype, scale_dtype):
+  """Stacked layers of Q4_1 raw rows ``[out, in/32 * 20]`` -> a QArray kernel ``[L, in, out]``
+  (scale ``d`` and offset ``m + 8 d`` stored as ``scale_dtype``)."""
   import jax.numpy as jnp
 
   from jaxmem import QArray
@@ -542,8 +545,8 @@ def _q4_1_qarray(rows: list[np.ndarray], dtype):
   # value = code - 8 in [-8, 7]; its 4-bit two's complement field is code ^ 8.
   fields = (codes ^ np.uint8(8)).reshape(blocks.shape[:2] + (-1,))  # [L, out, in]
   packed = _pack_pairs(fields, axis=-1).transpose(0, 2, 1)  # [L, in/2, out]
-  scale = d.transpose(0, 2, 1)  # [L, in/32, out]
-  offset = (m + np.float32(8) * d).transpose(0, 2, 1)
+  scale = d.transpose(0, 2, 1).astype(scale_dtype)  # [L, in/32, out]; exact: d is float16
+  offset = (m + np.float32(8) * d).transpose(0, 2, 1).astype(scale_dtype)
   return QArray(
       qvalue=jnp.asarray(np.ascontiguousarray(packed)),
       scale=jnp.asarray(np.ascontiguousarray(scale)),
@@ -552,7 +555,7 @@ def _q4_1_qarray(rows: list[np.ndarray], dtype):
   )
 
 
-def _q8_0_qarray(raw: np.ndarray, dtype):
+def _q8_0_qarray(raw: np.ndarray, dtype, scale_dtype):
   """Q8_0 raw rows ``[V, D/32 * 34]`` -> a symmetric int8 QArray ``[V, D]``, group 32 on D."""
   import jax.numpy as jnp
 
@@ -562,12 +565,13 @@ def _q8_0_qarray(raw: np.ndarray, dtype):
   d, q = _q8_0_fields(blocks)
   return QArray(
       qvalue=jnp.asarray(q.reshape(raw.shape[:-1] + (-1,))),
-      scale=jnp.asarray(d),
+      scale=jnp.asarray(d.astype(scale_dtype)),  # exact: d is float16 in the file
       offset=None, bits=8, dtype=np.dtype(dtype), pack_axis=None, act_bits=None,
   )
 
 
-def load_native(path: str | os.PathLike | GGUFFile | None = None, *, dtype=np.float32):
+def load_native(path: str | os.PathLike | GGUFFile | None = None, *, dtype=np.float32,
+                scale_dtype=np.float16):
   """The params tree with the file's quantized tensors kept at their own bits, as QArrays.
 
   Every ``Q4_1`` kernel is a 4-bit asymmetric :class:`jaxmem.QArray` (value ``code - 8``,
@@ -576,20 +580,31 @@ def load_native(path: str | os.PathLike | GGUFFile | None = None, *, dtype=np.fl
   ``[L, in/32, out]``); the ``Q8_0`` embedding is an 8-bit symmetric QArray ``[V, D]``
   with scales ``[V, D/32]``; F32/F16/BF16 tensors (the norms) are float arrays of
   ``dtype``. ``dtype`` is also the QArrays' dequantized dtype. A kernel whose layers are
-  not all ``Q4_1`` (not in SmolLM2) is dequantized to float. Its dequantization equals
-  :func:`load_params` (module docstring; exactly on SmolLM2).
+  not all ``Q4_1`` (not in SmolLM2) is dequantized to float.
+
+  ``scale_dtype`` stores the scales and offsets: float16 (default), the file's own
+  precision, so the tree takes the file's bytes (SmolLM2: 96,576,768, 5 bits a kernel
+  weight and 8.5 an embedding weight); ``d`` is exact, and ``m + 8 d`` rounds to float16
+  (on SmolLM2 by at most 0.0032 of a 4-bit step, 1e-9 of one on average). float32 keeps
+  ``m + 8 d`` exactly: the dequantization then equals :func:`load_params` (module
+  docstring; on SmolLM2 every value is equal), at 6 bits a kernel weight.
 
   Raises:
-    ValueError: as :func:`load_params`.
+    ValueError: as :func:`load_params`, or a ``scale_dtype`` other than float16/float32.
   """
   import jax.numpy as jnp
+
+  if np.dtype(scale_dtype) not in (np.float16, np.float32):
+    raise ValueError(f"load_native: scale_dtype={scale_dtype!r}; use float16 (the file's "
+                     "precision, default) or float32 (exact offsets).")
+  scale_dtype = np.dtype(scale_dtype)
 
   f, cfg = _checked(path)
   n = cfg["n_layers"]
 
   emb = f.tensors["token_embd.weight"]
   if emb.type_name == "Q8_0":
-    embedding = _q8_0_qarray(emb.data, dtype)
+    embedding = _q8_0_qarray(emb.data, dtype, scale_dtype)
   else:
     embedding = jnp.asarray(tensor_array(emb)).astype(dtype)
   tree = {"embed": {"embedding": embedding}}
@@ -598,7 +613,7 @@ def load_native(path: str | os.PathLike | GGUFFile | None = None, *, dtype=np.fl
     types = {f.tensors[nm].type_name for nm in names}
     rows = [_raw_rows(f, cfg, suffix, i) for i in range(n)]
     if types == {"Q4_1"} and not is_norm:
-      value = _q4_1_qarray(rows, dtype)
+      value = _q4_1_qarray(rows, dtype, scale_dtype)
     else:  # float, or a mix of types across layers: dequantized
       per_layer = [dequantize_raw(r, f.tensors[nm].type_name, nm) for r, nm in zip(rows, names)]
       value = jnp.asarray(np.stack(per_layer if is_norm else [w.T for w in per_layer]))

@@ -39,7 +39,9 @@ Weight recipes (:data:`WEIGHT_RECIPES`):
   evaluation windows), layer by layer, each layer on the outputs of the already-quantized
   layers before it; the embedding int8.
 * ``gguf_native``: the file's own ``Q4_1`` kernels and ``Q8_0`` embedding
-  (:func:`~jaxmem.models.llama.gguf.load_native`, exact: no re-quantization).
+  (:func:`~jaxmem.models.llama.gguf.load_native`: no re-quantization), scales and offsets
+  in the file's float16, so the params take the file's bytes; a few offsets ``m + 8 d``
+  round to float16 (at most 0.0032 of a step).
 
 Calibrated, data-free and pruning recipes (:data:`PTQ_RECIPES`; calibration on
 :func:`calibration_tokens` through :func:`jaxmem.calibrate_layers` or
@@ -73,9 +75,10 @@ agreement with fp32 on the 18 prompts. ``fp32`` 538.1 MB; ``int8_weight`` and
 ``int8_dynamic_plain`` 135.4 MB (NLL 2.658 / 2.694, top-1 17 / 15); ``int4_g32`` 95.0 MB,
 ``int4_g64`` 88.4 MB, ``int4_g128`` 85.9 MB (NLL 2.955 / 3.092 / 3.120, top-1 10 / 11 /
 11); ``int4_gptq_g128`` 85.9 MB (NLL 2.721, top-1 12; calibration about 3 minutes, half
-forward passes, half ``gptq_kernel`` solves); ``gguf_native`` 111.6 MB (exact). The float
-weights are the file's ``Q4_1`` values (16 asymmetric levels per 32), which symmetric int4
-cannot represent: round-to-nearest loses much more here than on a float checkpoint.
+forward passes, half ``gptq_kernel`` solves); ``gguf_native`` 96.6 MB (the file's
+tensors). The float weights are the file's ``Q4_1`` values (16 asymmetric levels per 32),
+which symmetric int4 cannot represent: round-to-nearest loses much more here than on a float
+checkpoint.
 
 **KV cache.** Every name also comes as ``"<weight recipe>+kv8"`` (:func:`parse`): the same
 params with ``kv_bits=8``, the model's int8 KV cache (:func:`init_cache`); pass
