@@ -295,5 +295,7 @@ def test_gguf_native_keeps_the_file_bits():
     w = _leaf(r.params, f"layers/{k}/kernel")
     assert (w.bits, w.packed, w.symmetric, w.qvalue.dtype) == (4, True, False, jnp.uint8)
     assert w.scale.shape[:2] == (30, w.shape[1] // 32)  # Q4_1: groups of 32 inputs
-  # Kernels: 4 bits a weight + a float32 scale and offset per 32 (6 bits); embedding 8 + 1.
-  assert jaxmem.tree_bytes(r.params) == 111_617_280
+    assert w.scale.dtype == w.offset.dtype == jnp.float16  # the file's own precision
+  # Kernels: 4 bits a weight + a float16 scale and offset per 32 (5 bits); embedding 8 + 0.5:
+  # the file's tensor bytes.
+  assert jaxmem.tree_bytes(r.params) == 96_576_768

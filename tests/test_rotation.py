@@ -202,6 +202,9 @@ def test_rotation_bad_inputs_are_clear_errors():
                               dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=2)
   with pytest.raises(ValueError, match="'k'.*rotated"):
     jaxmem.ops.sparse_pack(jaxmem.ops.quantize(jnp.ones((16, 4)), rotate=16), path="k")
+  for bad in ((-2, 3), (1, 64), (-2,), [-2, 64], "x"):
+    with pytest.raises(ValueError, match="rotation="):
+      jaxmem.QArray(jnp.ones((4, 4), jnp.int8), jnp.ones((1, 4)), rotation=bad)
   stacked = jaxmem.ops.quantize(jnp.ones((4, 8, 2)), channel_axes=(2,), rotate=4, rotate_axis=0)
   with pytest.raises(TypeError, match="rotated"):
     stacked[0]

@@ -142,6 +142,17 @@ class QArray(Compressed):
 
   _dense_hint = "jaxmem.ops.dequantize(w)"  # for Compressed's "not an array" TypeError
 
+  def __post_init__(self):
+    # Static metadata only (leaves may be tracers or specs): a rotation read from a file is
+    # validated before any product builds its matrix.
+    r = self.rotation
+    if r is not None and not (
+        isinstance(r, tuple) and len(r) == 2
+        and all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in r)
+        and r[0] < 0 and r[1] >= 2 and not r[1] & (r[1] - 1)):
+      raise ValueError(f"QArray: rotation={r!r}; expected None or (negative axis, power-of-two "
+                       "block), e.g. (-2, 64).")
+
   @property
   def shape(self) -> tuple[int, ...]:
     shape = list(self.qvalue.shape)
