@@ -24,6 +24,9 @@ RECIPES = {
     "int8_dynamic": lambda: jaxmem.quantize_dynamic_int8(),
     "int4_g32": lambda: jaxmem.quantize_int4(group_size=32),
     "int4_g32_asym": lambda: jaxmem.quantize_int4(group_size=32, symmetric=False),
+    # Rotated along the input axis, which 'down' shards: blocks of 32 within each shard.
+    "int8_dynamic_rot": lambda: jaxmem.quantize_dynamic_int8(rotate=32),
+    "int4_g32_f16": lambda: jaxmem.quantize_int4(group_size=32, scale_dtype=jnp.float16),
 }
 
 
