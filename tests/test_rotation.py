@@ -43,9 +43,12 @@ def test_quantize_rotate_stores_the_rotated_weight_and_dequantizes_back():
   w = jax.random.normal(jax.random.key(1), (128, 24))
   q = jaxmem.ops.quantize(w, rotate=64)
   assert q.rotation == (-2, 64)
-  plain = jaxmem.ops.quantize(jnp.asarray(_blockdiag(128, 64) @ w, jnp.float32))
+  rotated = jaxmem.ops.hadamard(w, -2, 64)
+  np.testing.assert_allclose(rotated, _blockdiag(128, 64) @ np.asarray(w, np.float64),
+                             atol=1e-5)
+  plain = jaxmem.ops.quantize(rotated)  # the values quantize the rotated weight
   np.testing.assert_array_equal(q.qvalue, plain.qvalue)
-  np.testing.assert_allclose(q.scale, plain.scale, rtol=1e-6)
+  np.testing.assert_array_equal(q.scale, plain.scale)
   # |R w - deq| <= scale / 2 in the rotated basis; R is orthonormal, so per column the
   # error's 2-norm is at most sqrt(n) * scale / 2 in the original basis too.
   err = np.linalg.norm(np.asarray(q.dequantize() - w), axis=0)
