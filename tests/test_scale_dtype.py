@@ -111,3 +111,8 @@ def test_scale_dtype_bad_inputs():
       jaxmem.quantize_int4(32, scale_dtype=bad)
     with pytest.raises(ValueError, match="'w'.*scale_dtype"):
       jaxmem.ops.quantize(jnp.ones((4, 4)), scale_dtype=bad, path="w")
+  # float16 tops out at 65504: a larger scale is an error, not an inf scale.
+  with pytest.raises(ValueError, match="'big'.*overflows float16.*bfloat16"):
+    jaxmem.ops.quantize(jnp.full((4, 4), 1e7), scale_dtype=jnp.float16, path="big")
+  assert jaxmem.ops.quantize(jnp.full((4, 4), 1e7), scale_dtype=jnp.bfloat16).scale.dtype == (
+      jnp.bfloat16)

@@ -568,6 +568,11 @@ def quantize(
       offset = offset.astype(sdt).astype(jnp.float32)
       q = jnp.clip(jnp.round((xb - offset) / scale), -half, half - 1)
     offset = offset.reshape(sshape)
+  if sdt != np.float32 and not isinstance(scale, jax.core.Tracer) and not bool(
+      jnp.isfinite(scale).all()):
+    raise ValueError(
+        f"{what}: a scale overflows {sdt.name} (|x| up to {float(jnp.max(jnp.abs(xb))):.4g}); "
+        "use scale_dtype=bfloat16 (float32's range) or float32.")
   q = q.astype(jnp.int8).reshape(shape)
   per = values_per_byte(bits)
   if pack_bits and bits > 4:

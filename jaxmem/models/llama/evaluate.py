@@ -523,6 +523,7 @@ def kernel_route(params) -> str:
   for path, w in jaxmem.leaves_with_paths(params):
     if not (path.startswith("layers/") and path.endswith("kernel")):
       continue
+    size = None  # a group-wise weight-only kernel's group size
     if isinstance(w, jaxmem.SparseArray):
       phrase = "sparse storage materialized to f32 per call, f32 dot"
     elif not isinstance(w, jaxmem.QArray):
@@ -544,7 +545,6 @@ def kernel_route(params) -> str:
                   if split_bf16 and w.bits <= 8 else
                   f"int{w.bits} weights converted to f32 in the dot") + (
                       ", per-channel scale on the output")
-        size = None
       else:
         size = w.shape[-2] // w.scale.shape[-2]
         phrase = (f"int{w.bits} {'packed ' if w.packed else ''}weights dequantized "
@@ -554,10 +554,10 @@ def kernel_route(params) -> str:
       row = jax.ShapeDtypeStruct((1, w.shape[-2]), jnp.float32)
       if on_cpu and qdot._native_layout(row, layer, (((1,), (0,)), ((), ())), None) is not None:
         phrase = f"decode: native {info.native} int{w.bits} kernel; prefill: {phrase}"
-      if size is not None and size not in groups.setdefault(phrase, []):
-        groups[phrase].append(size)
     if isinstance(w, jaxmem.QArray) and w.rotation is not None:
       phrase = f"inputs rotated by {w.rotation[1]}-wide Hadamard blocks; {phrase}"
+    if size is not None and size not in groups.setdefault(phrase, []):
+      groups[phrase].append(size)
     if phrase not in phrases:
       phrases.append(phrase)
   phrases = [p.replace("{sizes}", "/".join(map(str, groups[p]))) if p in groups else p

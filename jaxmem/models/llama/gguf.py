@@ -594,10 +594,14 @@ def load_native(path: str | os.PathLike | GGUFFile | None = None, *, dtype=np.fl
   """
   import jax.numpy as jnp
 
-  if np.dtype(scale_dtype) not in (np.float16, np.float32):
+  try:
+    sdt = np.dtype(scale_dtype)
+  except TypeError:
+    sdt = None
+  if sdt not in (np.float16, np.float32):
     raise ValueError(f"load_native: scale_dtype={scale_dtype!r}; use float16 (the file's "
                      "precision, default) or float32 (exact offsets).")
-  scale_dtype = np.dtype(scale_dtype)
+  scale_dtype = sdt
 
   f, cfg = _checked(path)
   n = cfg["n_layers"]
