@@ -93,6 +93,61 @@ def test_every_route_matches_the_reference(route, rows, name, nk):
   _check(f(x, q), x, q, nk)
 
 
+needs_vnni = pytest.mark.skipif(
+    not BUILT or native.library().jaxmem_detected_isa() < native.ISAS.index("avx512vnni"),
+    reason="the VNNI route needs an AVX-512 VNNI CPU")
+
+
+@needs_vnni
+@pytest.mark.parametrize("name,rows,c", [
+    ("int8", 8, 6.2e-8), ("int8_g32_asym", 1, 6.2e-8), ("int4_g32", 4, 6.2e-8),
+    ("int4_g64_asym", 1, 6.2e-8)])
+def test_vnni_route_stays_within_its_stated_bound(name, rows, c, monkeypatch):
+  """AVX-512 VNNI splits each row of x into three int8 pieces: per element within
+  c * max|x| of x, so y is within c * max|x| * sum|w| of the float64
+  reference, plus float32 rounding, also with a 1e4 outlier in every row (where that term
+  exceeds the float kernel's whole bound); rows with NaN / inf and all-zero rows keep the
+  float kernel's results (the VNNI route does not apply there; an asymmetric weight's offset
+  term may turn the reference's inf into NaN there, as it does on the float kernel)."""
+  k, n = 576, 200
+  w = jax.random.normal(jax.random.key(0), (k, n))
+  q = jaxmem.ops.quantize(w, channel_axes=(1,), **WEIGHTS[name])
+  x = np.array(jax.random.normal(jax.random.key(1), (rows, k)))
+  x[:, 7] = 1e4
+  f = jax.jit(lambda x, q: jaxmem.ops.quantized_dot_general(x, q, DN_KN))
+  native.set_max_isa("avx512vnni")
+  y = np.asarray(f(x, q), np.float64)
+  ref, scale = _reference(x, q, False)
+  wabs = np.abs(np.asarray(jaxmem.ops.dequantize(q), np.float64)).sum(0)
+  bound = 2e-6 * scale + c * np.abs(x).max(1, keepdims=True) * wabs + 1e-6
+  err = np.abs(y - ref)
+  assert np.all(err <= bound), float((err / bound).max())
+  # The float kernel (AVX-512 without VNNI) rounds differently: the VNNI route ran.
+  native.set_max_isa("avx512")
+  y512 = np.asarray(f(x, q), np.float64)
+  native.set_max_isa("avx512vnni")
+  assert not np.array_equal(y, y512)
+  # Non-finite and zero rows.
+  bad = x.copy()
+  bad[0, 3] = np.nan
+  if rows > 1:
+    bad[1] = 0.0
+  yb = np.asarray(f(bad, q), np.float64)
+  with np.errstate(invalid="ignore"):
+    rb, _ = _reference(bad, q, False)
+  assert np.isnan(yb[0]).all() and np.isnan(rb[0]).all()
+  if rows > 1:
+    np.testing.assert_allclose(yb[1], rb[1], atol=1e-6)
+  inf = x.copy()
+  inf[0, 3] = np.inf
+  yi = np.asarray(f(inf, q), np.float64)
+  with np.errstate(invalid="ignore"):
+    ri, _ = _reference(inf, q, False)
+  np.testing.assert_array_equal(np.isfinite(yi), np.isfinite(ri))
+  # (the other rows on the float kernel: float32 sums of K terms, within K * 2**-24 |x|.|w|)
+  assert np.all(np.abs(yi[1:] - ri[1:]) <= k * 2.0**-24 * scale[1:] + 1e-6)
+
+
 @needs_native
 def test_route_is_taken_only_where_it_applies():
   w = jax.random.normal(jax.random.key(0), (64, 32))

@@ -26,8 +26,11 @@ on AVX-512 CPUs too; portable C below AVX2, where W8A8 keeps XLA's int8 dot inst
 int32 W8A8 route takes it for ``(..., K) x (K, N)`` products of at least
 :data:`GEMM_MIN_ROWS` rows, under the same switches.
 The instruction set is capped by XLA's ``--xla_cpu_max_isa`` (so one flag emulates an older
-CPU for XLA and jaxmem alike) and by ``$JAXMEM_NATIVE_ISA`` (``avx512``, ``avx2``,
-``portable``), both read once at load.
+CPU for XLA and jaxmem alike) and by ``$JAXMEM_NATIVE_ISA`` (``avx512vnni``, ``avx512``,
+``avx2``, ``portable``), both read once at load. ``avx512vnni`` (AVX-512 with VNNI) runs
+weight-only ``x @ W`` products of a few rows on ``vpdpbusd``: each row of ``x`` is split into
+three int8 pieces (within 6.2e-8 of the row's max ``|x|`` per element, float32's order),
+their integer sums exact in int32; W8A8's exact mode is one piece, bit for bit.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ISAS = ("portable", "avx2", "avx512")
+ISAS = ("portable", "avx2", "avx512", "avx512vnni")
 TARGET = "jaxmem_qmatmul"
 GEMM_TARGET = "jaxmem_i8gemm"
 # Products with more activation rows than this run on XLA's dot (prefill, encoder batches:
@@ -119,7 +122,15 @@ def _isa_cap() -> int:
   cap = len(ISAS) - 1
   name = xla_max_isa()
   if name:
-    cap = min(cap, 2 if name.startswith("AVX512") else 1 if name.startswith("AVX2") else 0)
+    if name.startswith("AMX") or (name.startswith("AVX512") and ("VNNI" in name or "BF16" in name)):
+      level = 3
+    elif name.startswith("AVX512"):
+      level = 2
+    elif name.startswith(("AVX2", "AVX_VNNI")):
+      level = 1
+    else:
+      level = 0
+    cap = min(cap, level)
   value = os.environ.get(_ISA_ENV)
   if value:
     if value not in ISAS:
@@ -167,7 +178,8 @@ def gemm_vectorized() -> bool:
 
 
 def status() -> str:
-  """``avx512``/``avx2``/``portable``, ``off (...)`` or ``unavailable (...)``, for kernel_info."""
+  """``avx512vnni``/``avx512``/``avx2``/``portable``, ``off (...)`` or ``unavailable (...)``,
+  for kernel_info."""
   lib = library()
   if lib is None:
     return f"unavailable: {_UNAVAILABLE}"

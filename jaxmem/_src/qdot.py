@@ -320,8 +320,8 @@ class KernelInfo:
       enclosing :func:`jaxmem.ops.int8_dot_route` block, else ``$JAXMEM_INT8_DOT``, else auto).
     native: the native CPU kernels of weight-only int8/int4 decode products
       (:func:`jaxmem.ops.native_kernels`): the instruction set they run with here
-      (``"avx512"``, ``"avx2"``, ``"portable"``), ``"off (...)"`` or ``"unavailable: ..."``
-      with the reason (then XLA's ops run).
+      (``"avx512vnni"``, ``"avx512"``, ``"avx2"``, ``"portable"``), ``"off (...)"`` or
+      ``"unavailable: ..."`` with the reason (then XLA's ops run).
   """
 
   backend: str
