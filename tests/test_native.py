@@ -98,11 +98,18 @@ needs_vnni = pytest.mark.skipif(
     reason="the VNNI route needs an AVX-512 VNNI CPU")
 
 
+@pytest.fixture
+def restore_isa():
+  old = native.library().jaxmem_native_isa()
+  yield
+  native.library().jaxmem_set_max_isa(old)
+
+
 @needs_vnni
 @pytest.mark.parametrize("name,rows,c", [
     ("int8", 8, 6.2e-8), ("int8_g32_asym", 1, 6.2e-8), ("int4_g32", 4, 6.2e-8),
-    ("int4_g64_asym", 1, 6.2e-8)])
-def test_vnni_route_stays_within_its_stated_bound(name, rows, c, monkeypatch):
+    ("int4_g64_asym", 1, 6.2e-8), ("int8_nk", 3, 6.2e-8)])
+def test_vnni_route_stays_within_its_stated_bound(name, rows, c, restore_isa):
   """AVX-512 VNNI splits each row of x into three int8 pieces: per element within
   c * max|x| of x, so y is within c * max|x| * sum|w| of the float64
   reference, plus float32 rounding, also with a 1e4 outlier in every row (where that term
@@ -110,15 +117,20 @@ def test_vnni_route_stays_within_its_stated_bound(name, rows, c, monkeypatch):
   float kernel's results (the VNNI route does not apply there; an asymmetric weight's offset
   term may turn the reference's inf into NaN there, as it does on the float kernel)."""
   k, n = 576, 200
-  w = jax.random.normal(jax.random.key(0), (k, n))
-  q = jaxmem.ops.quantize(w, channel_axes=(1,), **WEIGHTS[name])
+  nk = name.endswith("_nk")  # x @ E.T: 64 consecutive k of a row per instruction
+  if nk:
+    w = jax.random.normal(jax.random.key(0), (n, k))
+    q = jaxmem.ops.quantize(w, channel_axes=(0,), group_axis=1)
+  else:
+    w = jax.random.normal(jax.random.key(0), (k, n))
+    q = jaxmem.ops.quantize(w, channel_axes=(1,), **WEIGHTS[name])
   x = np.array(jax.random.normal(jax.random.key(1), (rows, k)))
   x[:, 7] = 1e4
-  f = jax.jit(lambda x, q: jaxmem.ops.quantized_dot_general(x, q, DN_KN))
+  f = jax.jit(lambda x, q: jaxmem.ops.quantized_dot_general(x, q, DN_NK if nk else DN_KN))
   native.set_max_isa("avx512vnni")
   y = np.asarray(f(x, q), np.float64)
-  ref, scale = _reference(x, q, False)
-  wabs = np.abs(np.asarray(jaxmem.ops.dequantize(q), np.float64)).sum(0)
+  ref, scale = _reference(x, q, nk)
+  wabs = np.abs(np.asarray(jaxmem.ops.dequantize(q), np.float64)).sum(1 if nk else 0)
   bound = 2e-6 * scale + c * np.abs(x).max(1, keepdims=True) * wabs + 1e-6
   err = np.abs(y - ref)
   assert np.all(err <= bound), float((err / bound).max())
@@ -134,7 +146,7 @@ def test_vnni_route_stays_within_its_stated_bound(name, rows, c, monkeypatch):
     bad[1] = 0.0
   yb = np.asarray(f(bad, q), np.float64)
   with np.errstate(invalid="ignore"):
-    rb, _ = _reference(bad, q, False)
+    rb, _ = _reference(bad, q, nk)
   assert np.isnan(yb[0]).all() and np.isnan(rb[0]).all()
   if rows > 1:
     np.testing.assert_allclose(yb[1], rb[1], atol=1e-6)
@@ -142,7 +154,7 @@ def test_vnni_route_stays_within_its_stated_bound(name, rows, c, monkeypatch):
   inf[0, 3] = np.inf
   yi = np.asarray(f(inf, q), np.float64)
   with np.errstate(invalid="ignore"):
-    ri, _ = _reference(inf, q, False)
+    ri, _ = _reference(inf, q, nk)
   np.testing.assert_array_equal(np.isfinite(yi), np.isfinite(ri))
   # (the other rows on the float kernel: float32 sums of K terms, within K * 2**-24 |x|.|w|)
   assert np.all(np.abs(yi[1:] - ri[1:]) <= k * 2.0**-24 * scale[1:] + 1e-6)
@@ -396,7 +408,8 @@ def test_int8_gemm_in_shard_map_and_concurrent_calls():
 @needs_native
 @pytest.mark.parametrize("m,k,n,group,nk", [
     (1, 576, 1536, 576, False), (3, 1536, 600, 768, False), (16, 64, 37, 32, False),
-    (5, 2000, 200, 1000, True), (2, 96, 33, 48, True), (1, 40, 17, 40, True)])
+    (5, 2000, 200, 1000, True), (2, 96, 33, 48, True), (1, 40, 17, 40, True),
+    (3, 640, 70, 320, True)])
 def test_exact_mode_sums_equal_int64_on_every_isa(m, k, n, group, nk):
   """qmatmul(exact=True): full-range integer activations and int8 weights give the int64
   sums (float32 of the int32 sum) on every ISA, column/row tails and groups that are no

@@ -398,8 +398,9 @@ inline int64_t MaxRows(const Problem& p) { return p.exact ? 16 : p.bits == 8 ? 8
 
 struct Act {
   int P = 0;
+  int lanes = 1;              // kn: 1; nk: 16 (a group's k fall on 16 int32 lanes)
   std::vector<int8_t> piece;  // [M][P][K]
-  std::vector<int32_t> bias;  // [M][P][G]: c * sum over the group of the piece
+  std::vector<int32_t> bias;  // [M][P][G][lanes]: c * sum over the group (lane) of the piece
   std::vector<float> scale;   // [M][P]
 };
 
@@ -414,13 +415,15 @@ inline void EvenThenOdd(int8_t* x, int64_t k0, int64_t k1) {
 
 // Splits x into pieces; false where the route does not apply (then the caller keeps the
 // float kernel): a non-finite or tiny nonzero max|x|, or exact-mode x outside int8.
-bool Split(const Problem& p, Act* a) {
+bool Split(const Problem& p, bool nk, Act* a) {
   const int64_t G = p.K / p.group;
   const int P = p.exact ? 1 : kPieces;
   const int32_t c = p.bits == 8 ? 128 : 8;
+  const int L = nk ? 16 : 1;
   a->P = P;
+  a->lanes = L;
   a->piece.assign(p.M * P * p.K, 0);
-  a->bias.assign(p.M * P * G, 0);
+  a->bias.assign(p.M * P * G * L, 0);
   a->scale.assign(p.M * P, 1.f);
   for (int64_t m = 0; m < p.M; ++m) {
     const float* x = p.x + m * p.K;
@@ -480,9 +483,9 @@ bool Split(const Problem& p, Act* a) {
     }
     for (int i = 0; i < P; ++i)
       for (int64_t g = 0; g < G; ++g) {
-        int32_t t = 0;
-        for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k) t += pc[i * p.K + k];
-        a->bias[(m * P + i) * G + g] = c * t;
+        int32_t* b = a->bias.data() + ((m * P + i) * G + g) * L;
+        for (int64_t k = g * p.group; k < (g + 1) * p.group; ++k)
+          b[nk ? ((k - g * p.group) / 4) % 16 : 0] += c * pc[i * p.K + k];
       }
   }
   return true;
@@ -627,6 +630,63 @@ void Kn(const Problem& p, const Act& a, const float* xs, int64_t n0, int64_t n1)
     }
   }
   if (n < n1) avx512::Kn(p, xs, n, n1);
+}
+
+// nk (int8): NR rows n of the (N, K) weight against row m of x; each vpdpbusd takes 64
+// consecutive k of a row as they lie in memory (no interleave); groups are whole multiples
+// of 64. The + 128 is taken back per lane in int32, then the lanes are summed.
+template <int NR, int P>
+void NkTile(const Problem& p, const Act& a, const float* xs, int64_t m, int64_t n0) {
+  const int64_t G = p.K / p.group;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int8_t* x = a.piece.data() + m * P * p.K;
+  float out[NR] = {};
+  uint32_t exact[NR] = {};  // wraps as XLA's s32 dot
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[NR][P];
+    for (int r = 0; r < NR; ++r)
+      for (int j = 0; j < P; ++j) acc[r][j] = _mm512_setzero_si512();
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += 64) {
+      __m512i xv[P];
+      for (int j = 0; j < P; ++j) xv[j] = _mm512_loadu_si512(x + j * p.K + k);
+      for (int r = 0; r < NR; ++r) {
+        const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(p.q + (n0 + r) * p.K + k), flip);
+        for (int j = 0; j < P; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], w, xv[j]);
+      }
+    }
+    const int32_t* bias = a.bias.data() + (m * P * G + g) * 16;
+    for (int r = 0; r < NR; ++r) {
+      if (p.exact) {
+        exact[r] += static_cast<uint32_t>(
+            _mm512_reduce_add_epi32(_mm512_sub_epi32(acc[r][0], _mm512_loadu_si512(bias))));
+        continue;
+      }
+      __m512 t = _mm512_setzero_ps();
+      for (int j = 0; j < P; ++j)
+        t = _mm512_fmadd_ps(
+            _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][j], _mm512_loadu_si512(bias + j * G * 16))),
+            _mm512_set1_ps(a.scale[m * P + j]), t);
+      const int64_t si = (n0 + r) * G + g;
+      out[r] += _mm512_reduce_add_ps(t) * p.s[si];
+      if (p.o) out[r] += xs[m * G + g] * p.o[si];
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    p.y[m * p.N + n0 + r] = p.exact ? static_cast<float>(static_cast<int32_t>(exact[r])) : out[r];
+}
+
+// Rows [n0, n1) of the weight for every row of x.
+void Nk(const Problem& p, const Act& a, const float* xs, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < p.M; ++m) {
+    int64_t n = n0;
+    if (p.exact) {
+      for (; n + 8 <= n1; n += 8) NkTile<8, 1>(p, a, xs, m, n);
+      for (; n < n1; ++n) NkTile<1, 1>(p, a, xs, m, n);
+    } else {
+      for (; n + 4 <= n1; n += 4) NkTile<4, kPieces>(p, a, xs, m, n);
+      for (; n < n1; ++n) NkTile<1, kPieces>(p, a, xs, m, n);
+    }
+  }
 }
 
 }  // namespace vnni
@@ -799,7 +859,7 @@ ffi::Error Run(ffi::ThreadPool* pool, Problem p, bool nk) {
     vnni::Act act;
     const bool use_vnni = isa >= kAvx512Vnni && p.group % (p.bits == 8 ? 4 : 8) == 0 &&
                           p.group <= vnni::kMaxGroup && p.M <= vnni::MaxRows(p) &&
-                          p.N >= vnni::kCols && vnni::Split(p, &act);
+                          p.N >= vnni::kCols && vnni::Split(p, false, &act);
 #endif
     ParallelFor(pool, p.N, 4 * width, 256, [&](int64_t b, int64_t e) {
 #ifdef JAXMEM_X86
@@ -826,8 +886,15 @@ ffi::Error Run(ffi::ThreadPool* pool, Problem p, bool nk) {
         xo[m * half + j] = p.x[m * p.K + 2 * j + 1];
       }
   }
+#ifdef JAXMEM_X86
+  vnni::Act act;
+  const bool use_vnni = isa >= kAvx512Vnni && p.bits == 8 && p.group % 64 == 0 &&
+                        p.group <= vnni::kMaxGroup && p.M <= vnni::MaxRows(p) &&
+                        vnni::Split(p, true, &act);
+#endif
   ParallelFor(pool, p.N, 4, 64, [&](int64_t b, int64_t e) {
 #ifdef JAXMEM_X86
+    if (use_vnni) return vnni::Nk(p, act, xs.data(), b, e);
     if (vec && isa >= kAvx512) return avx512::Nk(p, xe.data(), xo.data(), xs.data(), b, e);
     if (vec && isa == kAvx2) return avx2::Nk(p, xe.data(), xo.data(), xs.data(), b, e);
 #endif
