@@ -152,14 +152,14 @@ HLO_S32_DOT = re.compile(r"= s32\[[0-9,]*\]\{[0-9,]*\} dot\(")  # a compiled exe
 def route_of(fn, params, x, method) -> str:
   """What a method's products ran as, read from the StableHLO of ``fn(params, x)`` lowered
   for this backend (``fn`` may be a ``Lowered``, or a ``Compiled``, whose HLO shows int32
-  dots only): ``native-<isa>`` (jaxmem's weight-only kernels), ``int32-native-avx2``
+  dots only): ``native-<isa>`` (jaxmem's weight-only kernels), ``int32-native-<isa>``
   (W8A8 on jaxmem's int8 GEMM), ``int32`` / ``bf16`` (the W8A8 dots),
   ``xla-f32`` or ``xla``."""
   text = fn.as_text() if hasattr(fn, "as_text") else fn.lower(params, x).as_text()
   if "jaxmem_qmatmul" in text:
     return f"native-{jaxmem.ops.kernel_info().native}"
   if "jaxmem_i8gemm" in text:
-    return "int32-native-avx2"  # jaxmem's int8 GEMM (AVX2 code on every x86 CPU it runs on)
+    return f"int32-native-{jaxmem.ops.kernel_info().gemm_isa}"  # jaxmem's int8 GEMM
   routes = [name for name, dots in (("int32", (S8_DOT, HLO_S32_DOT)), ("bf16", (BF16_DOT,)))
             if any(dot.search(text) for dot in dots)]
   if routes:

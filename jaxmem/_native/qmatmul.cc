@@ -387,6 +387,15 @@ JAXMEM_KERNEL_BODY
 #pragma GCC target("avx512f,avx512bw,avx512vnni,avx2,fma")
 namespace vnni {
 
+// acc + the 4-byte dot products of unsigned u and signed s per int32 lane (vpdpbusd), written
+// as asm for the GEMM tile: there GCC 12 copied each of the 24 accumulators out and back
+// around the intrinsic and spilled them (3.3-4.2x f32 with the asm, 1.5-2.3x without). The
+// weight-only tiles keep the intrinsic (the asm was slower there: GCC cannot schedule it).
+inline __m512i Dpbusd(__m512i acc, __m512i u, __m512i s) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "vm"(s));
+  return acc;
+}
+
 constexpr int kPieces = 3;
 constexpr int64_t kCols = 64;
 // |p| <= 128 times (u8 <= 255) per product: group sums stay below 2**31 for groups up to this.
@@ -690,6 +699,117 @@ void Nk(const Problem& p, const Act& a, const float* xs, int64_t n0, int64_t n1)
 }
 
 }  // namespace vnni
+
+// --------------------------------------------------- AVX-512 VNNI int8 x int8 -> int32 GEMM
+// The same exact int32 sums as the AVX2 GEMM (W8A8's products), on vpdpbusd: a + 128 is the
+// unsigned operand (broadcast, 4 k of one row), b the signed one, packed once per call into
+// panels of 64 columns x 4 k (the interleave of the weight-only route, blocks transposed back
+// so lanes are columns in order); c = sum (a + 128) b - 128 sum_k b, wrapping as XLA's s32.
+namespace vnni {
+
+constexpr int64_t kGemmCols = 64;
+constexpr int kGemmRows = 6;  // 24 accumulators + 4 weight vectors + 1 broadcast
+constexpr int64_t kGemmPanelRows = 48;
+
+// Panels [p0, p1) of b (K, N) -> [N/64][K/4][4 vectors of 16 columns][4 k], zero-padded; and
+// corr[n] = 128 * sum_k b[k, n].
+void PackB(const int8_t* b, int64_t K, int64_t N, int64_t p0, int64_t p1, int8_t* out,
+           int32_t* corr) {
+  const int64_t k4 = (K + 3) / 4;
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t pn = p0; pn < p1; ++pn) {
+    const int64_t n0 = pn * kGemmCols;
+    __m512i sums[4];
+    for (int v = 0; v < 4; ++v) sums[v] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < k4; ++j) {
+      int8_t* dst = out + (pn * k4 + j) * 256;
+      const int64_t k = 4 * j;
+      __m512i w[4];
+      if (n0 + kGemmCols <= N && k + 3 < K) {
+        __m512i r[4];
+        for (int i = 0; i < 4; ++i) r[i] = _mm512_loadu_si512(b + (k + i) * N + n0);
+        Interleave(r, w);
+        __m512 t[4];
+        for (int v = 0; v < 4; ++v) t[v] = _mm512_castsi512_ps(w[v]);
+        Transpose(t);
+        for (int v = 0; v < 4; ++v) w[v] = _mm512_castps_si512(t[v]);
+      } else {
+        alignas(64) int8_t tmp[256];
+        for (int64_t c = 0; c < kGemmCols; ++c)
+          for (int i = 0; i < 4; ++i)
+            tmp[4 * c + i] = (n0 + c < N && k + i < K) ? b[(k + i) * N + n0 + c] : 0;
+        for (int v = 0; v < 4; ++v) w[v] = _mm512_load_si512(tmp + 64 * v);
+      }
+      for (int v = 0; v < 4; ++v) {
+        _mm512_storeu_si512(dst + 64 * v, w[v]);
+        sums[v] = _mm512_dpbusd_epi32(sums[v], ones, w[v]);
+      }
+    }
+    for (int v = 0; v < 4; ++v)
+      _mm512_storeu_si512(corr + n0 + 16 * v, _mm512_slli_epi32(sums[v], 7));
+  }
+}
+
+template <int MR>
+void GemmTile(const uint8_t* a, int64_t lda, const int8_t* bp, int64_t k4, const int32_t* corr,
+              int32_t* c, int64_t ldc, int64_t cols) {
+  __m512i acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < k4; ++j) {
+    __m512i w[4];
+    for (int v = 0; v < 4; ++v) w[v] = _mm512_loadu_si512(bp + j * 256 + 64 * v);
+    for (int r = 0; r < MR; ++r) {
+      int32_t quad;
+      __builtin_memcpy(&quad, a + r * lda + 4 * j, sizeof(quad));
+      const __m512i av = _mm512_set1_epi32(quad);
+      for (int v = 0; v < 4; ++v) acc[r][v] = Dpbusd(acc[r][v], av, w[v]);
+    }
+  }
+  __mmask16 mask[4];  // no early exit below: acc stays in registers
+  for (int v = 0; v < 4; ++v) {
+    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, cols - 16 * v));
+    mask[v] = static_cast<__mmask16>((1u << left) - 1);
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < 4; ++v)
+      _mm512_mask_storeu_epi32(c + r * ldc + 16 * v, mask[v],
+                               _mm512_sub_epi32(acc[r][v], _mm512_loadu_si512(corr + 16 * v)));
+}
+
+// Rows [m0, m1) of c from a (M, K) int8 and the packed b.
+void GemmRows(const int8_t* a, const int8_t* bp, const int32_t* corr, int32_t* c, int64_t K,
+              int64_t N, int64_t m0, int64_t m1) {
+  const int64_t k4 = (K + 3) / 4, lda = 4 * k4, panels = (N + kGemmCols - 1) / kGemmCols;
+  std::vector<uint8_t> rows_u8(kGemmPanelRows * lda, 0x80);  // a + 128; padding k: a = 0
+  for (int64_t pm = m0; pm < m1; pm += kGemmPanelRows) {
+    const int64_t rows = std::min(kGemmPanelRows, m1 - pm);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < K; ++k)
+        rows_u8[r * lda + k] = static_cast<uint8_t>(a[(pm + r) * K + k]) ^ 0x80;
+    for (int64_t pn = 0; pn < panels; ++pn) {
+      const int8_t* b = bp + pn * k4 * 256;
+      const int32_t* cr = corr + pn * kGemmCols;
+      const int64_t n0 = pn * kGemmCols, cols = std::min<int64_t>(kGemmCols, N - n0);
+      int64_t r = 0;
+      for (; r + kGemmRows <= rows; r += kGemmRows)
+        GemmTile<kGemmRows>(rows_u8.data() + r * lda, lda, b, k4, cr, c + (pm + r) * N + n0, N, cols);
+      static_assert(kGemmRows == 6, "the row tails below are 1-5 rows");
+      const uint8_t* ar = rows_u8.data() + r * lda;
+      int32_t* cc = c + (pm + r) * N + n0;
+      switch (rows - r) {
+        case 5: GemmTile<5>(ar, lda, b, k4, cr, cc, N, cols); break;
+        case 4: GemmTile<4>(ar, lda, b, k4, cr, cc, N, cols); break;
+        case 3: GemmTile<3>(ar, lda, b, k4, cr, cc, N, cols); break;
+        case 2: GemmTile<2>(ar, lda, b, k4, cr, cc, N, cols); break;
+        case 1: GemmTile<1>(ar, lda, b, k4, cr, cc, N, cols); break;
+        default: break;
+      }
+    }
+  }
+}
+
+}  // namespace vnni
 #pragma GCC pop_options
 
 // ------------------------------------------------------------------ int8 x int8 -> int32 GEMM
@@ -952,6 +1072,18 @@ ffi::Error I8Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> a, ffi::Buffer<ffi:
   int32_t* cp = c->typed_data();
   const int isa = ActiveIsa();
 #ifdef JAXMEM_X86
+  if (isa >= kAvx512Vnni) {
+    const int64_t k4 = (K + 3) / 4, panels = (N + vnni::kGemmCols - 1) / vnni::kGemmCols;
+    std::vector<int8_t> packed(panels * k4 * 256);
+    std::vector<int32_t> corr(panels * vnni::kGemmCols);
+    ParallelFor(&pool, panels, 1, 2, [&](int64_t p0, int64_t p1) {
+      vnni::PackB(bp, K, N, p0, p1, packed.data(), corr.data());
+    });
+    ParallelFor(&pool, M, vnni::kGemmRows, 2 * vnni::kGemmPanelRows, [&](int64_t m0, int64_t m1) {
+      vnni::GemmRows(ap, packed.data(), corr.data(), cp, K, N, m0, m1);
+    });
+    return ffi::Error::Success();
+  }
   if (isa >= kAvx2) {
     const int64_t kp = (K + 1) / 2, panels = (N + avx2::kGemmCols - 1) / avx2::kGemmCols;
     std::vector<int16_t> packed(panels * kp * avx2::kGemmCols * 2);

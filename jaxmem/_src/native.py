@@ -21,10 +21,11 @@ GPU/TPU lowerings keep XLA's ops), unless native kernels are off:
 thread-local ``jax.make_user_context`` value in jit's cache key, like
 :func:`jaxmem.ops.int8_dot_route`). Without the built library the pure XLA path runs.
 
-The second kernel, :func:`i8gemm`, is an exact ``int8 x int8 -> int32`` GEMM (AVX2 code,
-on AVX-512 CPUs too; portable C below AVX2, where W8A8 keeps XLA's int8 dot instead): the
-int32 W8A8 route takes it for ``(..., K) x (K, N)`` products of at least
-:data:`GEMM_MIN_ROWS` rows, under the same switches.
+The second kernel, :func:`i8gemm`, is an exact ``int8 x int8 -> int32`` GEMM (AVX-512 VNNI
+``vpdpbusd`` where the CPU has it, else AVX2 ``vpmaddwd``; portable C below AVX2, where W8A8
+keeps XLA's int8 dot instead): W8A8 takes it for ``(..., K) x (K, N)`` products of at least
+:data:`GEMM_MIN_ROWS` rows, under the same switches, where it was measured faster than
+XLA's dots (``jaxmem.ops.kernel_info().summary()`` says when).
 The instruction set is capped by XLA's ``--xla_cpu_max_isa`` (so one flag emulates an older
 CPU for XLA and jaxmem alike) and by ``$JAXMEM_NATIVE_ISA`` (``avx512vnni``, ``avx512``,
 ``avx2``, ``portable``), both read once at load. ``avx512vnni`` (AVX-512 with VNNI) runs
@@ -175,6 +176,18 @@ def gemm_vectorized() -> bool:
   XLA's int8 dot, so W8A8 keeps XLA's where only that would run)."""
   lib = library()
   return lib is not None and lib.jaxmem_native_isa() >= ISAS.index("avx2")
+
+
+def gemm_vnni() -> bool:
+  """Whether the int8 GEMM runs on AVX-512 VNNI here (``vpdpbusd``, 64 products per
+  instruction; elsewhere on x86 the AVX2 ``vpmaddwd`` code)."""
+  lib = library()
+  return lib is not None and lib.jaxmem_native_isa() >= ISAS.index("avx512vnni")
+
+
+def gemm_isa() -> str:
+  """The int8 GEMM's code here: ``avx512vnni``, ``avx2`` or ``portable``."""
+  return "avx512vnni" if gemm_vnni() else "avx2" if gemm_vectorized() else "portable"
 
 
 def status() -> str:

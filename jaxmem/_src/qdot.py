@@ -71,12 +71,14 @@ XLA:CPU's bf16 dots there run 2.3-3x its float32 ones, the pair 1.3-1.7x (640-ro
 shapes). Group-wise weights dequantize (XLA:CPU's per-group batched dots were 0.1-0.5x);
 other CPUs, GPU and TPU, and forced routes run one float32 dot.
 
-**W8A8 on the int32 route on x86 CPUs** (``(..., K) x (K, N)`` products with at least
-``GEMM_MIN_ROWS`` (64) rows: prefill, encoder batches) runs on jaxmem's native int8 GEMM
-(AVX2 ``vpmaddwd`` on int16-widened operands, the same int32 sums as XLA's int8 dot, bit for
-bit; :func:`jaxmem.ops.native_kernels` and ``JAXMEM_NATIVE_KERNELS`` turn it off too). On
-an AVX2-only EPYC, W8A8 at 512-row encoder shapes is 1.01-1.24x the f32 dot on it and
-0.92-1.06x on XLA's int8 dot (``benchmarks/RESULTS.md``).
+**W8A8 on x86 CPUs** (``(..., K) x (K, N)`` products with at least ``GEMM_MIN_ROWS`` (64)
+rows: prefill, encoder batches) runs on jaxmem's native int8 GEMM, the same int32 sums as
+XLA's int8 dot, bit for bit (:func:`jaxmem.ops.native_kernels` and ``JAXMEM_NATIVE_KERNELS``
+turn it off too): on the int32 route with AVX2 ``vpmaddwd`` code on CPUs without VNNI (an
+AVX2-only EPYC: 1.01-1.24x the f32 dot at 512-row encoder shapes, 0.92-1.06x on XLA's int8
+dot), and on the int32 and ``auto`` routes with AVX-512 VNNI ``vpdpbusd`` code on CPUs with
+VNNI and no AMX-INT8 (an AVX-512 EPYC: 3.2-4.2x f32 at 1024-row shapes, where bf16 dots are
+1.9-2.0x); ``benchmarks/RESULTS.md``.
 
 **W8A8 at decode on CPU** (at most 16 activation rows, a 2-D weight, on the ``auto`` and
 ``int32`` routes): the integer product runs on the weight-only kernel's exact mode. The
@@ -335,18 +337,26 @@ class KernelInfo:
   def summary(self) -> str:
     """One line for benchmark tables: CPU, its route-relevant features, backend and routes."""
     feats = " ".join(self.cpu_features) or "none of " + " ".join(_ROUTE_CPU_FLAGS)
+    gemm = (f", >= {native.GEMM_MIN_ROWS} rows on the native-{self.gemm_isa} int8 GEMM"
+            if self.native_gemm else "")
     return (f"CPU: {self.cpu or 'unknown'} ({self.machine}); flags: {feats}; backend "
             f"{self.backend}; W8A8 route: {self.int8_route} ({self.route_setting})"
-            f"{' on the native-avx2 int8 GEMM' if self.native_gemm else ''}; "
+            f"{gemm}; "
             f"weight-only decode route: {self.weight_only_route}; W8A8 decode route: "
             f"{self.w8a8_decode_route}")
 
   @property
   def native_gemm(self) -> bool:
-    """Whether W8A8 products on the int32 route with at least ``GEMM_MIN_ROWS`` rows run on
-    jaxmem's native AVX2 int8 GEMM here (the same int32 sums as XLA's int8 dot; only on
-    CPUs without VNNI or AMX-INT8, where it was measured faster than XLA's)."""
-    return self.backend == "cpu" and self.int8_route == "int32" and _native_gemm_wanted()
+    """Whether W8A8 products with at least ``GEMM_MIN_ROWS`` rows run on jaxmem's native
+    int8 GEMM here (the same int32 sums as XLA's int8 dot): on the int32 route, and on
+    ``auto`` where the GEMM runs on VNNI (see :func:`_native_gemm_wanted`)."""
+    on_route = self.int8_route == "int32" or (self.route_setting == "auto" and native.gemm_vnni())
+    return self.backend == "cpu" and on_route and _native_gemm_wanted()
+
+  @property
+  def gemm_isa(self) -> str:
+    """The code jaxmem's int8 GEMM runs here: ``avx512vnni``, ``avx2`` or ``portable``."""
+    return native.gemm_isa()
 
   @property
   def w8a8_decode_route(self) -> str:
@@ -446,6 +456,8 @@ def _integer_op(op, xq, wq, labels, splittable=True, route=None, wmax=127):
     return int32_route(xq, wq)
   if mode == "bf16":
     return bf16_route(xq, wq)
+  if _native_gemm_applies(xq, wq, labels):  # auto on VNNI CPUs: the GEMM beats bf16 dots
+    return lax.platform_dependent(xq, wq, cpu=_native_int32_product, default=int32_route)
   return lax.platform_dependent(xq, wq, cpu=bf16_route, default=int32_route)
 
 
@@ -851,9 +863,16 @@ def _matrix_layout(xq, wq, labels) -> bool | None:
 
 
 def _native_gemm_wanted() -> bool:
-  """Whether the int32 route's large products take jaxmem's int8 GEMM here: built, enabled,
-  vectorized, and on a CPU without VNNI/AMX-INT8 (elsewhere XLA's int8 dot is faster)."""
-  return native.enabled() and native.gemm_vectorized() and not _cpu_has_int8_dot_units()
+  """Whether W8A8's large products take jaxmem's int8 GEMM here (on the int32 route, and on
+  ``auto`` where it runs on VNNI): built, enabled, vectorized, and either its VNNI code on a
+  CPU without AMX-INT8 (an AVX-512 EPYC: 3.2-4.2x f32 at 1024-row encoder shapes, against
+  1.9-2.0x for bf16 dots and 1.3-1.6x for XLA's int8 dot) or its AVX2 code on a CPU without
+  VNNI/AMX-INT8 (elsewhere XLA's int8 dot, AMX's above all, is faster)."""
+  if not (native.enabled() and native.gemm_vectorized()):
+    return False
+  if native.gemm_vnni():
+    return not _cpu_has_amx_int8()
+  return not _cpu_has_int8_dot_units()
 
 
 def _w8a8_decode_rows() -> int:
