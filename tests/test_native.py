@@ -371,6 +371,31 @@ def test_w8a8_runs_the_int8_gemm_bit_identically(shape):
   np.testing.assert_array_equal(np.asarray(g), np.asarray(rg))
 
 
+@needs_vnni
+@pytest.mark.skipif(qdot._cpu_has_amx_int8(), reason="AMX-INT8 CPUs keep XLA's int8 dot")
+def test_auto_w8a8_takes_the_vnni_gemm_bit_identically():
+  """On VNNI CPUs without AMX-INT8 the auto route runs W8A8 products of >= GEMM_MIN_ROWS
+  rows on the VNNI GEMM (fewer rows: the decode kernel or bf16 dots): the int32 route's
+  values on XLA's ops, bit for bit; with the GEMM capped to AVX2 (no VNNI) auto keeps bf16
+  dots there."""
+  f, q, x = _w8a8((3, 50, 160))
+  with jaxmem.ops.int8_dot_route("int32"), jaxmem.ops.native_kernels(False):
+    ref = np.asarray(f(q, x))
+  with jaxmem.ops.int8_dot_route("auto"):
+    assert native.GEMM_TARGET in f.lower(q, x).as_text()
+    assert jaxmem.ops.kernel_info().native_gemm
+    np.testing.assert_array_equal(np.asarray(f(q, x)), ref)
+    assert native.GEMM_TARGET not in f.lower(q, x[:1, :60]).as_text()
+  old = native.library().jaxmem_native_isa()
+  try:
+    native.set_max_isa("avx512")
+    f512, _, _ = _w8a8((3, 50, 160))  # a new function: the ISA is read when tracing
+    with jaxmem.ops.int8_dot_route("auto"):
+      assert native.GEMM_TARGET not in f512.lower(q, x).as_text()
+  finally:
+    native.library().jaxmem_set_max_isa(old)
+
+
 @needs_gemm
 @pytest.mark.usefixtures("gemm_on_any_cpu")
 def test_int8_gemm_in_shard_map_and_concurrent_calls():
