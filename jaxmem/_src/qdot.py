@@ -349,13 +349,13 @@ class KernelInfo:
   def native_gemm(self) -> bool:
     """Whether W8A8 products with at least ``GEMM_MIN_ROWS`` rows run on jaxmem's native
     int8 GEMM here (the same int32 sums as XLA's int8 dot): on the int32 route, and on
-    ``auto`` where the GEMM runs on VNNI (see :func:`_native_gemm_wanted`)."""
+    ``auto`` where the GEMM runs on VNNI and the CPU has no AMX-INT8."""
     on_route = self.int8_route == "int32" or (self.route_setting == "auto" and native.gemm_vnni())
     return self.backend == "cpu" and on_route and _native_gemm_wanted()
 
   @property
   def gemm_isa(self) -> str:
-    """The code jaxmem's int8 GEMM runs here: ``avx512vnni``, ``avx2`` or ``portable``."""
+    """Which code jaxmem's int8 GEMM runs here (``avx512vnni``, ``avx2`` or ``portable``)."""
     return native.gemm_isa()
 
   @property
