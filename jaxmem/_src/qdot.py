@@ -62,8 +62,8 @@ packed int4 weight-only QArray with at most 16 activation rows) run on jaxmem's 
 kernel (:mod:`jaxmem._src.native`, :func:`jaxmem.ops.native_kernels`): XLA:CPU's
 convert-then-dot is 2-15x slower than its float32 dot at those shapes.
 
-**Weight-only products with more rows (prefill, encoder batches) on CPUs with native bf16
-dots**, per-channel int8/int4 weights on the ``auto`` route: the float32 activation is split
+**Weight-only products with more rows (prefill, encoder batches) on CPUs with AMX-BF16**,
+per-channel int8/int4 weights on the ``auto`` route: the float32 activation is split
 into ``bf16`` hi + lo parts and multiplied by the integer weight (exact in bf16) as two
 ``bf16 x bf16 -> f32`` dots, within ``2**-18 |x| . |w|`` plus float32 accumulation rounding
 (the float32 dot's error is the rounding alone); the gradient is the float32 dot's.
@@ -488,10 +488,20 @@ def _default_precision(precision) -> bool:
   return all(p is None or lax.Precision(p) == lax.Precision.DEFAULT for p in ps)
 
 
+def _cpu_has_amx_bf16() -> bool:
+  """Whether XLA's bf16 dots can use AMX-BF16 here (advertised, and no ``--xla_cpu_max_isa``
+  below AMX)."""
+  cap = native.xla_max_isa()
+  return "amx_bf16" in cpu_info()[1] and (cap is None or "AMX" in cap)
+
+
 def _split_bf16_wanted(mode: str, precision=None) -> bool:
   """Whether float32 weight-only products on route ``mode`` at ``precision`` take the split
-  bf16 dots (:func:`_split_bf16_op`) here: ``auto``, DEFAULT precision, native bf16 dots."""
-  return mode == "auto" and _default_precision(precision) and _cpu_has_native_bf16()
+  bf16 dots (:func:`_split_bf16_op`) here: ``auto``, DEFAULT precision, AMX-BF16. The pair
+  pays only where a bf16 dot runs well over twice a float32 one: 2.3-3x on an AMX Xeon; on an
+  AVX512_BF16 EPYC 1.9-2.0x, where MiniLM's weight-only recipes ran 0.75-0.81x fp32 on the
+  pair and 0.76-0.92x on one float32 dot (``benchmarks/RESULTS.md``)."""
+  return mode == "auto" and _default_precision(precision) and _cpu_has_amx_bf16()
 
 
 def _split_bf16_op(op, x, wq):

@@ -59,7 +59,7 @@ def recipe(name: str) -> jaxmem.ParamTransform | None:
     embedding table), each kernel and table rotated by Walsh-Hadamard blocks of
     :data:`ROTATE_BLOCK` along its input axis (``quantize_int8(rotate=64)``): an outlier
     weight no longer sets its whole column's scale, and per-channel scales keep the
-    products on the fast routes (split bf16 dots on bf16 CPUs). On an AMX Xeon: cosine
+    products on the fast routes (split bf16 dots on AMX CPUs). On an AMX Xeon: cosine
     0.99978 to fp32 at 1.21x fp32 sentences/s, against 0.99974 / 0.94x for
     ``int8_weight_g128`` and 0.99949 / 1.08x unrotated (``benchmarks/RESULTS.md``).
   * ``int8_weight_g128``: int8 with one scale per 128 inputs and output feature of a kernel
