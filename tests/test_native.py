@@ -93,6 +93,23 @@ def test_every_route_matches_the_reference(route, rows, name, nk):
   _check(f(x, q), x, q, nk)
 
 
+@pytest.mark.parametrize("flag,level", [
+    ("AVX512_VNNI", "avx512vnni"), ("AVX512_BF16", "avx512vnni"), ("AMX", "avx512vnni"),
+    ("AVX512", "avx512"), ("AVX512_CORE", "avx512"), ("AVX_VNNI", "avx2"), ("AVX2", "avx2"),
+    ("AVX", "portable"), ("SSE4_2", "portable")])
+def test_xla_max_isa_caps_the_kernels(monkeypatch, flag, level):
+  """--xla_cpu_max_isa names map to the kernels' ISA levels (VNNI needs an AVX-512 name
+  with VNNI/BF16, or AMX); JAXMEM_NATIVE_ISA caps further and is validated."""
+  monkeypatch.delenv("JAXMEM_NATIVE_ISA", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", f"--xla_cpu_max_isa={flag}")
+  assert native.ISAS[native._isa_cap()] == level
+  monkeypatch.setenv("JAXMEM_NATIVE_ISA", "portable")
+  assert native._isa_cap() == 0
+  monkeypatch.setenv("JAXMEM_NATIVE_ISA", "avx9")
+  with pytest.raises(ValueError, match="JAXMEM_NATIVE_ISA='avx9'"):
+    native._isa_cap()
+
+
 needs_vnni = pytest.mark.skipif(
     not BUILT or native.library().jaxmem_detected_isa() < native.ISAS.index("avx512vnni"),
     reason="the VNNI route needs an AVX-512 VNNI CPU")
