@@ -370,17 +370,18 @@ JAXMEM_KERNEL_BODY
 
 // ----------------------------------------------- AVX-512 VNNI: kn products of a few rows
 // vpdpbusd adds, in each int32 lane, the products of 4 unsigned bytes by 4 signed bytes. The
-// weight is the unsigned operand: int8 q + 128 (q ^ 0x80) or the int4 nibble + 8 (nibble ^ 8),
-// four consecutive k of one column per lane, interleaved from four rows of the (K, N) weight
-// in registers. The activation is the signed operand: each row of x is split into int8 pieces,
+// weight is the unsigned operand: int8 q + 128 (q ^ 0x80) or the int4 nibble + 8 (nibble ^ 8).
+// Each lane holds four k of one column, interleaved in registers from four rows of the (K, N)
+// weight (int4: four packed rows, 8 k; the even k and the odd k fill two vectors, and x is
+// stored to match). The activation is the signed operand: each row of x is split into pieces,
 //   x[k] ~= S_0 p_0[k] + S_1 p_1[k] + ... + S_{P-1} p_{P-1}[k],   S_0 = max|x| / 127,
 //   S_{i+1} = S_i / 254, so |x - sum| <= S_{P-1} / 2 + float32 rounding of the residuals:
-// with P = 3, at most 6.2e-8 max|x| (the tests pin it; two pieces, 1.6e-5 max|x|, were
+// with P = 3, at most 6.2e-8 max|x| (the tests pin it). Two pieces (1.6e-5 max|x|) were
 // measured 1.2e-5 of |x|.|w| off on Gaussian x, beyond float32 rounding, so int4 takes three
-// too). Each piece's group sums are exact in
-// int32; the + 128 / + 8 is taken back in int32 (c sum_k p[k]), then the pieces are combined in
-// float32 with the group's scale and offset. Exact mode (integer x in [-128, 127]) is one piece
-// of S = 1, summed in int32 throughout (wrapping as XLA's s32 dot), bit for bit.
+// too. Each piece's group sums are exact in int32; the + 128 / + 8 is taken back in int32
+// (c sum_k p[k]), then the pieces are combined in float32 with the group's scale and offset.
+// Exact mode (integer x in [-128, 127]) is one piece of S = 1, summed in int32 throughout
+// (wrapping as XLA's s32 dot), bit for bit.
 // Lane order: after the two rounds of unpacks, int32 lane (block b, i) of accumulator v holds
 // column 16 b + 4 v + i of the 64-column tile; a 4 x 4 transpose of 128-bit blocks restores it.
 #pragma GCC push_options
@@ -389,7 +390,7 @@ namespace vnni {
 
 // acc + the 4-byte dot products of unsigned u and signed s per int32 lane (vpdpbusd), written
 // as asm for the GEMM tile: there GCC 12 copied each of the 24 accumulators out and back
-// around the intrinsic and spilled them (3.3-4.2x f32 with the asm, 1.5-2.3x without). The
+// around the intrinsic and spilled them (3.2-4.2x f32 with the asm, 1.5-2.3x without). The
 // weight-only tiles keep the intrinsic (the asm was slower there: GCC cannot schedule it).
 inline __m512i Dpbusd(__m512i acc, __m512i u, __m512i s) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "vm"(s));
