@@ -39,12 +39,21 @@ Usage::
   python benchmarks/quantization.py            # table
   python benchmarks/quantization.py --json     # one JSON object per line
   python benchmarks/quantization.py --only gemv
+  python benchmarks/quantization.py --only gemm     # W8A8's int8 product on its own
+  python benchmarks/quantization.py --only layers   # decode over 30 weights, ISAs side by side
+
+**W8A8's integer product alone** (``gemm``): ``{"bench": "int8_gemm", "shape", "method",
+"ms", "route"}`` for XLA's f32, bf16 and s8 dots and jaxmem's int8 GEMM (its sums checked
+equal to XLA's s8 dot). **Decode over a model's worth of weights** (``layers``):
+``{"bench": "gemv_layers", "shape", "method", "isa", "us"}``, a scan over 30 different
+576 x 1536 weights per call, the kernels' ISAs alternated in the same rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import re
 import time
@@ -55,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmem
+from jaxmem._src import native
 
 METHODS = ("fp32", "int8_weight", "int8_dynamic")
 # The same W8A8 params forced onto XLA's int8 x int8 -> int32 dot (jaxmem.ops.int8_dot_route); on
@@ -237,6 +247,99 @@ def print_gemv(rows, repeats):
           f"{base[r['shape']] / r['us']:>8.2f}x{r['rel_err']:>10.4f}  {r['route']}")
 
 
+GEMM_SHAPES = ("1024x384x384", "1024x384x1536", "1024x1536x384", "256x1024x1024")
+
+
+def _timed_rounds(fns, repeats):
+  """Median seconds per call of each ``name -> thunk``, timed in interleaved rounds."""
+  for f in fns.values():
+    jax.block_until_ready(f())
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, f in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f())
+      times[name].append(time.perf_counter() - t0)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def measure_gemm(shapes=GEMM_SHAPES, repeats=15):
+  """``{"bench": "int8_gemm", "shape", "method", "ms", "route"}``: W8A8's integer product on
+  its own, ``M x K x N`` int8 operands: ``fp32`` (XLA's f32 dot of float operands of the same
+  shape), ``bf16_dot`` and ``xla_s8_dot`` (XLA's bf16 and ``s8 x s8 -> s32`` dots), and
+  ``native_gemm`` (jaxmem's int8 GEMM, where it is built; ``route`` names its code)."""
+  rows = []
+  f32 = jax.jit(lambda a, b: a @ b)
+  bf16 = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  s8 = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.int32))
+  gemm = jax.jit(native.i8gemm) if native.library() is not None and native.enabled() else None
+  for shape in shapes:
+    m, k, n = (int(v) for v in shape.split("x"))
+    x = jax.random.normal(jax.random.key(0), (m, k))
+    w = jax.random.normal(jax.random.key(1), (k, n))
+    xi, wi = (x * 30).astype(jnp.int8), (w * 30).astype(jnp.int8)
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    fns = {"fp32": functools.partial(f32, x, w), "bf16_dot": functools.partial(bf16, xb, wb),
+           "xla_s8_dot": functools.partial(s8, xi, wi)}
+    if gemm is not None:
+      fns["native_gemm"] = functools.partial(gemm, xi, wi)
+      np.testing.assert_array_equal(np.asarray(gemm(xi, wi)), np.asarray(s8(xi, wi)))
+    for name, sec in _timed_rounds(fns, repeats).items():
+      route = f"native-{native.gemm_isa()}" if name == "native_gemm" else "xla"
+      rows.append({"bench": "int8_gemm", "shape": shape, "method": name, "ms": sec * 1e3,
+                   "route": route})
+  return rows
+
+
+def measure_layers(rows_list=(1, 2, 4, 8), layers=30, repeats=10):
+  """``{"bench": "gemv_layers", "shape", "method", "isa", "us"}``: decode products against
+  ``layers`` different 576 x 1536 weights in one scan (a model's layers: the weights stream
+  from L3 and memory, not from L2 as in ``gemv``), per product. Where the kernels have more
+  than one vectorized ISA here (AVX-512 VNNI and AVX-512), each is timed, alternated in the
+  same rounds (``native.set_max_isa``); ``fp32`` runs XLA's dot (isa ``xla``)."""
+  out = []
+  lib = native.library() if native.enabled() else None
+  detected = native.ISAS[lib.jaxmem_detected_isa()] if lib is not None else None
+  isas = [i for i in ("avx512vnni", "avx512", "avx2") if detected is not None
+          and native.ISAS.index(i) <= native.ISAS.index(detected)][:2]
+  old = lib.jaxmem_native_isa() if lib is not None else None
+  ws = jax.random.normal(jax.random.key(0), (layers, 576, 1536))
+  dn = (((1,), (0,)), ((), ()))
+  try:
+    for rows in rows_list:
+      x = jax.random.normal(jax.random.key(1), (rows, 576))
+      for method, kw in (("fp32", None), ("int8_weight", dict(bits=8)),
+                         ("int4_weight", dict(bits=4, group_size=32))):
+        qs = ws if kw is None else jax.vmap(
+            lambda w, kw=kw: jaxmem.ops.quantize(w, channel_axes=(1,), **kw))(ws)
+        f = jax.jit(lambda x, qs: jax.lax.scan(
+            lambda c, q: (c + jaxmem.ops.quantized_dot_general(x, q, dn)[:, :576] * 1e-3, None),
+            x, qs)[0])
+        variants = ["xla"] if kw is None or lib is None else isas
+        def run(isa, f=f, x=x, qs=qs):
+          if isa != "xla":
+            native.set_max_isa(isa)
+          return f(x, qs)
+        for isa, sec in _timed_rounds({i: functools.partial(run, i) for i in variants},
+                                      repeats).items():
+          out.append({"bench": "gemv_layers", "shape": f"{rows}x576x1536", "method": method,
+                      "isa": isa, "us": sec / layers * 1e6})
+  finally:
+    if old is not None:
+      lib.jaxmem_set_max_isa(old)
+  return out
+
+
+def print_rows(rows, title, unit):
+  print(f"\n{title}")
+  print(jaxmem.ops.kernel_info().summary())
+  base = {r["shape"]: r[unit] for r in rows if r["method"] == "fp32"}
+  for r in rows:
+    tag = r.get("isa", r.get("route", ""))
+    print(f"{r['shape']:<16}{r['method']:<14}{tag:<19}{r[unit]:>10.3f} {unit}"
+          f"{base[r['shape']] / r[unit]:>8.2f}x fp32")
+
+
 def print_table(rows, batch, features, layers, repeats):
   by_name = {r["method"]: r for r in rows}
   base = by_name["fp32"]
@@ -272,12 +375,27 @@ def main(argv=None):
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=30, help="timed calls per method (>= 20)")
   parser.add_argument("--no-peers", action="store_true", help="skip the qwix peer column")
-  parser.add_argument("--only", choices=("mlp", "gemv"), help="run one of the two benchmarks")
+  parser.add_argument("--only", choices=("mlp", "gemv", "gemm", "layers"),
+                      help="run one benchmark: the default runs mlp and gemv; gemm (W8A8's "
+                      "integer product alone) and layers (decode products over 30 weights) "
+                      "run only when asked")
   parser.add_argument("--no-native", action="store_true",
                       help="decode products on XLA's ops only (jaxmem.ops.native_kernels(False))")
   parser.add_argument("--gemv-shapes", default=",".join(GEMV_SHAPES),
                       help="comma-separated M x K x N (a trailing T: x @ W.T)")
   args = parser.parse_args(argv)
+  if args.only in ("gemm", "layers"):
+    extra = measure_gemm() if args.only == "gemm" else measure_layers()
+    if args.json:
+      for r in extra:
+        print(json.dumps(r))
+    elif args.only == "gemm":
+      print_rows(extra, "W8A8's integer product alone (M x K x N int8 operands), median of 15 "
+                 "interleaved rounds", "ms")
+    else:
+      print_rows(extra, "Decode products over 30 different 576 x 1536 weights in one scan, us "
+                 "per product, median of 10 interleaved rounds", "us")
+    return
   rows = []
   if args.only != "gemv":
     rows = measure(args.batch, args.features, args.layers, args.repeats, peers=not args.no_peers)

@@ -77,8 +77,8 @@ XLA's int8 dot, bit for bit (:func:`jaxmem.ops.native_kernels` and ``JAXMEM_NATI
 turn it off too): on the int32 route with AVX2 ``vpmaddwd`` code on CPUs without VNNI (an
 AVX2-only EPYC: 1.01-1.24x the f32 dot at 512-row encoder shapes, 0.92-1.06x on XLA's int8
 dot), and on the int32 and ``auto`` routes with AVX-512 VNNI ``vpdpbusd`` code on CPUs with
-VNNI and no AMX-INT8 (an AVX-512 EPYC: 3.2-4.2x f32 at 1024-row shapes, where bf16 dots are
-1.9-2.0x); ``benchmarks/RESULTS.md``.
+VNNI and no AMX-INT8 (an AVX-512 EPYC: 2.9-3.9x f32 at 1024-row shapes, where bf16 dots are
+1.8-2.2x); ``benchmarks/RESULTS.md``.
 
 **W8A8 at decode on CPU** (at most 16 activation rows, a 2-D weight, on the ``auto`` and
 ``int32`` routes): the integer product runs on the weight-only kernel's exact mode. The
@@ -875,8 +875,8 @@ def _matrix_layout(xq, wq, labels) -> bool | None:
 def _native_gemm_wanted() -> bool:
   """Whether W8A8's large products take jaxmem's int8 GEMM here (on the int32 route, and on
   ``auto`` where it runs on VNNI): built, enabled, vectorized, and either its VNNI code on a
-  CPU without AMX-INT8 (an AVX-512 EPYC: 3.2-4.2x f32 at 1024-row encoder shapes, against
-  1.9-2.0x for bf16 dots and 1.3-1.6x for XLA's int8 dot) or its AVX2 code on a CPU without
+  CPU without AMX-INT8 (an AVX-512 EPYC: 2.9-3.9x f32 at 1024-row encoder shapes, against
+  1.8-2.2x for bf16 dots and 1.3-1.8x for XLA's int8 dot) or its AVX2 code on a CPU without
   VNNI/AMX-INT8 (elsewhere XLA's int8 dot, AMX's above all, is faster)."""
   if not (native.enabled() and native.gemm_vectorized()):
     return False
