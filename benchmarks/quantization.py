@@ -200,6 +200,19 @@ def gemv_weights(shape: str, seed: int = 0):
   return xs, weights, dn
 
 
+def _timed_rounds(fns, repeats):
+  """Median seconds per call of each ``name -> thunk``, timed in interleaved rounds."""
+  for f in fns.values():
+    jax.block_until_ready(f())
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, f in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f())
+      times[name].append(time.perf_counter() - t0)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def measure_gemv(shapes=GEMV_SHAPES, repeats=20, native=True):
   """``{"bench": "gemv", "shape", "method", "us", "route"}`` per shape and method."""
   rows = []
@@ -213,19 +226,13 @@ def measure_gemv(shapes=GEMV_SHAPES, repeats=20, native=True):
               lambda c, x: (c, jaxmem.ops.quantized_dot_general(x, w, dn)), 0.0, xs)[1]
         fns[name] = jax.jit(steps).lower(xs, w).compile()
     ref = np.asarray(fns["fp32"](xs, weights["fp32"]), np.float64)
-    times = {name: [] for name in fns}
-    for name, f in fns.items():
-      jax.block_until_ready(f(xs, weights[name]))
-    for _ in range(repeats):
-      for name, f in fns.items():
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(xs, weights[name]))
-        times[name].append((time.perf_counter() - t0) / GEMV_STEPS)
+    sec = _timed_rounds({name: functools.partial(f, xs, weights[name])
+                         for name, f in fns.items()}, repeats)
     for name, f in fns.items():
       out = np.asarray(f(xs, weights[name]), np.float64)
       rows.append({
           "bench": "gemv", "shape": shape, "method": name,
-          "us": float(np.median(times[name]) * 1e6),
+          "us": sec[name] / GEMV_STEPS * 1e6,
           "route": route_of(f, weights[name], xs, name),
           "rel_err": float(np.linalg.norm(out - ref) / np.linalg.norm(ref)),
           "weight_bytes": int(jaxmem.tree_bytes(weights[name])),
@@ -248,19 +255,6 @@ def print_gemv(rows, repeats):
 
 
 GEMM_SHAPES = ("1024x384x384", "1024x384x1536", "1024x1536x384", "256x1024x1024")
-
-
-def _timed_rounds(fns, repeats):
-  """Median seconds per call of each ``name -> thunk``, timed in interleaved rounds."""
-  for f in fns.values():
-    jax.block_until_ready(f())
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, f in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f())
-      times[name].append(time.perf_counter() - t0)
-  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def measure_gemm(shapes=GEMM_SHAPES, repeats=15):

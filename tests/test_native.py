@@ -95,7 +95,7 @@ def test_every_route_matches_the_reference(route, rows, name, nk):
 
 @pytest.mark.parametrize("flag,level", [
     ("AVX512_VNNI", "avx512vnni"), ("AVX512_BF16", "avx512vnni"), ("AMX", "avx512vnni"),
-    ("AVX512", "avx512"), ("AVX512_CORE", "avx512"), ("AVX_VNNI", "avx2"), ("AVX2", "avx2"),
+    ("AMX_FP16", "avx512vnni"), ("AVX512", "avx512"), ("AVX_VNNI", "avx2"), ("AVX2", "avx2"),
     ("AVX", "portable"), ("SSE4_2", "portable")])
 def test_xla_max_isa_caps_the_kernels(monkeypatch, flag, level):
   """--xla_cpu_max_isa names map to the kernels' ISA levels (VNNI needs an AVX-512 name

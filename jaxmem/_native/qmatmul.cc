@@ -546,8 +546,8 @@ inline void Transpose(__m512 t[4]) {
   t[3] = _mm512_shuffle_f32x4(b, d, _MM_SHUFFLE(3, 1, 3, 1));
 }
 
-// Four int8 of x, broadcast to every lane.
-inline __m512i Quad(const int8_t* x) {
+// Four bytes at x, broadcast to every int32 lane.
+inline __m512i Quad(const void* x) {
   int32_t v;
   __builtin_memcpy(&v, x, sizeof(v));
   return _mm512_set1_epi32(v);
@@ -761,9 +761,7 @@ void GemmTile(const uint8_t* a, int64_t lda, const int8_t* bp, int64_t k4, const
     __m512i w[4];
     for (int v = 0; v < 4; ++v) w[v] = _mm512_loadu_si512(bp + j * 256 + 64 * v);
     for (int r = 0; r < MR; ++r) {
-      int32_t quad;
-      __builtin_memcpy(&quad, a + r * lda + 4 * j, sizeof(quad));
-      const __m512i av = _mm512_set1_epi32(quad);
+      const __m512i av = Quad(a + r * lda + 4 * j);
       for (int v = 0; v < 4; ++v) acc[r][v] = Dpbusd(acc[r][v], av, w[v]);
     }
   }

@@ -279,8 +279,14 @@ def _cpu_has_amx_int8() -> bool:
   no ``--xla_cpu_max_isa`` below AMX caps XLA). On such a CPU (a 2-core Xeon with AMX,
   ``benchmarks/RESULTS.md``) XLA's int8 dot is 5.3x its f32 dot on a 256-row MLP, faster
   than the bf16 route (2.7x) and than jaxmem's AVX2 int8 GEMM (0.74x)."""
+  return _cpu_has_amx("amx_int8")
+
+
+def _cpu_has_amx(flag: str) -> bool:
+  """Whether the CPU advertises ``flag`` (``amx_int8``, ``amx_bf16``) and no
+  ``--xla_cpu_max_isa`` below AMX caps XLA."""
   cap = native.xla_max_isa()
-  return "amx_int8" in cpu_info()[1] and (cap is None or "AMX" in cap)
+  return flag in cpu_info()[1] and (cap is None or "AMX" in cap)
 
 
 def _cpu_has_int8_dot_units() -> bool:
@@ -350,8 +356,7 @@ class KernelInfo:
     """Whether W8A8 products with at least ``GEMM_MIN_ROWS`` rows run on jaxmem's native
     int8 GEMM here (the same int32 sums as XLA's int8 dot): on the int32 route, and on
     ``auto`` where the GEMM runs on VNNI and the CPU has no AMX-INT8."""
-    on_route = self.int8_route == "int32" or (self.route_setting == "auto" and native.gemm_vnni())
-    return self.backend == "cpu" and on_route and _native_gemm_wanted()
+    return self.backend == "cpu" and self.route_setting != "bf16" and _native_gemm_wanted()
 
   @property
   def gemm_isa(self) -> str:
@@ -450,14 +455,15 @@ def _integer_op(op, xq, wq, labels, splittable=True, route=None, wmax=127):
     return lax.platform_dependent(
         xq, wq, cpu=lambda a, b: _native_small_int_product(a, b, *small), default=int32_route)
   exact_bf16 = k <= exact_k or step is not None
-  if mode == "int32" or not exact_bf16 or (mode == "auto" and not _auto_w8a8_bf16()):
-    if _native_gemm_applies(xq, wq, labels):  # on CPU, the same int32 sums, faster
-      return lax.platform_dependent(xq, wq, cpu=_native_int32_product, default=int32_route)
+  int32 = mode == "int32" or not exact_bf16 or (mode == "auto" and not _auto_w8a8_bf16())
+  # On CPU the GEMM gives the same int32 sums, faster: on the int32 route, and on auto where
+  # it runs on VNNI (there it beats the bf16 dots too; _native_gemm_wanted says where).
+  if (int32 or mode == "auto") and _native_gemm_applies(xq, wq, labels):
+    return lax.platform_dependent(xq, wq, cpu=_native_int32_product, default=int32_route)
+  if int32:
     return int32_route(xq, wq)
   if mode == "bf16":
     return bf16_route(xq, wq)
-  if _native_gemm_applies(xq, wq, labels):  # auto on VNNI CPUs: the GEMM beats bf16 dots
-    return lax.platform_dependent(xq, wq, cpu=_native_int32_product, default=int32_route)
   return lax.platform_dependent(xq, wq, cpu=bf16_route, default=int32_route)
 
 
@@ -491,8 +497,7 @@ def _default_precision(precision) -> bool:
 def _cpu_has_amx_bf16() -> bool:
   """Whether XLA's bf16 dots can use AMX-BF16 here (advertised, and no ``--xla_cpu_max_isa``
   below AMX)."""
-  cap = native.xla_max_isa()
-  return "amx_bf16" in cpu_info()[1] and (cap is None or "AMX" in cap)
+  return _cpu_has_amx("amx_bf16")
 
 
 def _split_bf16_wanted(mode: str, precision=None) -> bool:
